@@ -1,0 +1,239 @@
+// Fused pseudo-video construction on the CPU: one pass per image plane that reads the plane
+// once, and for every frame runs the separable reflect-padded Gaussian blur (vertical then
+// horizontal, symmetric taps), the signal scale and the in-register Philox noise, writing
+// the frame straight into the (B, T, C, H, W) output. Math in fp32; parallel over planes
+// (order "first") or plane x frame pairs (order "high").
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "philox.h"
+
+namespace pvkernels {
+namespace {
+
+struct Frame {
+  float scale = 1.0f;
+  float noise_std = 0.0f;
+  int64_t radius = 0;
+  std::vector<float> taps;  // taps[i] weighs offsets +i and -i, i = 0..radius
+};
+
+// Same formula as the reference (_gaussian_taps): computed in double, normalised, rounded.
+std::vector<Frame> make_frames(const std::vector<double>& sigma, const std::vector<double>& noise_std,
+                               const std::vector<double>& scale, double truncate, int64_t H, int64_t W) {
+  std::vector<Frame> frames(sigma.size());
+  for (size_t t = 0; t < sigma.size(); ++t) {
+    Frame& f = frames[t];
+    f.scale = static_cast<float>(scale[t]);
+    f.noise_std = static_cast<float>(noise_std[t]);
+    if (sigma[t] > 0.0) {
+      double r = std::ceil(truncate * sigma[t]);
+      f.radius = static_cast<int64_t>(std::min<double>(r, static_cast<double>(std::min(H, W) - 1)));
+    }
+    std::vector<double> g(f.radius + 1);
+    double total = 0.0;
+    for (int64_t i = 0; i <= f.radius; ++i) {
+      double d = static_cast<double>(i) / (sigma[t] > 0.0 ? sigma[t] : 1.0);
+      g[i] = std::exp(-0.5 * d * d);
+      total += i == 0 ? g[i] : 2.0 * g[i];
+    }
+    f.taps.resize(f.radius + 1);
+    for (int64_t i = 0; i <= f.radius; ++i) f.taps[i] = static_cast<float>(g[i] / total);
+  }
+  return frames;
+}
+
+inline int64_t reflect(int64_t i, int64_t n) { return i < 0 ? -i : (i >= n ? 2 * (n - 1) - i : i); }
+
+// Scratch of one worker: planes of H*W floats plus a padded row.
+struct Scratch {
+  std::vector<float> src, tmp, state, eps, row;
+  Scratch(int64_t H, int64_t W, int64_t max_radius)
+      : src(H * W), tmp(H * W), state(H * W), eps(H * W), row(W + 2 * max_radius) {}
+};
+
+// dst = scale * G(f) src + noise_std * eps (eps may be null when noise_std == 0).
+// src and dst may alias: the vertical pass reads src completely into tmp first.
+void blur_frame(const Frame& f, const float* src, float* dst, const float* eps, int64_t H, int64_t W,
+                Scratch& s) {
+  const int64_t r = f.radius;
+  const float* g = f.taps.data();
+  const float scale = f.scale, sd = f.noise_std;
+  if (r == 0) {
+    if (eps) {
+      for (int64_t k = 0; k < H * W; ++k) dst[k] = scale * src[k] + sd * eps[k];
+    } else {
+      for (int64_t k = 0; k < H * W; ++k) dst[k] = scale * src[k];
+    }
+    return;
+  }
+  float* tmp = s.tmp.data();
+  for (int64_t y = 0; y < H; ++y) {
+    float* __restrict__ out = tmp + y * W;
+    const float* __restrict__ mid = src + y * W;
+    for (int64_t x = 0; x < W; ++x) out[x] = g[0] * mid[x];
+    for (int64_t i = 1; i <= r; ++i) {
+      const float* __restrict__ a = src + reflect(y - i, H) * W;
+      const float* __restrict__ b = src + reflect(y + i, H) * W;
+      const float gi = g[i];
+      for (int64_t x = 0; x < W; ++x) out[x] += gi * (a[x] + b[x]);
+    }
+  }
+  float* __restrict__ row = s.row.data();
+  for (int64_t y = 0; y < H; ++y) {
+    const float* in = tmp + y * W;
+    for (int64_t x = 0; x < W; ++x) row[r + x] = in[x];
+    for (int64_t i = 1; i <= r; ++i) {
+      row[r - i] = in[i];
+      row[r + W - 1 + i] = in[W - 1 - i];
+    }
+    float* __restrict__ out = dst + y * W;
+    const float* c = row + r;
+    for (int64_t x = 0; x < W; ++x) out[x] = g[0] * c[x];
+    for (int64_t i = 1; i <= r; ++i) {
+      const float gi = g[i];
+      for (int64_t x = 0; x < W; ++x) out[x] += gi * (c[x - i] + c[x + i]);
+    }
+    if (eps) {
+      const float* e = eps + y * W;
+      for (int64_t x = 0; x < W; ++x) out[x] = scale * out[x] + sd * e[x];
+    } else if (scale != 1.0f) {
+      for (int64_t x = 0; x < W; ++x) out[x] *= scale;
+    }
+  }
+}
+
+struct Plane {
+  int64_t b, c;
+};
+
+template <typename scalar_t>
+void load_plane(const scalar_t* base, int64_t sh, int64_t sw, int64_t H, int64_t W, float* dst) {
+  for (int64_t y = 0; y < H; ++y) {
+    const scalar_t* p = base + y * sh;
+    float* d = dst + y * W;
+    if (sw == 1) {
+      for (int64_t x = 0; x < W; ++x) d[x] = static_cast<float>(p[x]);
+    } else {
+      for (int64_t x = 0; x < W; ++x) d[x] = static_cast<float>(p[x * sw]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void store_plane(const float* src, int64_t n, scalar_t* dst) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<scalar_t>(src[k]);
+}
+
+template <typename scalar_t>
+void pseudo_video_kernel(const at::Tensor& x, const std::vector<Frame>& frames, bool first_order, uint64_t seed,
+                         const std::optional<at::Tensor>& noise, at::Tensor& out) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t T = static_cast<int64_t>(frames.size());
+  const int64_t HW = H * W, P = B * C;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const int64_t xsb = x.stride(0), xsc = x.stride(1), xsh = x.stride(2), xsw = x.stride(3);
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const float* np = noise ? noise->const_data_ptr<float>() : nullptr;
+  int64_t ns[5] = {0, 0, 0, 0, 0};
+  if (noise) for (int d = 0; d < 5; ++d) ns[d] = noise->stride(d);
+  int64_t max_radius = 0;
+  for (const Frame& f : frames) max_radius = std::max(max_radius, f.radius);
+
+  // eps of frame t of plane (b, c), or null when that frame has no noise.
+  auto make_eps = [&](int64_t b, int64_t t, int64_t c, Scratch& s) -> const float* {
+    if (frames[t].noise_std == 0.0f) return nullptr;
+    float* e = s.eps.data();
+    if (np) {
+      const float* base = np + b * ns[0] + t * ns[1] + c * ns[2];
+      load_plane<float>(base, ns[3], ns[4], H, W, e);
+    } else {
+      philox_normals(seed, ((b * T + t) * C + c) * HW, HW, e);
+    }
+    return e;
+  };
+  auto out_frame = [&](int64_t b, int64_t t, int64_t c) { return op + ((b * T + t) * C + c) * HW; };
+
+  if (!first_order) {
+    at::parallel_for(0, P * T, 1, [&](int64_t begin, int64_t end) {
+      Scratch s(H, W, max_radius);
+      int64_t loaded = -1;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t p = item / T, t = item % T, b = p / C, c = p % C;
+        if (loaded != p) {
+          load_plane<scalar_t>(xp + b * xsb + c * xsc, xsh, xsw, H, W, s.src.data());
+          loaded = p;
+        }
+        if (t == T - 1) {  // the clean frame: x itself (exact through fp32 for fp16/bf16/fp32)
+          store_plane<scalar_t>(s.src.data(), HW, out_frame(b, t, c));
+          continue;
+        }
+        blur_frame(frames[t], s.src.data(), s.state.data(), make_eps(b, t, c, s), H, W, s);
+        store_plane<scalar_t>(s.state.data(), HW, out_frame(b, t, c));
+      }
+    });
+  } else {
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+      Scratch s(H, W, max_radius);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t b = p / C, c = p % C;
+        float* state = s.state.data();
+        load_plane<scalar_t>(xp + b * xsb + c * xsc, xsh, xsw, H, W, state);
+        store_plane<scalar_t>(state, HW, out_frame(b, T - 1, c));
+        for (int64_t t = T - 2; t >= 0; --t) {  // the chain is carried in fp32
+          blur_frame(frames[t], state, state, make_eps(b, t, c, s), H, W, s);
+          store_plane<scalar_t>(state, HW, out_frame(b, t, c));
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+
+at::Tensor pseudo_video_cpp(const at::Tensor& x, c10::ArrayRef<double> blur_sigma, c10::ArrayRef<double> noise_std,
+                            c10::ArrayRef<double> signal_scale, bool first_order, int64_t seed,
+                            const std::optional<at::Tensor>& noise, double truncate) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "pseudo_video: x must be 4-D (B, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+                   "pseudo_video: the cpp backend takes x as float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "pseudo_video: the cpp backend needs a CPU tensor, got ", x.device());
+  const size_t T = blur_sigma.size();
+  TORCH_CHECK_VALUE(T >= 1 && noise_std.size() == T && signal_scale.size() == T,
+                    "pseudo_video: blur_sigma, noise_std and signal_scale must have the same length T >= 1");
+  TORCH_CHECK_VALUE(truncate > 0.0, "pseudo_video: truncate must be > 0, got ", truncate);
+  for (size_t t = 0; t < T; ++t) {
+    TORCH_CHECK_VALUE(blur_sigma[t] >= 0.0 && noise_std[t] >= 0.0 && std::isfinite(signal_scale[t]),
+                      "pseudo_video: blur_sigma and noise_std must be >= 0 and signal_scale finite (frame ", t, ")");
+  }
+  TORCH_CHECK_VALUE(blur_sigma[T - 1] == 0.0 && noise_std[T - 1] == 0.0 && signal_scale[T - 1] == 1.0,
+                    "pseudo_video: the last frame must be the identity (blur_sigma 0, noise_std 0, signal_scale 1)");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  std::optional<at::Tensor> noise_f;
+  if (noise) {
+    TORCH_CHECK_VALUE(noise->dim() == 5 && noise->size(0) == B && noise->size(1) == static_cast<int64_t>(T) &&
+                          noise->size(2) == C && noise->size(3) == H && noise->size(4) == W,
+                      "pseudo_video: noise must have shape (B, T, C, H, W) = (", B, ", ", T, ", ", C, ", ", H, ", ",
+                      W, "), got ", noise->sizes());
+    noise_f = noise->to(at::kFloat);
+  }
+  at::Tensor out = at::empty({B, static_cast<int64_t>(T), C, H, W}, x.options());
+  if (out.numel() == 0) return out;
+  const auto frames = make_frames(std::vector<double>(blur_sigma.begin(), blur_sigma.end()),
+                                  std::vector<double>(noise_std.begin(), noise_std.end()),
+                                  std::vector<double>(signal_scale.begin(), signal_scale.end()), truncate, H, W);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pseudo_video_cpp", [&] {
+    pseudo_video_kernel<scalar_t>(x, frames, first_order, static_cast<uint64_t>(seed), noise_f, out);
+  });
+  return out;
+}
+
+}  // namespace pvkernels

@@ -1,0 +1,19 @@
+// The one place where the C++ ops are declared to torch.library (namespace pvkernels_cpp).
+// Fake (meta) kernels live in Python next to each op so torch.compile can trace them.
+#include <torch/library.h>
+
+#include <optional>
+
+namespace pvkernels {
+at::Tensor pseudo_video_cpp(const at::Tensor& x, c10::ArrayRef<double> blur_sigma, c10::ArrayRef<double> noise_std,
+                            c10::ArrayRef<double> signal_scale, bool first_order, int64_t seed,
+                            const std::optional<at::Tensor>& noise, double truncate);
+}
+
+TORCH_LIBRARY(pvkernels_cpp, m) {
+  m.def(
+      "pseudo_video(Tensor x, float[] blur_sigma, float[] noise_std, float[] signal_scale, bool first_order, "
+      "int seed, Tensor? noise, float truncate) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pvkernels_cpp, CPU, m) { m.impl("pseudo_video", &pvkernels::pseudo_video_cpp); }

@@ -1,0 +1,1 @@
+"""One file per op: reference, Triton kernels, launchers, C++ call, public function."""

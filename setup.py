@@ -1,0 +1,44 @@
+"""pvkernels: a pure-Python install; the C++ extension (csrc/) is compiled with ninja through
+torch.utils.cpp_extension on first import, against the torch that is running.
+
+Why not at install time: pip builds in an isolated environment without the user's torch, and an
+extension built against another torch fails to load. Building against the running torch (and
+caching per torch version) avoids that trap with a plain ``pip install -e .``.
+"""
+import shutil
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).parent
+
+
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package for non-editable installs."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "pvkernels" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for src in (HERE / "csrc").iterdir():
+            if src.suffix in (".cpp", ".h"):
+                shutil.copy(src, target / src.name)
+
+
+setup(
+    name="pvkernels",
+    version="0.1.0",
+    description="Fused kernels for pseudo-video training of image generators",
+    long_description=(HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["pvkernels", "pvkernels.*", "pvkernels_models", "pvkernels_models.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "ninja"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "triton>=3.0"],
+        "bench": ["pytest-benchmark>=4", "opencv-python-headless", "matplotlib"],
+    },
+    cmdclass={"build_py": BuildPyWithSources},
+)
