@@ -86,9 +86,9 @@ def write_results(terminal) -> None:
         path = RESULTS_DIR / f"{op}-{tag}.json"
         path.write_text(json.dumps({"machine": machine, "torch": torch.__version__, "rows": rows}, indent=1))
         terminal.write_line(f"\n{op} on {machine} (saved to {path})")
-        terminal.write_line(f"{'case':<22}{'provider':<12}{'ms':>9}{'GB/s':>8}{'roof ms':>9}"
+        terminal.write_line(f"{'case':<36}{'provider':<12}{'ms':>9}{'GB/s':>8}{'roof ms':>9}"
                             f"{'x ref':>8}{'x compiled':>11}")
         for r in rows:
             terminal.write_line(
-                f"{r['case']:<22}{r['provider']:<12}{r['median_ms']:>9.2f}{r['GB/s']:>8.1f}{r['roofline_ms']:>9.2f}"
+                f"{r['case']:<36}{r['provider']:<12}{r['median_ms']:>9.2f}{r['GB/s']:>8.1f}{r['roofline_ms']:>9.2f}"
                 f"{r.get('speedup_vs_reference', float('nan')):>8.2f}{r.get('speedup_vs_compiled', float('nan')):>11.2f}")

@@ -229,7 +229,8 @@ void pseudo_video_kernel(const at::Tensor& x, const std::vector<Frame>& frames, 
   };
 
   if (!first_order) {
-    at::parallel_for(0, P * T, 1, [&](int64_t begin, int64_t end) {
+    // ~64k output pixels per task at least: tiny inputs stay on one thread (no wake-up cost).
+    at::parallel_for(0, P * T, std::max<int64_t>(1, 65536 / HW), [&](int64_t begin, int64_t end) {
       Scratch s(H, W, max_radius);
       int64_t loaded = -1;
       for (int64_t item = begin; item < end; ++item) {
@@ -248,7 +249,7 @@ void pseudo_video_kernel(const at::Tensor& x, const std::vector<Frame>& frames, 
       stream_fence();
     });
   } else {
-    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, P, std::max<int64_t>(1, 65536 / (HW * T)), [&](int64_t begin, int64_t end) {
       Scratch s(H, W, max_radius);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t b = p / C, c = p % C;

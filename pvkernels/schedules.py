@@ -5,7 +5,9 @@ length ``frames``, entry ``frames - 1`` the identity) and ``order``. For ``order
 lists are the frames' own corruption levels. For ``order="first"`` they are the per-step
 parameters of the chain, chosen so that frame t's marginal equals the high-order frame t where
 that holds exactly: pure noise (Gaussian scale/variance composition), pure blur (the Gaussian
-semigroup G(a) G(b) = G(sqrt(a^2 + b^2)), exact up to the truncation and the boundary).
+semigroup G(a) G(b) = G(sqrt(a^2 + b^2)): exact for the continuous Gaussian, so up to the
+truncation, the boundary and the sampling of small sigmas -- steps below ~1 pixel are only
+roughly Gaussian once sampled).
 """
 from __future__ import annotations
 

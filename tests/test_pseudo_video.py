@@ -145,9 +145,11 @@ def test_seed_reproducible_and_seed_sensitive(backend):
     assert torch.equal(b, pvkernels.pseudo_video(x, **p, backend=backend))  # seed=None follows torch
 
 
-def test_cpp_independent_of_thread_count():
-    x = torch.rand(4, 3, 16, 16)
-    p = schedules.combine(schedules.linear_blur(6, 2.0), schedules.ddpm_noise(6))
+@pytest.mark.parametrize("order", ["high", "first"])
+def test_cpp_independent_of_thread_count(order):
+    # large enough (and with enough planes) for the kernel to split the work between threads
+    x = torch.rand(8, 8, 64, 64)
+    p = schedules.combine(schedules.linear_blur(6, 2.0, order), schedules.ddpm_noise(6, order=order))
     threads = torch.get_num_threads()
     try:
         outs = []
