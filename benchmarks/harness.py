@@ -74,13 +74,22 @@ def run(benchmark, fn, op: str, case: str, provider: str, bytes_moved: int, devi
     _rows.append(info)
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def write_results(terminal) -> None:
     if not _rows:
         return
     tag = ("cuda" if HAS_CUDA else "cpu") + ("-quick" if QUICK else "")
     RESULTS_DIR.mkdir(exist_ok=True)
-    machine = torch.cuda.get_device_name() if HAS_CUDA else f"{platform.processor() or platform.machine()}, " \
-        f"{torch.get_num_threads()} threads"
+    machine = torch.cuda.get_device_name() if HAS_CUDA else f"{_cpu_name()}, {torch.get_num_threads()} threads"
     for op in sorted({r["op"] for r in _rows}):
         rows = [r for r in _rows if r["op"] == op]
         path = RESULTS_DIR / f"{op}-{tag}.json"

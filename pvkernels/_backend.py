@@ -8,6 +8,7 @@ reference and Triton backends working and is reported once.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def load_cpp(verbose: bool = False) -> bool:
         from torch.utils import cpp_extension
 
         src = _csrc_dir()
+        if not any(build_dir().glob("pvkernels_cpp*.so")):
+            print(f"pvkernels: compiling the C++ extension for torch {torch.__version__} into {build_dir()} "
+                  "(first import only, ~15 s)", file=sys.stderr, flush=True)
         sources = sorted(str(p) for p in src.glob("*.cpp"))
         flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-mprefer-vector-width=512", os.environ.get("PVKERNELS_MARCH", "-march=native")]
         cpp_extension.load(

@@ -9,6 +9,7 @@ Limits: the blur radius is clamped to min(H, W) - 1; no gradient (it is a data t
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -238,9 +239,9 @@ if triton is not None:
 
 # 6. public function ------------------------------------------------------------------------
 
-def _as_list(name: str, value: Params, default: float, T: Optional[int]) -> Optional[list]:
+def _as_list(name: str, value: Params) -> Optional[list]:
     if value is None:
-        return None if T is None else [default] * T
+        return None
     if isinstance(value, torch.Tensor):
         if value.dim() != 1:
             raise ValueError(f"pseudo_video: {name} must be a 1-D tensor or a sequence, got {value.dim()}-D")
@@ -249,9 +250,6 @@ def _as_list(name: str, value: Params, default: float, T: Optional[int]) -> Opti
         values = [float(v) for v in value]
     except (TypeError, ValueError):
         raise TypeError(f"pseudo_video: {name} must be a sequence of numbers, got {type(value).__name__}") from None
-    if T is not None and len(values) != T:
-        raise ValueError(f"pseudo_video: {name} has length {len(values)}, expected T = {T} like the other "
-                         "per-frame parameters")
     if any(not math.isfinite(v) for v in values):
         raise ValueError(f"pseudo_video: {name} must be finite, got {values}")
     return values
@@ -266,21 +264,21 @@ def _check_args(x, blur_sigma, noise_std, signal_scale, order, seed, noise, trun
         raise TypeError(f"pseudo_video: x must be float32, float16 or bfloat16, got {x.dtype}")
     if order not in ("high", "first"):
         raise ValueError(f"pseudo_video: order must be 'high' or 'first', got {order!r}")
-    T = None
-    lists = {}
-    for name, value, default in (("blur_sigma", blur_sigma, 0.0), ("noise_std", noise_std, 0.0),
-                                 ("signal_scale", signal_scale, 1.0)):
-        lists[name] = _as_list(name, value, default, T)
-        if lists[name] is not None:
-            T = len(lists[name])
-    if T is None:
+    given = {name: _as_list(name, value) for name, value in
+             (("blur_sigma", blur_sigma), ("noise_std", noise_std), ("signal_scale", signal_scale))}
+    lengths = {name: len(v) for name, v in given.items() if v is not None}
+    if not lengths:
         raise ValueError("pseudo_video: give at least one of blur_sigma, noise_std, signal_scale "
                          "(one entry per frame); see pvkernels.schedules")
+    T = next(iter(lengths.values()))
+    for name, n in lengths.items():
+        if n != T:
+            raise ValueError(f"pseudo_video: {name} has length {n}, expected T = {T} like the other "
+                             f"per-frame parameters ({lengths})")
     if T == 0:
         raise ValueError("pseudo_video: the per-frame parameters are empty, need T >= 1 frames")
-    sigma, std, scale = (_as_list(n, v, d, T) for n, v, d in (("blur_sigma", blur_sigma, 0.0),
-                                                               ("noise_std", noise_std, 0.0),
-                                                               ("signal_scale", signal_scale, 1.0)))
+    defaults = {"blur_sigma": 0.0, "noise_std": 0.0, "signal_scale": 1.0}
+    sigma, std, scale = (given[n] if given[n] is not None else [d] * T for n, d in defaults.items())
     if min(sigma) < 0:
         raise ValueError(f"pseudo_video: blur_sigma must be >= 0, got {sigma}")
     if min(std) < 0:
@@ -303,8 +301,13 @@ def _check_args(x, blur_sigma, noise_std, signal_scale, order, seed, noise, trun
             raise ValueError(f"pseudo_video: noise is on {noise.device} but x is on {x.device}")
     if seed is None:
         seed = int(torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64))  # follows torch.manual_seed
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
-        raise ValueError(f"pseudo_video: seed must be an int in [0, 2**63) or None, got {seed!r}")
+    else:
+        try:
+            seed = operator.index(seed) if not isinstance(seed, bool) else -1  # numpy ints are fine
+        except TypeError:
+            seed = -1
+        if not 0 <= seed < _SEED_LIMIT:
+            raise ValueError(f"pseudo_video: seed must be an int in [0, 2**63) or None, got {seed!r}")
     return sigma, std, scale, seed, float(truncate)
 
 
