@@ -4,7 +4,9 @@ Fuses, per image plane, the separable reflect-padded Gaussian blur, the signal s
 seeded Gaussian noise of every frame into one pass that writes (B, T, C, H, W) directly
 (replacing a Python loop of pad + conv2d + randn per frame). Orders "high" (every frame from
 the clean image) and "first" (a Markov chain walked back from the clean frame). Math in fp32.
-Limits: the blur radius is clamped to min(H, W) - 1; no gradient (it is a data transform).
+Limits: the blur radius is clamped to min(H, W) - 1; no gradient (it is a data transform);
+the Triton path runs the two blur passes as two launches through an fp32 scratch (T-1 frames
+for order "high", one frame per step for "first"); the C++ path needs only per-thread planes.
 """
 from __future__ import annotations
 
@@ -98,12 +100,12 @@ if triton is not None:
     def _pseudo_video_vblur_kernel(
         src_ptr, tmp_ptr, radius_ptr, taps_ptr,
         src_stride_b, src_stride_c, src_stride_h, src_stride_w,
-        n_channels, n_rows, n_cols, n_planes, taps_stride,
+        first_frame, n_channels, n_rows, n_cols, n_planes, taps_stride,
         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     ):
-        """Vertical pass of frame `item // n_planes` of plane `item % n_planes` into fp32 scratch."""
+        """Vertical pass of frame `first_frame + item // n_planes`, plane `item % n_planes`, into fp32 scratch."""
         item = tl.program_id(0)
-        frame = item // n_planes
+        frame = first_frame + item // n_planes
         plane = item % n_planes
         b = plane // n_channels
         c = plane % n_channels
@@ -134,8 +136,7 @@ if triton is not None:
     ):
         """Horizontal pass + scale + noise of one frame tile; writes the output frame."""
         item = tl.program_id(0)
-        slot = item // n_planes
-        frame = first_frame + slot
+        frame = first_frame + item // n_planes
         plane = item % n_planes
         b = plane // n_channels
         c = plane % n_channels
@@ -143,15 +144,15 @@ if triton is not None:
         cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
         mask = (rows < n_rows) & (cols < n_cols)
         src = tmp_ptr + item.to(tl.int64) * n_rows * n_cols + rows * n_cols
-        radius = tl.load(radius_ptr + slot)
-        taps = taps_ptr + slot * taps_stride
+        radius = tl.load(radius_ptr + frame)
+        taps = taps_ptr + frame * taps_stride
         acc = tl.load(taps) * tl.load(src + cols, mask=mask)
         for i in range(1, radius + 1):
             pair = (tl.load(src + _reflect(cols - i, n_cols), mask=mask)
                     + tl.load(src + _reflect(cols + i, n_cols), mask=mask))
             acc += tl.load(taps + i) * pair
-        acc = acc * tl.load(scale_ptr + slot)
-        std = tl.load(std_ptr + slot)
+        acc = acc * tl.load(scale_ptr + frame)
+        std = tl.load(std_ptr + frame)
         plane_size = n_rows * n_cols
         index = ((b.to(tl.int64) * n_frames + frame) * n_channels + c) * plane_size + rows * n_cols + cols
         if std != 0.0:
@@ -169,17 +170,16 @@ if triton is not None:
 
 # 3. launchers -------------------------------------------------------------------------------
 
-def _frame_tables(blur_sigma, noise_std, signal_scale, frames, truncate, H, W, device):
-    """Per-frame radius, padded half-kernel taps, scale and std as device tensors."""
+def _frame_tables(blur_sigma, noise_std, signal_scale, truncate, H, W, device):
+    """Per-frame radius, padded half-kernel taps, scale and std as device tensors (one copy each)."""
+    frames = range(len(blur_sigma) - 1)
     radii = [_radius(blur_sigma[t], truncate, H, W) for t in frames]
     width = max(radii) + 1
-    taps = torch.zeros(len(frames), width, dtype=torch.float64)
-    for k, t in enumerate(frames):
-        taps[k, : radii[k] + 1] = torch.tensor(_gaussian_taps(blur_sigma[t], radii[k]), dtype=torch.float64)
+    taps = [_gaussian_taps(blur_sigma[t], radii[t]) for t in frames]
+    taps = [g + [0.0] * (width - len(g)) for g in taps]
     as_dev = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
-    return (as_dev(radii, torch.int32), taps.to(device=device, dtype=torch.float32), width,
-            as_dev([signal_scale[t] for t in frames], torch.float32),
-            as_dev([noise_std[t] for t in frames], torch.float32))
+    return (as_dev(radii, torch.int32), as_dev(taps, torch.float32), width,
+            as_dev(list(signal_scale[:-1]), torch.float32), as_dev(list(noise_std[:-1]), torch.float32))
 
 
 def _pseudo_video_triton_impl(x, blur_sigma, noise_std, signal_scale, first_order, seed, noise, truncate):
@@ -199,23 +199,23 @@ def _pseudo_video_triton_impl(x, blur_sigma, noise_std, signal_scale, first_orde
     # the chain is carried in fp32, in a fresh buffer (never x itself: it is overwritten)
     state = torch.empty((B, C, H, W), dtype=torch.float32, device=x.device).copy_(x) if first_order else out
 
-    def run(src, frames):
-        radii, taps, width, scale, std = _frame_tables(blur_sigma, noise_std, signal_scale, frames, truncate,
-                                                       H, W, x.device)
-        tmp = torch.empty((len(frames) * P, H, W), dtype=torch.float32, device=x.device)
-        grid = (len(frames) * P, triton.cdiv(H, BLOCK_H), triton.cdiv(W, BLOCK_W))
-        _pseudo_video_vblur_kernel[grid](src, tmp, radii, taps, *src.stride(), C, H, W, P, width,
+    radii, taps, width, scale, std = _frame_tables(blur_sigma, noise_std, signal_scale, truncate, H, W, x.device)
+
+    def run(src, first_frame, n_frames):
+        tmp = torch.empty((n_frames * P, H, W), dtype=torch.float32, device=x.device)
+        grid = (n_frames * P, triton.cdiv(H, BLOCK_H), triton.cdiv(W, BLOCK_W))
+        _pseudo_video_vblur_kernel[grid](src, tmp, radii, taps, *src.stride(), first_frame, C, H, W, P, width,
                                          BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)
         _pseudo_video_hblur_kernel[grid](tmp, out, state, noise_arg, radii, taps, scale, std, *noise_strides,
-                                         seed, frames[0], T, C, H, W, P, width,
+                                         seed, first_frame, T, C, H, W, P, width,
                                          HAS_NOISE=noise is not None, WRITE_STATE=first_order,
                                          BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)
 
-    if first_order:
+    if first_order:  # one step at a time; the fp32 state is read by vblur and rewritten by hblur
         for t in range(T - 2, -1, -1):
-            run(state, [t])
-    else:
-        run(x, list(range(T - 1)))  # every corrupted frame in one launch pair
+            run(state, t, 1)
+    else:  # every corrupted frame in one launch pair (fp32 scratch of T-1 frames)
+        run(x, 0, T - 1)
     return out
 
 
