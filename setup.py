@@ -37,7 +37,8 @@ setup(
     install_requires=["torch>=2.4", "ninja"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "triton>=3.0"],
+        "models": ["scikit-learn", "pillow"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "scipy", "scikit-learn", "pillow", "triton>=3.0"],
         "bench": ["pytest-benchmark>=4", "opencv-python-headless", "matplotlib"],
     },
     cmdclass={"build_py": BuildPyWithSources},
