@@ -38,7 +38,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "triton>=3.0"],
-        "bench": ["pytest-benchmark>=4", "opencv-python-headless", "matplotlib"],
+        "bench": ["pytest-benchmark>=4", "opencv-python-headless", "matplotlib", "faiss-cpu"],
     },
     cmdclass={"build_py": BuildPyWithSources},
 )
