@@ -20,6 +20,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace pvkernels {
@@ -81,7 +82,7 @@ struct RowMin {
       }
     }
   }
-  int64_t best() const {
+  std::pair<float, int32_t> best() const {
     float v = value[0];
     int32_t i = index[0];
     for (int l = 1; l < LANES; ++l) {
@@ -90,7 +91,7 @@ struct RowMin {
         i = index[l];
       }
     }
-    return i;
+    return {v, i};
   }
 };
 
@@ -148,23 +149,43 @@ void vq_lookup_kernel(const at::Tensor& z, const at::Tensor& codebook, const at:
   scalar_t* qp = zq.mutable_data_ptr<scalar_t>();
   const int64_t n_tiles = (N + BN - 1) / BN;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  // Few row tiles (small N) would leave threads idle: split the codebook too, keep each
+  // split's (min, argmin) per row, and merge the splits in ascending k (strict <: ties stay
+  // with the smallest index).
+  const int64_t n_k_blocks = (K + BK - 1) / BK;
+  const int64_t threads = at::get_num_threads();
+  int64_t splits = n_tiles >= threads ? 1 : std::min(n_k_blocks, (threads + n_tiles - 1) / n_tiles);
+  const int64_t blocks_per_split = (n_k_blocks + splits - 1) / splits;
+  splits = (n_k_blocks + blocks_per_split - 1) / blocks_per_split;
+  std::vector<float> part_value(splits > 1 ? splits * N : 0);
+  std::vector<int32_t> part_index(splits > 1 ? splits * N : 0);
+  auto emit = [&](int64_t row, int64_t k) {
+    ip[row] = k;
+    std::memcpy(qp + row * D, ep + k * D, D * sizeof(scalar_t));
+  };
 
-  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_tiles * splits, 1, [&](int64_t begin, int64_t end) {
     at::Tensor dots = at::empty({BN, std::min(BK, K_pad)}, f32);
     at::Tensor zt = std::is_same<scalar_t, float>::value ? at::Tensor() : at::empty({BN, D}, f32);
     std::vector<RowMin> rows(BN);
-    for (int64_t t = begin; t < end; ++t) {
+    int64_t loaded = -1;
+    at::Tensor zs;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / splits, split = item % splits;
       const int64_t n0 = t * BN, bn = std::min(BN, N - n0);
-      at::Tensor zs;
-      if constexpr (std::is_same<scalar_t, float>::value) {
-        zs = at::from_blob(const_cast<float*>(zp + n0 * D), {bn, D}, f32);
-      } else {  // fp16/bf16 rows upcast once per tile
-        float* zf = zt.mutable_data_ptr<float>();
-        for (int64_t i = 0; i < bn * D; ++i) zf[i] = static_cast<float>(zp[n0 * D + i]);
-        zs = zt.narrow(0, 0, bn);
+      if (loaded != t) {
+        if constexpr (std::is_same<scalar_t, float>::value) {
+          zs = at::from_blob(const_cast<float*>(zp + n0 * D), {bn, D}, f32);
+        } else {  // fp16/bf16 rows upcast once per tile
+          float* zf = zt.mutable_data_ptr<float>();
+          for (int64_t i = 0; i < bn * D; ++i) zf[i] = static_cast<float>(zp[n0 * D + i]);
+          zs = zt.narrow(0, 0, bn);
+        }
+        loaded = t;
       }
       for (int64_t i = 0; i < bn; ++i) rows[i].reset();
-      for (int64_t k0 = 0; k0 < K; k0 += BK) {
+      const int64_t k_begin = split * blocks_per_split * BK, k_end = std::min(K, k_begin + blocks_per_split * BK);
+      for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
         const int64_t bk = std::min(BK, K - k0), bk_pad = std::min(BK, K_pad - k0);
         at::Tensor et = at::from_blob(const_cast<float*>(cp + k0 * D), {bk, D}, f32);
         at::Tensor out = dots.narrow(0, 0, bn).narrow(1, 0, bk);
@@ -177,12 +198,29 @@ void vq_lookup_kernel(const at::Tensor& z, const at::Tensor& codebook, const at:
         scan_tile(dp, ld, bn, bias.data() + k0, static_cast<int32_t>(k0), bk_pad, rows.data());
       }
       for (int64_t i = 0; i < bn; ++i) {
-        const int64_t k = rows[i].best();
-        ip[n0 + i] = k;
-        std::memcpy(qp + (n0 + i) * D, ep + k * D, D * sizeof(scalar_t));
+        const auto [v, k] = rows[i].best();
+        if (splits == 1) {
+          emit(n0 + i, k);
+        } else {
+          part_value[split * N + n0 + i] = v;
+          part_index[split * N + n0 + i] = k;
+        }
       }
     }
   });
+  if (splits > 1) {
+    for (int64_t row = 0; row < N; ++row) {
+      float v = part_value[row];
+      int32_t k = part_index[row];
+      for (int64_t split = 1; split < splits; ++split) {
+        if (part_value[split * N + row] < v) {
+          v = part_value[split * N + row];
+          k = part_index[split * N + row];
+        }
+      }
+      emit(row, k);
+    }
+  }
 }
 
 }  // namespace
