@@ -365,9 +365,10 @@ def test_module_bad_input():
         VectorQuantizer(8, 4)(torch.randn(3, 7))
 
 
-def test_module_torch_compile():
+@pytest.mark.parametrize("decay", [0.9, None])
+def test_module_torch_compile(decay):
     torch._dynamo.reset()
-    eager, compiled = vq_module(decay=0.9), vq_module(decay=0.9)
+    eager, compiled = vq_module(decay=decay), vq_module(decay=decay)
     compiled.load_state_dict(eager.state_dict())
     fn = torch.compile(compiled, fullgraph=True)
     for _ in range(2):
@@ -378,8 +379,28 @@ def test_module_torch_compile():
         assert_close(zq_c, zq_e, torch.float32)
         assert_close(loss_c, loss_e, torch.float32)
         assert_close(compiled.codebook, eager.codebook, torch.float32)
+        assert_close(compiled.cluster_size, eager.cluster_size, torch.float32)
         loss_c.backward()
         assert z.grad is not None
+        if decay is None:
+            loss_e.backward()
+            assert_close(compiled.codebook.grad, eager.codebook.grad, torch.float32, name="codebook grad")
+
+
+def test_lookup_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    fn = torch.compile(lambda z, e: pvkernels.vq_lookup(z, e, backend="cpp"), fullgraph=True)
+    z, e = torch.randn(2, 5, 8), torch.randn(11, 8)
+    idx, zq = fn(z, e)
+    ref_idx, ref_zq = pvkernels.vq_lookup(z, e, backend="reference")
+    assert torch.equal(idx, ref_idx) and torch.equal(zq, ref_zq)
+
+
+def test_module_empty_batch():
+    vq = vq_module(decay=0.9)
+    zq, idx, loss = vq(torch.randn(0, 16))
+    assert zq.shape == (0, 16) and idx.shape == (0,)
+    assert torch.isfinite(vq.codebook).all()
 
 
 def _ddp_worker(rank, world, init_file, results):
