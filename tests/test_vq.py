@@ -149,11 +149,11 @@ def test_ties_go_to_smallest_index(backend, metric):
     assert [int(i) for i in idx[: len(dup)]] == [a for a, _ in dup][:N]
 
 
-def test_identical_codes_all_tie():
-    codebook = torch.ones(9, 4)
-    for backend in ("reference", "cpp", "triton"):
-        idx, _ = pvkernels.vq_lookup(torch.randn(5, 4), codebook, backend=backend)
-        assert torch.equal(idx, torch.zeros(5, dtype=torch.int64)), backend
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_identical_codes_all_tie(backend):
+    codebook = torch.ones(9, 4, device=dev(backend))
+    idx, _ = pvkernels.vq_lookup(torch.randn(5, 4, device=dev(backend)), codebook, backend=backend)
+    assert torch.equal(idx.cpu(), torch.zeros(5, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -191,6 +191,14 @@ def test_fp64_reference_and_auto():
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_bad_input(backend):
+    torch.set_default_device(dev(backend))
+    try:
+        check_bad_input(backend)
+    finally:
+        torch.set_default_device(None)
+
+
+def check_bad_input(backend):
     z, e = torch.randn(4, 8), torch.randn(5, 8)
     with pytest.raises(ValueError, match="D = 8"):
         pvkernels.vq_lookup(torch.randn(4, 7), e, backend=backend)
@@ -400,6 +408,7 @@ def test_module_empty_batch():
     vq = vq_module(decay=0.9)
     zq, idx, loss = vq(torch.randn(0, 16))
     assert zq.shape == (0, 16) and idx.shape == (0,)
+    assert float(loss) == 0.0
     assert torch.isfinite(vq.codebook).all()
 
 

@@ -94,11 +94,14 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"VectorQuantizer: input must be (..., {self.dim}), got shape {tuple(z.shape)}")
         # the lookup runs in the codebook's dtype; zq carries the codebook's gradient (decay=None)
         idx, zq = vq_lookup(z.detach().to(self.codebook.dtype), self.codebook, self.metric, self.backend)
-        commitment = F.mse_loss(z, zq.detach().to(z.dtype))
-        if self.decay is None:
-            loss = F.mse_loss(zq, z.detach().to(zq.dtype)) + self.beta * commitment
+        if z.numel() == 0:  # an empty batch contributes nothing (mse_loss of nothing is NaN)
+            loss = (zq.sum() * 0.0).to(z.dtype) + (z.sum() * 0.0)
         else:
-            loss = self.beta * commitment
+            commitment = F.mse_loss(z, zq.detach().to(z.dtype))
+            if self.decay is None:
+                loss = F.mse_loss(zq, z.detach().to(zq.dtype)) + self.beta * commitment
+            else:
+                loss = self.beta * commitment
         if self.training:
             with torch.no_grad():
                 self._update(z.detach().reshape(-1, self.dim), idx.reshape(-1))
