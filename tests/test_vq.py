@@ -1,6 +1,4 @@
 """vq_lookup and VectorQuantizer: every backend against the oracle, ties, bad input, the module."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
