@@ -39,7 +39,7 @@ setup(
         "triton": ["triton>=3.0"],
         "models": ["scikit-learn", "pillow"],
         "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "scipy", "scikit-learn", "pillow", "triton>=3.0"],
-        "bench": ["pytest-benchmark>=4", "opencv-python-headless", "matplotlib"],
+        "bench": ["pytest-benchmark>=4", "opencv-python-headless", "matplotlib", "faiss-cpu"],
     },
     cmdclass={"build_py": BuildPyWithSources},
 )

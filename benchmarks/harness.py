@@ -45,8 +45,11 @@ def copy_bandwidth(device: str) -> float:
 
 
 def run(benchmark, fn, op: str, case: str, provider: str, bytes_moved: int, device: str = "cpu",
-        flops: float | None = None, rounds: int | None = None) -> None:
-    """Times fn (synchronised), records its median and puts GB/s, roofline and speedups in extra_info."""
+        flops: float | None = None, rounds: int | None = None, extra: dict | None = None) -> None:
+    """Times fn (synchronised), records its median and puts GB/s, roofline and speedups in extra_info.
+
+    ``extra``: more fields for extra_info and the saved rows (e.g. a GEMM roofline, peak memory).
+    """
 
     def call():
         out = fn()
@@ -70,6 +73,7 @@ def run(benchmark, fn, op: str, case: str, provider: str, bytes_moved: int, devi
     for base in ("reference", "compiled"):
         if provider != base and (op, case, base) in _medians:
             info[f"speedup_vs_{base}"] = _medians[(op, case, base)] / median
+    info.update(extra or {})
     benchmark.extra_info.update(info)
     _rows.append(info)
 

@@ -3,17 +3,23 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 
 namespace pvkernels {
 at::Tensor pseudo_video_cpp(const at::Tensor& x, c10::ArrayRef<double> blur_sigma, c10::ArrayRef<double> noise_std,
                             c10::ArrayRef<double> signal_scale, bool first_order, int64_t seed,
                             const std::optional<at::Tensor>& noise, double truncate);
+std::tuple<at::Tensor, at::Tensor> vq_lookup_cpp(const at::Tensor& z, const at::Tensor& codebook, bool cosine);
 }
 
 TORCH_LIBRARY(pvkernels_cpp, m) {
   m.def(
       "pseudo_video(Tensor x, float[] blur_sigma, float[] noise_std, float[] signal_scale, bool first_order, "
       "int seed, Tensor? noise, float truncate) -> Tensor");
+  m.def("vq_lookup(Tensor z, Tensor codebook, bool cosine) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(pvkernels_cpp, CPU, m) { m.impl("pseudo_video", &pvkernels::pseudo_video_cpp); }
+TORCH_LIBRARY_IMPL(pvkernels_cpp, CPU, m) {
+  m.impl("pseudo_video", &pvkernels::pseudo_video_cpp);
+  m.impl("vq_lookup", &pvkernels::vq_lookup_cpp);
+}

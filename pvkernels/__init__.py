@@ -13,11 +13,13 @@ _backend.load_cpp()
 
 from . import schedules  # noqa: E402
 from .ops.pseudo_video import _pseudo_video_fake, pseudo_video, pseudo_video_reference  # noqa: E402
+from .ops.vq import _vq_lookup_fake, vq_lookup, vq_lookup_reference  # noqa: E402
 from . import nn  # noqa: E402
 
 if cpp_available():
     torch.library.register_fake("pvkernels_cpp::pseudo_video")(_pseudo_video_fake)
+    torch.library.register_fake("pvkernels_cpp::vq_lookup")(_vq_lookup_fake)
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "cpp_available", "triton_available", "nn", "pseudo_video", "pseudo_video_reference",
-           "schedules"]
+           "schedules", "vq_lookup", "vq_lookup_reference"]
