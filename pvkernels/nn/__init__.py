@@ -1,4 +1,5 @@
 """Module forms of the pvkernels ops."""
+from .attention import SpaceTimeBlock, SpatialAttention, TemporalAttention
 from .pseudo_video import PseudoVideo
 
-__all__ = ["PseudoVideo"]
+__all__ = ["PseudoVideo", "SpaceTimeBlock", "SpatialAttention", "TemporalAttention"]

@@ -149,12 +149,13 @@ if triton is not None:
         lse_stride_b, lse_stride_a, lse_stride_n, lse_stride_h,
         bias_stride_h, bias_stride_m, bias_stride_n,
         n_other, n_seq, n_heads, head_dim, scale,
-        CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, KV_PASS: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, MODE: tl.constexpr,
         UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """KV_PASS: one key block, loop over query blocks -> dK, dV. Else one query block, loop
-        over key blocks -> dQ (and dbias, atomically summed over (b, a)). P is recomputed from lse.
-        dq/dk/dv are contiguous outputs sharing the g_stride_* strides."""
+        """MODE 0: one key block, loop over query blocks -> dK, dV. MODE 1: one query block, loop
+        over key blocks -> dQ (and dbias, atomically summed over (b, a)). MODE 2: like 1 but only
+        delta = rowsum(P * dP) (fp16/bf16: dO . O would read the rounded O). P is recomputed from
+        lse. dq/dk/dv are contiguous outputs sharing the g_stride_* strides."""
         row = tl.program_id(0)
         start = tl.program_id(1) * BLOCK_M  # BLOCK_M == BLOCK_N
         h = (row % n_heads).to(tl.int64)
@@ -170,7 +171,7 @@ if triton is not None:
         lse_base = lse_ptr + b * lse_stride_b + a * lse_stride_a + h * lse_stride_h
         delta_base = delta_ptr + b * lse_stride_b + a * lse_stride_a + h * lse_stride_h
         g_base = b * g_stride_b + a * g_stride_a + h * g_stride_h
-        if KV_PASS:
+        if MODE == 0:
             offs_n = start + tl.arange(0, BLOCK_N)
             mask_n = offs_n < n_seq
             kv_mask = mask_n[:, None] & mask_d[None, :]
@@ -227,7 +228,9 @@ if triton is not None:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
             lse = tl.load(lse_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
-            delta = tl.load(delta_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
+            delta = tl.zeros([BLOCK_M], tl.float32)
+            if MODE == 1:
+                delta = tl.load(delta_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
             dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             end_n = n_seq
             if CAUSAL:
@@ -253,13 +256,19 @@ if triton is not None:
                     valid = valid & (offs_n[None, :] <= offs_m[:, None])
                 p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
                 dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-                if BIAS_GRAD:
-                    tl.atomic_add(dbias_ptr + h * n_seq * n_seq + offs_m[:, None] * n_seq + offs_n[None, :], ds,
-                                  mask=mask_m[:, None] & mask_n[None, :])
-            out_off = g_base + offs_m[:, None].to(tl.int64) * g_stride_n + offs_d[None, :] * g_stride_d
-            tl.store(dq_ptr + out_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
+                if MODE == 2:
+                    delta += tl.sum(p * dp, 1)
+                else:
+                    ds = p * (dp - delta[:, None])
+                    dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+                    if BIAS_GRAD:
+                        tl.atomic_add(dbias_ptr + h * n_seq * n_seq + offs_m[:, None] * n_seq + offs_n[None, :], ds,
+                                      mask=mask_m[:, None] & mask_n[None, :])
+            if MODE == 2:
+                tl.store(delta_base + offs_m.to(tl.int64) * lse_stride_n, delta, mask=mask_m)
+            else:
+                out_off = g_base + offs_m[:, None].to(tl.int64) * g_stride_n + offs_d[None, :] * g_stride_d
+                tl.store(dq_ptr + out_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
 
 
 # 3. launchers -------------------------------------------------------------------------------
@@ -306,16 +315,20 @@ def _attention_bwd_triton_impl(grad_out, q, k, v, bias, out, lse, temporal, caus
     dbias = (torch.zeros((H, N, N), dtype=torch.float32, device=q.device) if bias_grad
              else torch.empty(0, dtype=q.dtype, device=q.device))
     if q.numel() > 0:
-        delta = (grad_out.float() * out.float()).sum(-1)  # (B, T, S, H) contiguous like lse
         BLOCK, BLOCK_D = _blocks(N, D)
         bias_ptr, *bias_strides = _bias_args(bias)
-        for kv_pass in (True, False):
+        # delta = rowsum(P * dP) = dO . O: read from O in fp32, recomputed from P in fp16/bf16
+        if q.dtype == torch.float32:
+            delta, modes = (grad_out * out).sum(-1).contiguous(), (0, 1)
+        else:
+            delta, modes = torch.empty_like(lse), (2, 0, 1)
+        for mode in modes:
             _attention_bwd_kernel[(B * A * H, triton.cdiv(N, BLOCK))](
                 grad_out, q, k, v, bias_ptr if bias is not None else q, lse, delta, dq, dk, dv,
                 dbias if bias_grad else q,
                 *_view(grad_out, temporal), *_view(q, temporal), *_view(k, temporal), *_view(v, temporal),
                 *_view(dq, temporal), *_view(lse, temporal), *bias_strides, A, N, H, D, 1.0 / math.sqrt(D),
-                CAUSAL=causal, HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, KV_PASS=kv_pass,
+                CAUSAL=causal, HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, MODE=mode,
                 UPCAST=triton_interpret(), BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=BLOCK_D)
     if bias_grad:
         dbias = dbias.to(bias.dtype)
