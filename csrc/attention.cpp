@@ -18,6 +18,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace pvkernels {
@@ -54,12 +55,11 @@ constexpr int64_t W = 16;
 typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 
-inline v16 vload(const float* p) {
-  v16 r;
-  std::memcpy(&r, p, sizeof(r));
-  return r;
-}
-inline void vstore(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+// float-typed unaligned access: unlike memcpy (a char access, which may alias anything) it lets
+// the compiler keep sizes and flags in registers across stores
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+inline v16 vload(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline void vstore(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
 inline v16 splat(float f) { return v16{} + f; }
 // horizontal sum / max by halving shuffles (4 steps, not 15 scalar extracts)
 inline float hsum(v16 v) {
@@ -100,20 +100,6 @@ inline v16 vexp(v16 x) {
   const v16 y = p * r * r + r + 1.0f;
   const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
   return y * reinterpret_cast<const v16&>(bits);
-}
-
-// dst (rows x ld, fp32) = scale * the N x D rows of one sequence; the padding stays zero.
-template <typename T>
-void load_rows(const T* base, int64_t sn, int64_t sd, int64_t N, int64_t D, int64_t ld, float scale, float* dst) {
-  for (int64_t n = 0; n < N; ++n) {
-    const T* row = base + n * sn;
-    float* out = dst + n * ld;
-    if (sd == 1) {
-      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(row[d]) * scale;
-    } else {
-      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(row[d * sd]) * scale;
-    }
-  }
 }
 
 // In-register 16 x 16 transpose: four butterfly stages swapping the off-diagonal s x s blocks
@@ -158,31 +144,17 @@ void transpose_tiles(const float* src, int64_t lds, float* dst, int64_t ldd, int
   }
 }
 
-template <typename T>
-void store_rows(const float* src, int64_t ld, float scale, int64_t N, int64_t D, T* base, int64_t sn, int64_t sd) {
-  for (int64_t n = 0; n < N; ++n) {
-    T* row = base + n * sn;
-    const float* in = src + n * ld;
-    if (sd == 1) {
-      for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(in[d] * scale);
-    } else {
-      for (int64_t d = 0; d < D; ++d) row[d * sd] = static_cast<T>(in[d] * scale);
-    }
-  }
-}
-
 // S[i, :] = A[i, :D] . Bt[:D, :] for rows i < n_rows (a multiple of 4), four rows at a time so
-// each loaded key vector feeds four independent FMA chains. causal: only the key chunks a row
-// of the block can see.
+// each loaded vector of Bt feeds four independent FMA chains. upper: only the column chunks
+// from the block's own (S^T of a causal score matrix: key j sees queries i >= j).
 void rows_dot_cols(const float* A, int64_t lda, const float* Bt, int64_t Np, float* S, int64_t n_rows, int64_t D,
-                   bool causal) {
+                   bool upper) {
   for (int64_t i0 = 0; i0 < n_rows; i0 += 4) {
-    const int64_t nc = causal ? (i0 + 3) / W + 1 : Np / W;
     const float* a0 = A + i0 * lda;
     const float* a1 = a0 + lda;
     const float* a2 = a1 + lda;
     const float* a3 = a2 + lda;
-    for (int64_t c = 0; c < nc; ++c) {
+    for (int64_t c = upper ? i0 / W : 0; c < Np / W; ++c) {
       v16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
       const float* bt = Bt + c * W;
       for (int64_t d = 0; d < D; ++d) {
@@ -200,18 +172,26 @@ void rows_dot_cols(const float* A, int64_t lda, const float* Bt, int64_t Np, flo
   }
 }
 
-// O[i, :] = sum_j P[i, j] M[j, :] (M is Np x DC*16) for rows i < n_rows. mode 0: j < N; mode 1
-// (causal P): j < min(i0 + 4, N); mode 2 (transposed causal P): i0 <= j < N.
-template <int DC>
-void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_t n_rows, int64_t N, int mode) {
+// O[i, :] = sum_j P(i, j) M[j, :] (M is Np x DC*16) for rows i < n_rows, four rows at a time.
+// COLUMN: P is stored transposed (P(i, j) = P[j * Np + i], the four rows' entries adjacent).
+// mode 0: j < N; mode 1 (causal P): j < min(i0 + 4, N); mode 2 (P^T of a causal P): i0 <= j < N.
+template <int DC, bool COLUMN>
+void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_t n_rows, int64_t N, int mode,
+                    const float* row_scale) {
   constexpr int64_t Dp = DC * W;
   for (int64_t i0 = 0; i0 < n_rows; i0 += 4) {
     const int64_t lo = mode == 2 ? i0 : 0;
     const int64_t hi = mode == 1 ? std::min(i0 + 4, N) : N;
     v16 acc[4][DC] = {};
-    const float* p = P + i0 * Np;
     for (int64_t j = lo; j < hi; ++j) {
-      const float p0 = p[j], p1 = p[Np + j], p2 = p[2 * Np + j], p3 = p[3 * Np + j];
+      float p0, p1, p2, p3;
+      if (COLUMN) {
+        const float* p = P + j * Np + i0;
+        p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
+      } else {
+        const float* p = P + i0 * Np + j;
+        p0 = p[0], p1 = p[Np], p2 = p[2 * Np], p3 = p[3 * Np];
+      }
       const float* m = M + j * Dp;
       for (int dc = 0; dc < DC; ++dc) {
         const v16 mv = vload(m + dc * W);
@@ -221,40 +201,49 @@ void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_
         acc[3][dc] += p3 * mv;
       }
     }
-    for (int r = 0; r < 4; ++r)
-      for (int dc = 0; dc < DC; ++dc) vstore(O + (i0 + r) * Dp + dc * W, acc[r][dc]);
+    for (int r = 0; r < 4; ++r) {
+      const float f = row_scale != nullptr ? row_scale[i0 + r] : 1.0f;
+      for (int dc = 0; dc < DC; ++dc) vstore(O + (i0 + r) * Dp + dc * W, acc[r][dc] * f);
+    }
   }
 }
 
-using RowsTimesMat = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, int);
+using RowsTimesMat = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, int, const float*);
+template <bool COLUMN>
 RowsTimesMat rows_times_mat_for(int64_t Dp) {
-  static const RowsTimesMat table[] = {rows_times_mat<1>, rows_times_mat<2>, rows_times_mat<3>, rows_times_mat<4>,
-                                       rows_times_mat<5>, rows_times_mat<6>, rows_times_mat<7>, rows_times_mat<8>};
+  static const RowsTimesMat table[] = {rows_times_mat<1, COLUMN>, rows_times_mat<2, COLUMN>,
+                                       rows_times_mat<3, COLUMN>, rows_times_mat<4, COLUMN>,
+                                       rows_times_mat<5, COLUMN>, rows_times_mat<6, COLUMN>,
+                                       rows_times_mat<7, COLUMN>, rows_times_mat<8, COLUMN>};
   return table[Dp / W - 1];
 }
 
-// Softmax of score row i in place (bias row added, keys >= jn masked): returns the row's max and
-// sum; lanes past jn become exactly 0.
-inline void softmax_row(float* s, const float* bias_row, int64_t jn, float* max_out, float* sum_out) {
-  const int64_t nc = (jn + W - 1) / W;
-  v16 m = splat(-std::numeric_limits<float>::infinity());
-  for (int64_t c = 0; c < nc; ++c) {
-    v16 x = vload(s + c * W);
-    if (bias_row != nullptr) x += vload(bias_row + c * W);
-    x = lane_index(c * W) < static_cast<int32_t>(jn) ? x : splat(-std::numeric_limits<float>::infinity());
-    vstore(s + c * W, x);
-    m = vmax(m, x);
-  }
-  const float mx = hmax(m);
-  v16 l = {};
-  for (int64_t c = 0; c < nc; ++c) {
-    v16 p = vexp(vload(s + c * W) - mx);
-    p = lane_index(c * W) < static_cast<int32_t>(jn) ? p : v16{};
-    vstore(s + c * W, p);
-    l += p;
-  }
-  *max_out = mx;
-  *sum_out = hsum(l);
+inline v16 bitcast_f(v16i x) { return reinterpret_cast<const v16&>(x); }
+inline v16i bitcast_i(v16 x) { return reinterpret_cast<const v16i&>(x); }
+
+// log(x) on 16 lanes, x > 0 normal (Cephes logf, ~1 ulp): the log-sum-exp of 16 queries at once.
+inline v16 vlog(v16 x) {
+  const v16i xi = bitcast_i(x);
+  v16i e = ((xi >> 23) & 0xff) - 126;
+  v16 m = bitcast_f((xi & 0x807fffff) | 0x3f000000);  // [0.5, 1)
+  const v16i small = m < 0.70710678118654752f;
+  e = small ? e - 1 : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const v16 z = m * m;
+  v16 y = splat(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const v16 fe = __builtin_convertvector(e, v16);
+  y += fe * -2.12194440e-4f;
+  y += z * -0.5f;
+  return m + y + fe * 0.693359375f;
 }
 
 struct Padded {
@@ -262,12 +251,62 @@ struct Padded {
 };
 Padded padded(const Sizes& z) { return {(z.N + 3) / 4 * 4, z.Np, (z.D + W - 1) / W * W}; }
 
-// bias as fp32 (H, N, Np), zero padded, so score rows add it vector by vector
+// bias^T as fp32 (H, N keys, Np queries), zero padded: added to S^T 16 queries at a time
 at::Tensor padded_bias(const at::Tensor& bias, int64_t Np) {
   const int64_t H = bias.size(0), N = bias.size(1);
   at::Tensor out = at::zeros({H, N, Np}, bias.options().dtype(at::kFloat));
-  out.narrow(2, 0, N).copy_(bias);
+  out.narrow(2, 0, N).copy_(bias.transpose(1, 2));
   return out;
+}
+
+// A group of heads of one (b, a) item is staged as [head][row][Dp] fp32. Rows are copied in
+// address order (row, then head): for the common layouts (contiguous, packed qkv) that is one
+// H * Dh run per row, which the hardware prefetcher streams, instead of H scattered 2-line
+// reads per row (temporal rows lie S * H * Dh elements apart).
+template <typename T>
+void load_group(const T* base, const View& v, int64_t N, int64_t G, int64_t D, int64_t Np, int64_t Dp, float scale,
+                float* dst) {
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t h = 0; h < G; ++h) {
+      const T* row = base + n * v.sn + h * v.sh;
+      float* out = dst + (h * Np + n) * Dp;
+      if (std::is_same_v<T, float> && v.sd == 1 && D % W == 0) {
+        for (int64_t d = 0; d < D; d += W) vstore(out + d, vload(reinterpret_cast<const float*>(row) + d) * scale);
+      } else if (v.sd == 1) {
+        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(row[d]) * scale;
+      } else {
+        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(row[d * v.sd]) * scale;
+      }
+    }
+  }
+}
+
+template <typename T>
+void store_group(const float* src, int64_t N, int64_t G, int64_t D, int64_t Np, int64_t Dp, float scale, T* base,
+                 const View& v) {
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t h = 0; h < G; ++h) {
+      T* row = base + n * v.sn + h * v.sh;
+      const float* in = src + (h * Np + n) * Dp;
+      if (std::is_same_v<T, float> && v.sd == 1 && D % W == 0) {
+        for (int64_t d = 0; d < D; d += W) vstore(reinterpret_cast<float*>(row) + d, vload(in + d) * scale);
+      } else if (v.sd == 1) {
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(in[d] * scale);
+      } else {
+        for (int64_t d = 0; d < D; ++d) row[d * v.sd] = static_cast<T>(in[d] * scale);
+      }
+    }
+  }
+}
+
+// 64-byte aligned start inside a buffer allocated W floats longer: whole-line vector access
+float* aligned(float* p) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~static_cast<uintptr_t>(63));
+}
+
+// heads per group: the staged tensors of a group stay within ~budget floats (L2-sized)
+int64_t heads_per_group(int64_t H, int64_t per_head, int64_t budget) {
+  return std::max<int64_t>(1, std::min<int64_t>(H, budget / per_head));
 }
 
 template <typename T>
@@ -286,38 +325,63 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   T* op = out.mutable_data_ptr<T>();
   float* lp = lse.mutable_data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
-  const int64_t N = z.N, D = z.D, Np = pd.Np, Dp = pd.Dp, N4 = pd.N4;
-  const RowsTimesMat pv = rows_times_mat_for(Dp);
+  const int64_t N = z.N, D = z.D, Np = pd.Np, Dp = pd.Dp, N4 = pd.N4, H = z.H;
+  const int64_t per_head = Np * Dp;
+  const int64_t G = heads_per_group(H, per_head, 16384);
+  const RowsTimesMat pv = rows_times_mat_for<true>(Dp);
+  const int64_t n_chunks = (N + W - 1) / W;
   at::parallel_for(0, z.B * z.A, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> ws(5 * Np * Dp + Np * Np, 0.0f);
-    float* Q = ws.data();     // Np x Dp, pre-scaled by 1/sqrt(Dh)
-    float* K = Q + Np * Dp;   // Np x Dp
-    float* Kt = K + Np * Dp;  // Dp x Np
-    float* V = Kt + Np * Dp;  // Np x Dp
-    float* P = V + Np * Dp;   // Np x Np scores, then probabilities
-    float* O = P + Np * Np;   // Np x Dp
+    std::vector<float> ws(4 * G * per_head + per_head + Np * Np + Np + W, 0.0f);
+    float* Qg = aligned(ws.data());    // G x Np x Dp, pre-scaled by 1/sqrt(Dh)
+    float* Kg = Qg + G * per_head;     // G x Np x Dp
+    float* Vg = Kg + G * per_head;     // G x Np x Dp
+    float* Og = Vg + G * per_head;     // G x Np x Dp
+    float* Qt = Og + G * per_head;     // Dp x Np
+    float* Pt = Qt + per_head;         // Np x Np: scores, then probabilities, transposed [key][query]
+    float* rinv = Pt + Np * Np;        // Np: 1 / softmax denominators
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / z.A, a = item % z.A;
-      for (int64_t h = 0; h < z.H; ++h) {
-        load_rows(qp + b * qv.sb + a * qv.sa + h * qv.sh, qv.sn, qv.sd, N, D, Dp, scale, Q);
-        load_rows(kp + b * kv.sb + a * kv.sa + h * kv.sh, kv.sn, kv.sd, N, D, Dp, 1.0f, K);
-        transpose_tiles(K, Dp, Kt, Np, Np, Dp);
-        load_rows(vp + b * vv.sb + a * vv.sa + h * vv.sh, vv.sn, vv.sd, N, D, Dp, 1.0f, V);
-        rows_dot_cols(Q, Dp, Kt, Np, P, N4, D, causal);
-        float* lbase = lp + b * l_sb + a * l_sa + h * l_sh;
-        const float* bias_h = bias != nullptr ? bias + h * N * Np : nullptr;
-        for (int64_t i = 0; i < N; ++i) {
-          const int64_t jn = causal ? i + 1 : N;
-          float mx, sum;
-          float* p = P + i * Np;
-          softmax_row(p, bias_h != nullptr ? bias_h + i * Np : nullptr, jn, &mx, &sum);
-          lbase[i * l_sn] = mx + std::log(sum);
-          const float r = 1.0f / sum;  // normalise P (N x N) rather than O (N x Dh): fewer lanes for T < Dh
-          for (int64_t c = 0; c < (jn + W - 1) / W; ++c) vstore(p + c * W, vload(p + c * W) * r);
+      for (int64_t h0 = 0; h0 < H; h0 += G) {
+        const int64_t g = std::min(G, H - h0);
+        load_group(qp + b * qv.sb + a * qv.sa + h0 * qv.sh, qv, N, g, D, Np, Dp, scale, Qg);
+        load_group(kp + b * kv.sb + a * kv.sa + h0 * kv.sh, kv, N, g, D, Np, Dp, 1.0f, Kg);
+        load_group(vp + b * vv.sb + a * vv.sa + h0 * vv.sh, vv, N, g, D, Np, Dp, 1.0f, Vg);
+        for (int64_t hh = 0; hh < g; ++hh) {
+          const int64_t h = h0 + hh;
+          // S^T[j][i] = k_j . q_i: with keys as rows, a 16-lane vector holds 16 queries, so the
+          // softmax over keys is lane-wise (no horizontal max / sum per query)
+          transpose_tiles(Qg + hh * per_head, Dp, Qt, Np, Np, Dp);
+          rows_dot_cols(Kg + hh * per_head, Dp, Qt, Np, Pt, N4, D, causal);
+          float* lbase = lp + b * l_sb + a * l_sa + h * l_sh;
+          const float* bias_h = bias != nullptr ? bias + h * N * Np : nullptr;  // transposed [j][i]
+          for (int64_t c = 0; c < n_chunks; ++c) {
+            const int64_t jmax = causal ? std::min(N, (c + 1) * W) : N;
+            const v16i lanes = lane_index(c * W);
+            v16 m = splat(-std::numeric_limits<float>::infinity());
+            for (int64_t j = 0; j < jmax; ++j) {
+              float* col = Pt + j * Np + c * W;
+              v16 x = vload(col);
+              if (bias_h != nullptr) x += vload(bias_h + j * Np + c * W);
+              vstore(col, x);
+              if (causal) x = lanes >= static_cast<int32_t>(j) ? x : splat(-std::numeric_limits<float>::infinity());
+              m = vmax(m, x);
+            }
+            v16 l = {};
+            for (int64_t j = 0; j < jmax; ++j) {
+              float* col = Pt + j * Np + c * W;
+              v16 p = vexp(vload(col) - m);
+              // masked lanes: exp(-inf - m) is clamped to ~1e-38, so zero them exactly
+              if (causal) p = lanes >= static_cast<int32_t>(j) ? p : v16{};
+              vstore(col, p);
+              l += p;
+            }
+            vstore(rinv + c * W, 1.0f / l);  // P is normalised on O's rows, in the P V product
+            const v16 lse_c = m + vlog(l);
+            for (int64_t i = c * W; i < std::min(N, (c + 1) * W); ++i) lbase[i * l_sn] = lse_c[i - c * W];
+          }
+          pv(Pt, Np, Vg + hh * per_head, Og + hh * per_head, N4, N, causal ? 1 : 0, rinv);
         }
-        for (int64_t i = N; i < N4; ++i) std::fill(P + i * Np, P + (i + 1) * Np, 0.0f);
-        pv(P, Np, V, O, N4, N, causal ? 1 : 0);
-        store_rows(O, Dp, 1.0f, N, D, op + b * ov.sb + a * ov.sa + h * ov.sh, ov.sn, ov.sd);
+        store_group(Og, N, g, D, Np, Dp, 1.0f, op + b * ov.sb + a * ov.sa + h0 * ov.sh, ov);
       }
     }
   });
@@ -344,70 +408,76 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   T* dvp = dv.mutable_data_ptr<T>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
   const int64_t N = z.N, D = z.D, Np = pd.Np, Dp = pd.Dp, N4 = pd.N4, H = z.H;
-  const RowsTimesMat mm = rows_times_mat_for(Dp);
+  const int64_t per_head = Np * Dp;
+  const int64_t G = heads_per_group(H, per_head, 8192);
+  const RowsTimesMat mm_col = rows_times_mat_for<true>(Dp);
+  const RowsTimesMat mm_row = rows_times_mat_for<false>(Dp);
+  const int64_t n_chunks = (N + W - 1) / W;
   at::parallel_for(0, z.B * z.A, 1, [&](int64_t begin, int64_t end) {
-    // dbias is accumulated per thread (summed by the caller): no atomics in the hot loop
-    float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * H * N * N : nullptr;
-    std::vector<float> ws(7 * Np * Dp + 3 * Np * Np, 0.0f);
-    float* Q = ws.data();     // Np x Dp, pre-scaled: S = Q Kt and dK = dS^T Q
-    float* K = Q + Np * Dp;   // Np x Dp
-    float* G = K + Np * Dp;   // Np x Dp, upstream gradient
-    float* O = G + Np * Dp;   // Np x Dp, product output
-    float* Kt = O + Np * Dp;  // Dp x Np
-    float* Vt = Kt + Np * Dp; // Dp x Np (V rows are loaded into O first)
-    float* P = Vt + Np * Dp;  // Np x Np
-    float* dS = P + Np * Np;  // Np x Np
-    float* Tr = dS + Np * Np; // Np x Np, transposes
+    // dbias^T (H x N x Np) is accumulated per thread (summed by the caller): no atomics
+    float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * H * N * Np : nullptr;
+    std::vector<float> ws(7 * G * per_head + 2 * per_head + 2 * Np * Np + W, 0.0f);
+    float* Qg = aligned(ws.data());           // pre-scaled: S = Q K^T and dK = dS^T Q
+    float* Kg = Qg + G * per_head;
+    float* Vg = Kg + G * per_head;
+    float* Gg = Vg + G * per_head;   // upstream gradient
+    float* dQg = Gg + G * per_head;
+    float* dKg = dQg + G * per_head;
+    float* dVg = dKg + G * per_head;
+    float* Qt = dVg + G * per_head;  // Dp x Np
+    float* Gt = Qt + per_head;       // Dp x Np
+    float* Pt = Gt + per_head;       // Np x Np, [key][query]
+    float* dSt = Pt + Np * Np;       // Np x Np, dP^T then dS^T
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / z.A, a = item % z.A;
-      for (int64_t h = 0; h < H; ++h) {
-        const T* kbase = kp + b * kv.sb + a * kv.sa + h * kv.sh;
-        load_rows(qp + b * qv.sb + a * qv.sa + h * qv.sh, qv.sn, qv.sd, N, D, Dp, scale, Q);
-        load_rows(kbase, kv.sn, kv.sd, N, D, Dp, 1.0f, K);
-        transpose_tiles(K, Dp, Kt, Np, Np, Dp);
-        load_rows(vp + b * vv.sb + a * vv.sa + h * vv.sh, vv.sn, vv.sd, N, D, Dp, 1.0f, O);
-        transpose_tiles(O, Dp, Vt, Np, Np, Dp);
-        load_rows(gp + b * gv.sb + a * gv.sa + h * gv.sh, gv.sn, gv.sd, N, D, Dp, 1.0f, G);
-        rows_dot_cols(Q, Dp, Kt, Np, P, N4, D, causal);   // scores
-        rows_dot_cols(G, Dp, Vt, Np, dS, N4, D, causal);  // dP = dO V^T
-        const float* lbase = lp + b * l_sb + a * l_sa + h * l_sh;
-        const float* bias_h = bias != nullptr ? bias + h * N * Np : nullptr;
-        for (int64_t i = 0; i < N; ++i) {
-          const int64_t jn = causal ? i + 1 : N;
-          const int64_t nc = (jn + W - 1) / W;
-          const float li = lbase[i * l_sn];
-          float* p = P + i * Np;
-          float* ds = dS + i * Np;
-          const float* br = bias_h != nullptr ? bias_h + i * Np : nullptr;
-          v16 delta = {};
-          for (int64_t c = 0; c < nc; ++c) {
-            v16 x = vload(p + c * W);
-            if (br != nullptr) x += vload(br + c * W);
-            v16 pc = vexp(x - li);
-            pc = lane_index(c * W) < static_cast<int32_t>(jn) ? pc : v16{};
-            vstore(p + c * W, pc);
-            delta += pc * vload(ds + c * W);
+      for (int64_t h0 = 0; h0 < H; h0 += G) {
+        const int64_t g = std::min(G, H - h0);
+        load_group(qp + b * qv.sb + a * qv.sa + h0 * qv.sh, qv, N, g, D, Np, Dp, scale, Qg);
+        load_group(kp + b * kv.sb + a * kv.sa + h0 * kv.sh, kv, N, g, D, Np, Dp, 1.0f, Kg);
+        load_group(vp + b * vv.sb + a * vv.sa + h0 * vv.sh, vv, N, g, D, Np, Dp, 1.0f, Vg);
+        load_group(gp + b * gv.sb + a * gv.sa + h0 * gv.sh, gv, N, g, D, Np, Dp, 1.0f, Gg);
+        for (int64_t hh = 0; hh < g; ++hh) {
+          const int64_t h = h0 + hh;
+          const float* Q = Qg + hh * per_head;
+          const float* Gh = Gg + hh * per_head;
+          transpose_tiles(Q, Dp, Qt, Np, Np, Dp);
+          transpose_tiles(Gh, Dp, Gt, Np, Np, Dp);
+          rows_dot_cols(Kg + hh * per_head, Dp, Qt, Np, Pt, N4, D, causal);   // S^T
+          rows_dot_cols(Vg + hh * per_head, Dp, Gt, Np, dSt, N4, D, causal);  // dP^T = V dO^T
+          const float* lbase = lp + b * l_sb + a * l_sa + h * l_sh;
+          const float* bias_h = bias != nullptr ? bias + h * N * Np : nullptr;
+          float* dbias_h = dbias_t != nullptr ? dbias_t + h * N * Np : nullptr;
+          for (int64_t c = 0; c < n_chunks; ++c) {
+            const int64_t jmax = causal ? std::min(N, (c + 1) * W) : N;
+            const v16i lanes = lane_index(c * W);
+            v16 lse_c = {};
+            for (int64_t i = c * W; i < std::min(N, (c + 1) * W); ++i) lse_c[i - c * W] = lbase[i * l_sn];
+            v16 delta = {};
+            for (int64_t j = 0; j < jmax; ++j) {
+              float* col = Pt + j * Np + c * W;
+              v16 x = vload(col);
+              if (bias_h != nullptr) x += vload(bias_h + j * Np + c * W);
+              v16 p = vexp(x - lse_c);
+              if (causal) p = lanes >= static_cast<int32_t>(j) ? p : v16{};
+              p = lanes < static_cast<int32_t>(N) ? p : v16{};  // padded queries
+              vstore(col, p);
+              delta += p * vload(dSt + j * Np + c * W);
+            }
+            // delta_i = rowsum(P * dP) == dO_i . O_i, lane-wise
+            for (int64_t j = 0; j < jmax; ++j) {
+              float* dcol = dSt + j * Np + c * W;
+              const v16 ds = vload(Pt + j * Np + c * W) * (vload(dcol) - delta);
+              vstore(dcol, ds);
+              if (dbias_h != nullptr) vstore(dbias_h + j * Np + c * W, vload(dbias_h + j * Np + c * W) + ds);
+            }
           }
-          const float dl = hsum(delta);  // rowsum(P * dP) == dO_i . O_i
-          for (int64_t c = 0; c < nc; ++c) vstore(ds + c * W, vload(p + c * W) * (vload(ds + c * W) - dl));
-          if (dbias_t != nullptr) {
-            float* row = dbias_t + (h * N + i) * N;
-            for (int64_t j = 0; j < jn; ++j) row[j] += ds[j];
-          }
+          mm_col(dSt, Np, Kg + hh * per_head, dQg + hh * per_head, N4, N, causal ? 1 : 0, nullptr);  // dQ = dS K
+          mm_row(Pt, Np, Gh, dVg + hh * per_head, N4, N, causal ? 2 : 0, nullptr);   // dV = P^T dO
+          mm_row(dSt, Np, Q, dKg + hh * per_head, N4, N, causal ? 2 : 0, nullptr);   // dK = dS^T Q
         }
-        for (int64_t i = N; i < N4; ++i) {
-          std::fill(P + i * Np, P + (i + 1) * Np, 0.0f);
-          std::fill(dS + i * Np, dS + (i + 1) * Np, 0.0f);
-        }
-        const int64_t out_q = b * dqv.sb + a * dqv.sa + h * dqv.sh;
-        mm(dS, Np, K, O, N4, N, causal ? 1 : 0);  // dQ = dS K
-        store_rows(O, Dp, scale, N, D, dqp + out_q, dqv.sn, dqv.sd);
-        transpose_tiles(P, Np, Tr, Np, Np, Np);
-        mm(Tr, Np, G, O, N4, N, causal ? 2 : 0);  // dV = P^T dO
-        store_rows(O, Dp, 1.0f, N, D, dvp + b * dvv.sb + a * dvv.sa + h * dvv.sh, dvv.sn, dvv.sd);
-        transpose_tiles(dS, Np, Tr, Np, Np, Np);
-        mm(Tr, Np, Q, O, N4, N, causal ? 2 : 0);  // dK = dS^T (Q / sqrt(Dh))
-        store_rows(O, Dp, 1.0f, N, D, dkp + b * dkv.sb + a * dkv.sa + h * dkv.sh, dkv.sn, dkv.sd);
+        store_group(dQg, N, g, D, Np, Dp, scale, dqp + b * dqv.sb + a * dqv.sa + h0 * dqv.sh, dqv);
+        store_group(dKg, N, g, D, Np, Dp, 1.0f, dkp + b * dkv.sb + a * dkv.sa + h0 * dkv.sh, dkv);
+        store_group(dVg, N, g, D, Np, Dp, 1.0f, dvp + b * dvv.sb + a * dvv.sa + h0 * dvv.sh, dvv);
       }
     }
   });
@@ -474,7 +544,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpp(
   const int64_t H = q.size(3), N = temporal ? q.size(1) : q.size(2);
   at::Tensor dbias = at::empty({0}, q.options());
   at::Tensor acc;
-  if (bias_grad) acc = at::zeros({at::get_num_threads(), H, N, N}, q.options().dtype(at::kFloat));
+  const int64_t Np = (N + W - 1) / W * W;
+  if (bias_grad) acc = at::zeros({at::get_num_threads(), H, N, Np}, q.options().dtype(at::kFloat));
   if (q.numel() > 0) {
     at::Tensor bias32;
     if (bias.has_value()) bias32 = padded_bias(*bias, (bias->size(1) + W - 1) / W * W);
@@ -486,7 +557,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpp(
       default: backward_kernel<c10::BFloat16>(grad_out, q, k, v, bp, lse, dq, dk, dv, ap, temporal, causal); break;
     }
   }
-  if (bias_grad) dbias = acc.sum(0).to(bias->scalar_type());
+  if (bias_grad) dbias = acc.sum(0).narrow(2, 0, N).transpose(1, 2).to(bias->scalar_type()).contiguous();
   return {dq, dk, dv, dbias};
 }
 
