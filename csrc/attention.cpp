@@ -11,6 +11,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -83,13 +85,18 @@ inline v16i lane_index(int64_t base) {
   return idx + static_cast<int32_t>(base);
 }
 
-// exp(x) on 16 lanes (std::exp is a scalar libm call). Cephes expf: 2^n * exp(r), |r| <= ln2/2,
-// degree-6 polynomial, ~1 ulp; exp(0) == 1 exactly, so a one-key (first causal) row is exact.
+// exp(x) on 16 lanes (std::exp is a scalar libm call): Cephes expf, 2^n * exp(r) with
+// |r| <= ln2/2 and a degree-5 polynomial, ~1 ulp; exp(0) == 1 exactly, so a one-key (first
+// causal) row is exact. With AVX-512 the rounding and the 2^n scaling are one instruction each
+// (vrndscaleps, vscalefps): the softmax's exps dominate long rows (S = 256: 64K per head).
 inline v16 vexp(v16 x) {
-  x = x < -87.0f ? splat(-87.0f) : x;  // exp(-87) ~ 1.6e-38; masked lanes are zeroed by the caller
+  x = x < -88.0f ? splat(-88.0f) : x;  // -inf (masked lanes) -> ~6e-39; callers zero those lanes
   x = x > 88.0f ? splat(88.0f) : x;
-  const v16 t = x * 1.44269504088896341f;
-  const v16 n = (t + 12582912.0f) - 12582912.0f;  // round to nearest: needs no -ffast-math
+#ifdef __AVX512F__
+  const v16 n = (v16)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT);
+#else
+  const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+#endif
   const v16 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   v16 p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -97,9 +104,13 @@ inline v16 vexp(v16 x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const v16 y = p * r * r + r + 1.0f;
+  const v16 y = p * (r * r) + r + 1.0f;
+#ifdef __AVX512F__
+  return (v16)_mm512_scalef_ps((__m512)y, (__m512)n);
+#else
   const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
   return y * reinterpret_cast<const v16&>(bits);
+#endif
 }
 
 // In-register 16 x 16 transpose: four butterfly stages swapping the off-diagonal s x s blocks
@@ -154,7 +165,35 @@ void rows_dot_cols(const float* A, int64_t lda, const float* Bt, int64_t Np, flo
     const float* a1 = a0 + lda;
     const float* a2 = a1 + lda;
     const float* a3 = a2 + lda;
-    for (int64_t c = upper ? i0 / W : 0; c < Np / W; ++c) {
+    int64_t c = upper ? i0 / W : 0;
+    // two column chunks at a time: 8 accumulators, 6 loads per 8 FMAs
+    for (; c + 2 <= Np / W; c += 2) {
+      v16 s0 = {}, s1 = {}, s2 = {}, s3 = {}, t0 = {}, t1 = {}, t2 = {}, t3 = {};
+      const float* bt = Bt + c * W;
+      for (int64_t d = 0; d < D; ++d) {
+        const v16 b = vload(bt + d * Np);
+        const v16 b2 = vload(bt + d * Np + W);
+        const float x0 = a0[d], x1 = a1[d], x2 = a2[d], x3 = a3[d];
+        s0 += x0 * b;
+        s1 += x1 * b;
+        s2 += x2 * b;
+        s3 += x3 * b;
+        t0 += x0 * b2;
+        t1 += x1 * b2;
+        t2 += x2 * b2;
+        t3 += x3 * b2;
+      }
+      float* out = S + i0 * Np + c * W;
+      vstore(out, s0);
+      vstore(out + W, t0);
+      vstore(out + Np, s1);
+      vstore(out + Np + W, t1);
+      vstore(out + 2 * Np, s2);
+      vstore(out + 2 * Np + W, t2);
+      vstore(out + 3 * Np, s3);
+      vstore(out + 3 * Np + W, t3);
+    }
+    for (; c < Np / W; ++c) {
       v16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
       const float* bt = Bt + c * W;
       for (int64_t d = 0; d < D; ++d) {
@@ -179,29 +218,23 @@ template <int DC, bool COLUMN>
 void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_t n_rows, int64_t N, int mode,
                     const float* row_scale) {
   constexpr int64_t Dp = DC * W;
-  for (int64_t i0 = 0; i0 < n_rows; i0 += 4) {
+  // 8 rows per block for narrow heads (16 accumulators), 4 for wide ones (register budget);
+  // rows past n_rows (< Np, zero padded) are computed and ignored
+  constexpr int R = DC <= 2 ? 8 : 4;
+  for (int64_t i0 = 0; i0 < n_rows; i0 += R) {
     const int64_t lo = mode == 2 ? i0 : 0;
-    const int64_t hi = mode == 1 ? std::min(i0 + 4, N) : N;
-    v16 acc[4][DC] = {};
+    const int64_t hi = mode == 1 ? std::min(i0 + R, N) : N;
+    v16 acc[R][DC] = {};
     for (int64_t j = lo; j < hi; ++j) {
-      float p0, p1, p2, p3;
-      if (COLUMN) {
-        const float* p = P + j * Np + i0;
-        p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
-      } else {
-        const float* p = P + i0 * Np + j;
-        p0 = p[0], p1 = p[Np], p2 = p[2 * Np], p3 = p[3 * Np];
-      }
+      float p[R];
+      for (int r = 0; r < R; ++r) p[r] = COLUMN ? P[j * Np + i0 + r] : P[(i0 + r) * Np + j];
       const float* m = M + j * Dp;
       for (int dc = 0; dc < DC; ++dc) {
         const v16 mv = vload(m + dc * W);
-        acc[0][dc] += p0 * mv;
-        acc[1][dc] += p1 * mv;
-        acc[2][dc] += p2 * mv;
-        acc[3][dc] += p3 * mv;
+        for (int r = 0; r < R; ++r) acc[r][dc] += p[r] * mv;
       }
     }
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < R; ++r) {
       const float f = row_scale != nullptr ? row_scale[i0 + r] : 1.0f;
       for (int dc = 0; dc < DC; ++dc) vstore(O + (i0 + r) * Dp + dc * W, acc[r][dc] * f);
     }
