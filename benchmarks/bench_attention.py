@@ -14,7 +14,7 @@ from pvkernels.ops.attention import attention_reference
 from .harness import HAS_CUDA, QUICK, run
 
 SHAPES = [(2, 5, 16, 2, 16)] if QUICK else [(4, 18, 256, 8, 32), (16, 8, 64, 8, 64)]
-BLOCK_SHAPES = [(2, 4, 16, 32, 2)] if QUICK else [(4, 8, 64, 256, 8)]  # B, T, S, dim, heads
+BLOCK_SHAPES = [(2, 4, 16, 32, 2)] if QUICK else [(4, 8, 64, 256, 8), (4, 18, 64, 128, 4)]  # B, T, S, dim, heads
 FAST = "triton" if HAS_CUDA else "cpp"
 PROVIDERS = ["reference", "compiled", FAST]
 DEVICE = "cuda" if HAS_CUDA else "cpu"
