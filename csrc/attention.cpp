@@ -564,7 +564,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpp(const at::Tensor& q, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpp(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& lse, bool temporal, bool causal,
-    bool bias_grad) {
+    bool bias_grad, bool packed_grad) {
   (void)out;  // delta = rowsum(P * dP) is recomputed from P, which the backward rebuilds anyway
   check_inputs(q, k, v, bias, temporal);
   const char* name = op_name(temporal);
@@ -573,7 +573,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpp(
   TORCH_CHECK_VALUE(lse.dim() == 4 && lse.scalar_type() == at::kFloat, name, ": lse must be float32 (B, T, S, H)");
   TORCH_CHECK_VALUE(!bias_grad || bias.has_value(), name, ": bias_grad needs a bias");
   auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor dq = at::empty(q.sizes(), opts), dk = at::empty(q.sizes(), opts), dv = at::empty(q.sizes(), opts);
+  at::Tensor dq, dk, dv, packed;
+  if (packed_grad) {
+    // one (B, T, S, 3, H, Dh) gradient for a packed qkv: written in place of the stack copy
+    // autograd would otherwise make of three separate gradients
+    packed = at::empty({q.size(0), q.size(1), q.size(2), 3, q.size(3), q.size(4)}, opts);
+    dq = packed.select(3, 0), dk = packed.select(3, 1), dv = packed.select(3, 2);
+  } else {
+    dq = at::empty(q.sizes(), opts), dk = at::empty(q.sizes(), opts), dv = at::empty(q.sizes(), opts);
+  }
   const int64_t H = q.size(3), N = temporal ? q.size(1) : q.size(2);
   at::Tensor dbias = at::empty({0}, q.options());
   at::Tensor acc;
@@ -591,6 +599,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpp(
     }
   }
   if (bias_grad) dbias = acc.sum(0).narrow(2, 0, N).transpose(1, 2).to(bias->scalar_type()).contiguous();
+  if (packed_grad) return {packed, at::empty({0}, q.options()), at::empty({0}, q.options()), dbias};
   return {dq, dk, dv, dbias};
 }
 

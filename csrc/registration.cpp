@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpp(const at::Tensor& q, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpp(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& lse, bool temporal, bool causal,
-    bool bias_grad);
+    bool bias_grad, bool packed_grad);
 }
 
 TORCH_LIBRARY(pvkernels_cpp, m) {
@@ -25,7 +25,7 @@ TORCH_LIBRARY(pvkernels_cpp, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, bool temporal, bool causal) -> (Tensor, Tensor)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor out, Tensor lse, "
-      "bool temporal, bool causal, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool temporal, bool causal, bool bias_grad, bool packed_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pvkernels_cpp, CPU, m) {

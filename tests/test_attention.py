@@ -345,3 +345,38 @@ def test_torch_compile_fullgraph(compile_backend):
     want = torch.autograd.grad(expected, [qkv, bias], grad)
     for g, w in zip(got, want):
         assert_close(g, w, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_packed_qkv_gradient(backend, kind):
+    # the modules' entry: the qkv gradient is produced packed on the fused backends
+    from pvkernels.ops.attention import packed_attention
+    B, T, S, H, D = 3, 7, 9, 2, 16
+    device = dev(backend)
+    qkv = torch.randn(B, T, S, 3, H, D, device=device, requires_grad=True)
+    N = S if kind == "spatial" else T
+    bias = torch.randn(H, N, N, device=device, requires_grad=True)
+    out = packed_attention(qkv, kind != "spatial", kind == "temporal_causal", bias, backend)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [qkv, bias], grad)
+    qkv64 = qkv.detach().double().cpu().requires_grad_()
+    b64 = bias.detach().double().cpu().requires_grad_()
+    expected = attention_math(*qkv64.unbind(3), b64, kind != "spatial", kind == "temporal_causal")
+    want = torch.autograd.grad(expected, [qkv64, b64], grad.double().cpu())
+    assert_close(out, expected, torch.float32, name="out")
+    assert_close(got[0], want[0], torch.float32, name="dqkv")
+    assert_close(got[1], want[1], torch.float32, atol=1e-5 * max(want[1].abs().max().item(), 1.0), name="dbias")
+    with pytest.raises(ValueError, match=r"\(B, T, S, 3, H, Dh\)"):
+        packed_attention(qkv[:, :, :, :2], kind != "spatial", backend=backend)
+
+
+def test_module_under_torch_compile():
+    block = pvkernels.nn.SpaceTimeBlock(16, 2, mlp_ratio=2, backend="cpp")
+    x = torch.randn(2, 4, 5, 16, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    y, y_eager = compiled(x), block(x)
+    assert_close(y, y_eager, torch.float32)
+    g, g_eager = (torch.autograd.grad(t.square().sum(), x)[0] for t in (y, y_eager))
+    assert_close(g, g_eager, torch.float32, atol=1e-5, rtol=1e-4)

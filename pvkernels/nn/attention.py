@@ -1,7 +1,8 @@
 """Module forms of spatial / temporal attention and the factorised SpaceTime block.
 
 Tokens are (B, T, S, dim). Each attention module projects to a packed (B, T, S, 3, H, Dh) qkv
-and hands the three strided views straight to the kernel (no permute copies).
+and hands it straight to the kernel (strided views, no permute copies; the qkv gradient comes
+back packed).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..ops.attention import spatial_attention, temporal_attention
+from ..ops.attention import packed_attention
 
 
 def _check_dims(dim: int, heads: int) -> int:
@@ -42,11 +43,10 @@ class SpatialAttention(torch.nn.Module):
 
     def _qkv(self, x):
         B, T, S, _ = x.shape
-        return self.qkv(x).view(B, T, S, 3, self.heads, self.head_dim).unbind(3)
+        return self.qkv(x).view(B, T, S, 3, self.heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        q, k, v = self._qkv(x)
-        o = spatial_attention(q, k, v, bias=bias, backend=self.backend)
+        o = packed_attention(self._qkv(x), temporal=False, bias=bias, backend=self.backend)
         return self.proj(o.flatten(3))
 
     def extra_repr(self) -> str:
@@ -91,9 +91,8 @@ class TemporalAttention(SpatialAttention):
         return (-self.alibi_slopes.view(-1, 1, 1) * offset.abs().view(1, T, T)).to(dtype or torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qkv(x)
         bias = self.position_bias(x.shape[1], x.device, x.dtype)
-        o = temporal_attention(q, k, v, causal=self.causal, bias=bias, backend=self.backend)
+        o = packed_attention(self._qkv(x), temporal=True, causal=self.causal, bias=bias, backend=self.backend)
         return self.proj(o.flatten(3))
 
     def extra_repr(self) -> str:

@@ -308,9 +308,13 @@ def _attention_fwd_triton_impl(q, k, v, bias, temporal, causal):
     return out, lse
 
 
-def _attention_bwd_triton_impl(grad_out, q, k, v, bias, out, lse, temporal, causal, bias_grad):
+def _attention_bwd_triton_impl(grad_out, q, k, v, bias, out, lse, temporal, causal, bias_grad, packed_grad):
     B, T, S, H, D = q.shape
-    dq, dk, dv = (torch.empty((B, T, S, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    if packed_grad:  # one (B, T, S, 3, H, Dh) gradient for a packed qkv, written in place
+        packed = torch.empty((B, T, S, 3, H, D), dtype=q.dtype, device=q.device)
+        dq, dk, dv = packed.unbind(3)
+    else:
+        dq, dk, dv = (torch.empty((B, T, S, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
     N, A = (T, S) if temporal else (S, T)
     dbias = (torch.zeros((H, N, N), dtype=torch.float32, device=q.device) if bias_grad
              else torch.empty(0, dtype=q.dtype, device=q.device))
@@ -332,6 +336,8 @@ def _attention_bwd_triton_impl(grad_out, q, k, v, bias, out, lse, temporal, caus
                 UPCAST=triton_interpret(), BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=BLOCK_D)
     if bias_grad:
         dbias = dbias.to(bias.dtype)
+    if packed_grad:
+        return packed, q.new_empty((0,)), q.new_empty((0,)), dbias
     return dq, dk, dv, dbias
 
 
@@ -340,17 +346,19 @@ def _attention_fwd_fake(q, k, v, bias, temporal, causal):
     return q.new_empty((B, T, S, H, D)), q.new_empty((B, T, S, H), dtype=torch.float32)
 
 
-def _attention_bwd_fake(grad_out, q, k, v, bias, out, lse, temporal, causal, bias_grad):
+def _attention_bwd_fake(grad_out, q, k, v, bias, out, lse, temporal, causal, bias_grad, packed_grad):
     B, T, S, H, D = q.shape
     N = T if temporal else S
     dbias = bias.new_empty((H, N, N)) if bias_grad else q.new_empty((0,))
+    if packed_grad:
+        return q.new_empty((B, T, S, 3, H, D)), q.new_empty((0,)), q.new_empty((0,)), dbias
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias
 
 
 # as in csrc/registration.cpp
 _FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor? bias, bool temporal, bool causal) -> (Tensor, Tensor)"
 _BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor out, Tensor lse, "
-               "bool temporal, bool causal, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)")
+               "bool temporal, bool causal, bool bias_grad, bool packed_grad) -> (Tensor, Tensor, Tensor, Tensor)")
 if triton is not None:
     _attention_fwd_triton = torch.library.custom_op("pvkernels::attention_fwd_triton", _attention_fwd_triton_impl,
                                                     mutates_args=(), schema=_FWD_SCHEMA)
@@ -388,8 +396,31 @@ class AttentionFunction(torch.autograd.Function):
         q, k, v, bias, out, lse = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         _, bwd = _ops(ctx.backend)
-        dq, dk, dv, dbias = bwd(grad_out, q, k, v, bias, out, lse, ctx.temporal, ctx.causal, bias_grad)
+        dq, dk, dv, dbias = bwd(grad_out, q, k, v, bias, out, lse, ctx.temporal, ctx.causal, bias_grad, False)
         return dq, dk, dv, (dbias if bias_grad else None), None, None, None
+
+
+class PackedAttentionFunction(torch.autograd.Function):
+    """As AttentionFunction on the q, k, v views of one packed (B, T, S, 3, H, Dh) qkv: its
+    gradient is written as one packed tensor (no stack copy of three gradients)."""
+
+    @staticmethod
+    def forward(ctx, qkv, bias, temporal: bool, causal: bool, backend: str):
+        fwd, _ = _ops(backend)
+        q, k, v = qkv.unbind(3)
+        out, lse = fwd(q, k, v, bias, temporal, causal)
+        ctx.save_for_backward(qkv, bias, out, lse)
+        ctx.temporal, ctx.causal, ctx.backend = temporal, causal, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, bias, out, lse = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[1]
+        _, bwd = _ops(ctx.backend)
+        q, k, v = qkv.unbind(3)
+        dqkv, _, _, dbias = bwd(grad_out, q, k, v, bias, out, lse, ctx.temporal, ctx.causal, bias_grad, True)
+        return dqkv, (dbias if bias_grad else None), None, None, None
 
 
 # 6. public functions ------------------------------------------------------------------------
@@ -436,6 +467,30 @@ def _attention(name, q, k, v, bias, temporal, causal, backend):
     if chosen == "reference":
         return attention_reference(q, k, v, bias, temporal, causal)
     return AttentionFunction.apply(q, k, v, bias, temporal, causal, chosen)
+
+
+def packed_attention(qkv: torch.Tensor, temporal: bool, causal: bool = False, bias: Optional[torch.Tensor] = None,
+                     backend: str = "auto") -> torch.Tensor:
+    """Spatial (temporal=False) or temporal attention of a packed (B, T, S, 3, H, Dh) qkv.
+
+    Same result as ``spatial_attention(*qkv.unbind(3))`` / ``temporal_attention(...)``; on the
+    fused backends the gradient of qkv is produced packed, saving a copy (used by the modules).
+    """
+    name = "temporal_attention" if temporal else "spatial_attention"
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 6 or qkv.shape[3] != 3:
+        raise ValueError(f"{name}: qkv must be a (B, T, S, 3, H, Dh) tensor, got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    q, k, v = qkv.unbind(3)
+    _check(name, q, k, v, bias, temporal)
+    D = q.shape[-1]
+    chosen = "reference" if backend == "auto" and D > MAX_HEAD_DIM else resolve_backend(name, backend, q.device,
+                                                                                      q.dtype)
+    if chosen != "reference" and D > MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head dim Dh = {D} > {MAX_HEAD_DIM} is not supported by the {chosen} kernels; "
+                         "use backend='reference' (backend='auto' does so)")
+    if chosen == "reference":
+        return attention_reference(q, k, v, bias, temporal, causal)
+    return PackedAttentionFunction.apply(qkv, bias, temporal, causal, chosen)
 
 
 def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
