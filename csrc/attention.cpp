@@ -1,9 +1,10 @@
 // Factorised spatio-temporal attention on the CPU, reading (B, T, S, H, Dh) in place with any
 // strides (q, k, v may be views of one packed projection). One kernel serves both axes: the
 // tensor is seen as (b, a, n, h, d) with n the attended axis (T for temporal, S for spatial).
-// Work item = one (b, a) row, all heads: K (transposed) and V of a sequence are copied once
-// into an fp32 scratch that stays in cache, each query row computes its scores, an fp32
-// softmax and P V. Backward recomputes P from the saved log-sum-exp instead of storing it.
+// Work item = one (b, a) row: its heads are staged in an fp32 scratch that stays in cache, the
+// scores of a sequence are kept transposed (keys x queries) so that the fp32 softmax over keys
+// is lane-wise on 16 queries at once, then P V. Backward recomputes P from the saved
+// log-sum-exp instead of storing it. GCC vector extensions (x86: AVX-512 exp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -11,7 +12,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -63,23 +66,7 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));
 inline v16 vload(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 inline void vstore(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
 inline v16 splat(float f) { return v16{} + f; }
-// horizontal sum / max by halving shuffles (4 steps, not 15 scalar extracts)
-inline float hsum(v16 v) {
-  v += __builtin_shuffle(v, v16i{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  v += __builtin_shuffle(v, v16i{4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
-  v += __builtin_shuffle(v, v16i{2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
-  v += __builtin_shuffle(v, v16i{1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0});
-  return v[0];
-}
 inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
-inline float hmax(v16 v) {
-  v = vmax(v, __builtin_shuffle(v, v16i{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
-  v = vmax(v, __builtin_shuffle(v, v16i{4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3}));
-  v = vmax(v, __builtin_shuffle(v, v16i{2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1}));
-  v = vmax(v, __builtin_shuffle(v, v16i{1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0}));
-  return v[0];
-}
-
 inline v16i lane_index(int64_t base) {
   v16i idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   return idx + static_cast<int32_t>(base);
