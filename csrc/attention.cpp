@@ -1,0 +1,593 @@
+// Factorised spatio-temporal attention on the CPU, reading (B, T, S, H, Dh) in place with any
+// strides (q, k, v may be views of one packed projection). One kernel serves both axes: the
+// tensor is seen as (b, a, n, h, d) with n the attended axis (T for temporal, S for spatial).
+// Work item = one (b, a) row: its heads are staged in an fp32 scratch that stays in cache, the
+// scores of a sequence are kept transposed (keys x queries) so that the fp32 softmax over keys
+// is lane-wise on 16 queries at once, then P V. Backward recomputes P from the saved
+// log-sum-exp instead of storing it. GCC vector extensions (x86: AVX-512 exp).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace pvkernels {
+namespace {
+
+// Strides of a (B, T, S, H, Dh) tensor in (b, a, n, h, d) order.
+struct View {
+  int64_t sb, sa, sn, sh, sd;
+};
+
+View view_of(const at::Tensor& x, bool temporal) {
+  if (temporal) return {x.stride(0), x.stride(2), x.stride(1), x.stride(3), x.stride(4)};
+  return {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
+}
+
+struct Sizes {
+  int64_t B, A, N, H, D, Np;  // Np: N rounded up to 16 floats (rows of the transposed scratch)
+};
+
+Sizes sizes_of(const at::Tensor& q, bool temporal) {
+  Sizes z;
+  z.B = q.size(0);
+  z.A = temporal ? q.size(2) : q.size(1);
+  z.N = temporal ? q.size(1) : q.size(2);
+  z.H = q.size(3);
+  z.D = q.size(4);
+  z.Np = (z.N + 15) / 16 * 16;
+  return z;
+}
+
+// 16 fp32 lanes (one AVX-512 register; GCC splits it on narrower machines). Scratch rows are
+// padded to a multiple of 16 with zeros so every inner loop runs whole vectors.
+constexpr int64_t W = 16;
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+// float-typed unaligned access: unlike memcpy (a char access, which may alias anything) it lets
+// the compiler keep sizes and flags in registers across stores
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+inline v16 vload(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+inline void vstore(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
+inline v16 splat(float f) { return v16{} + f; }
+inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
+inline v16i lane_index(int64_t base) {
+  v16i idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return idx + static_cast<int32_t>(base);
+}
+
+// exp(x) on 16 lanes (std::exp is a scalar libm call): Cephes expf, 2^n * exp(r) with
+// |r| <= ln2/2 and a degree-5 polynomial, ~1 ulp; exp(0) == 1 exactly, so a one-key (first
+// causal) row is exact. With AVX-512 the rounding and the 2^n scaling are one instruction each
+// (vrndscaleps, vscalefps): the softmax's exps dominate long rows (S = 256: 64K per head).
+inline v16 vexp(v16 x) {
+  x = x < -88.0f ? splat(-88.0f) : x;  // -inf (masked lanes) -> ~6e-39; callers zero those lanes
+  x = x > 88.0f ? splat(88.0f) : x;
+#ifdef __AVX512F__
+  const v16 n = (v16)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT);
+#else
+  const v16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+#endif
+  const v16 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const v16 y = p * (r * r) + r + 1.0f;
+#ifdef __AVX512F__
+  return (v16)_mm512_scalef_ps((__m512)y, (__m512)n);
+#else
+  const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
+  return y * reinterpret_cast<const v16&>(bits);
+#endif
+}
+
+// In-register 16 x 16 transpose: four butterfly stages swapping the off-diagonal s x s blocks
+// (s = 8, 4, 2, 1), each one two-source permute per row pair.
+template <int s>
+inline void transpose_stage(v16* r) {
+  constexpr v16i lo = {0 & s ? 16 + 0 - s : 0,    1 & s ? 16 + 1 - s : 1,    2 & s ? 16 + 2 - s : 2,
+                       3 & s ? 16 + 3 - s : 3,    4 & s ? 16 + 4 - s : 4,    5 & s ? 16 + 5 - s : 5,
+                       6 & s ? 16 + 6 - s : 6,    7 & s ? 16 + 7 - s : 7,    8 & s ? 16 + 8 - s : 8,
+                       9 & s ? 16 + 9 - s : 9,    10 & s ? 16 + 10 - s : 10, 11 & s ? 16 + 11 - s : 11,
+                       12 & s ? 16 + 12 - s : 12, 13 & s ? 16 + 13 - s : 13, 14 & s ? 16 + 14 - s : 14,
+                       15 & s ? 16 + 15 - s : 15};
+  constexpr v16i hi = {0 & s ? 16 + 0 : 0 + s,    1 & s ? 16 + 1 : 1 + s,    2 & s ? 16 + 2 : 2 + s,
+                       3 & s ? 16 + 3 : 3 + s,    4 & s ? 16 + 4 : 4 + s,    5 & s ? 16 + 5 : 5 + s,
+                       6 & s ? 16 + 6 : 6 + s,    7 & s ? 16 + 7 : 7 + s,    8 & s ? 16 + 8 : 8 + s,
+                       9 & s ? 16 + 9 : 9 + s,    10 & s ? 16 + 10 : 10 + s, 11 & s ? 16 + 11 : 11 + s,
+                       12 & s ? 16 + 12 : 12 + s, 13 & s ? 16 + 13 : 13 + s, 14 & s ? 16 + 14 : 14 + s,
+                       15 & s ? 16 + 15 : 15 + s};
+  for (int i = 0; i < W; ++i) {
+    if (i & s) continue;
+    const v16 a = r[i], b = r[i + s];
+    r[i] = __builtin_shuffle(a, b, lo);
+    r[i + s] = __builtin_shuffle(a, b, hi);
+  }
+}
+inline void transpose16(v16* r) {
+  transpose_stage<8>(r);
+  transpose_stage<4>(r);
+  transpose_stage<2>(r);
+  transpose_stage<1>(r);
+}
+
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols (both multiples of 16)
+void transpose_tiles(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  v16 t[W];
+  for (int64_t r0 = 0; r0 < rows; r0 += W) {
+    for (int64_t c0 = 0; c0 < cols; c0 += W) {
+      for (int i = 0; i < W; ++i) t[i] = vload(src + (r0 + i) * lds + c0);
+      transpose16(t);
+      for (int i = 0; i < W; ++i) vstore(dst + (c0 + i) * ldd + r0, t[i]);
+    }
+  }
+}
+
+// S[i, :] = A[i, :D] . Bt[:D, :] for rows i < n_rows (a multiple of 4), four rows at a time so
+// each loaded vector of Bt feeds four independent FMA chains. upper: only the column chunks
+// from the block's own (S^T of a causal score matrix: key j sees queries i >= j).
+void rows_dot_cols(const float* A, int64_t lda, const float* Bt, int64_t Np, float* S, int64_t n_rows, int64_t D,
+                   bool upper) {
+  for (int64_t i0 = 0; i0 < n_rows; i0 += 4) {
+    const float* a0 = A + i0 * lda;
+    const float* a1 = a0 + lda;
+    const float* a2 = a1 + lda;
+    const float* a3 = a2 + lda;
+    int64_t c = upper ? i0 / W : 0;
+    // two column chunks at a time: 8 accumulators, 6 loads per 8 FMAs
+    for (; c + 2 <= Np / W; c += 2) {
+      v16 s0 = {}, s1 = {}, s2 = {}, s3 = {}, t0 = {}, t1 = {}, t2 = {}, t3 = {};
+      const float* bt = Bt + c * W;
+      for (int64_t d = 0; d < D; ++d) {
+        const v16 b = vload(bt + d * Np);
+        const v16 b2 = vload(bt + d * Np + W);
+        const float x0 = a0[d], x1 = a1[d], x2 = a2[d], x3 = a3[d];
+        s0 += x0 * b;
+        s1 += x1 * b;
+        s2 += x2 * b;
+        s3 += x3 * b;
+        t0 += x0 * b2;
+        t1 += x1 * b2;
+        t2 += x2 * b2;
+        t3 += x3 * b2;
+      }
+      float* out = S + i0 * Np + c * W;
+      vstore(out, s0);
+      vstore(out + W, t0);
+      vstore(out + Np, s1);
+      vstore(out + Np + W, t1);
+      vstore(out + 2 * Np, s2);
+      vstore(out + 2 * Np + W, t2);
+      vstore(out + 3 * Np, s3);
+      vstore(out + 3 * Np + W, t3);
+    }
+    for (; c < Np / W; ++c) {
+      v16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
+      const float* bt = Bt + c * W;
+      for (int64_t d = 0; d < D; ++d) {
+        const v16 b = vload(bt + d * Np);
+        s0 += a0[d] * b;
+        s1 += a1[d] * b;
+        s2 += a2[d] * b;
+        s3 += a3[d] * b;
+      }
+      vstore(S + i0 * Np + c * W, s0);
+      vstore(S + (i0 + 1) * Np + c * W, s1);
+      vstore(S + (i0 + 2) * Np + c * W, s2);
+      vstore(S + (i0 + 3) * Np + c * W, s3);
+    }
+  }
+}
+
+// O[i, :] = sum_j P(i, j) M[j, :] (M is Np x DC*16) for rows i < n_rows, four rows at a time.
+// COLUMN: P is stored transposed (P(i, j) = P[j * Np + i], the four rows' entries adjacent).
+// mode 0: j < N; mode 1 (causal P): j < min(i0 + 4, N); mode 2 (P^T of a causal P): i0 <= j < N.
+template <int DC, bool COLUMN>
+void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_t n_rows, int64_t N, int mode,
+                    const float* row_scale) {
+  constexpr int64_t Dp = DC * W;
+  // 8 rows per block for narrow heads (16 accumulators), 4 for wide ones (register budget);
+  // rows past n_rows (< Np, zero padded) are computed and ignored
+  constexpr int R = DC <= 2 ? 8 : 4;
+  for (int64_t i0 = 0; i0 < n_rows; i0 += R) {
+    const int64_t lo = mode == 2 ? i0 : 0;
+    const int64_t hi = mode == 1 ? std::min(i0 + R, N) : N;
+    v16 acc[R][DC] = {};
+    for (int64_t j = lo; j < hi; ++j) {
+      float p[R];
+      for (int r = 0; r < R; ++r) p[r] = COLUMN ? P[j * Np + i0 + r] : P[(i0 + r) * Np + j];
+      const float* m = M + j * Dp;
+      for (int dc = 0; dc < DC; ++dc) {
+        const v16 mv = vload(m + dc * W);
+        for (int r = 0; r < R; ++r) acc[r][dc] += p[r] * mv;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float f = row_scale != nullptr ? row_scale[i0 + r] : 1.0f;
+      for (int dc = 0; dc < DC; ++dc) vstore(O + (i0 + r) * Dp + dc * W, acc[r][dc] * f);
+    }
+  }
+}
+
+using RowsTimesMat = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, int, const float*);
+template <bool COLUMN>
+RowsTimesMat rows_times_mat_for(int64_t Dp) {
+  static const RowsTimesMat table[] = {rows_times_mat<1, COLUMN>, rows_times_mat<2, COLUMN>,
+                                       rows_times_mat<3, COLUMN>, rows_times_mat<4, COLUMN>,
+                                       rows_times_mat<5, COLUMN>, rows_times_mat<6, COLUMN>,
+                                       rows_times_mat<7, COLUMN>, rows_times_mat<8, COLUMN>};
+  return table[Dp / W - 1];
+}
+
+inline v16 bitcast_f(v16i x) { return reinterpret_cast<const v16&>(x); }
+inline v16i bitcast_i(v16 x) { return reinterpret_cast<const v16i&>(x); }
+
+// log(x) on 16 lanes, x > 0 normal (Cephes logf, ~1 ulp): the log-sum-exp of 16 queries at once.
+inline v16 vlog(v16 x) {
+  const v16i xi = bitcast_i(x);
+  v16i e = ((xi >> 23) & 0xff) - 126;
+  v16 m = bitcast_f((xi & 0x807fffff) | 0x3f000000);  // [0.5, 1)
+  const v16i small = m < 0.70710678118654752f;
+  e = small ? e - 1 : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const v16 z = m * m;
+  v16 y = splat(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const v16 fe = __builtin_convertvector(e, v16);
+  y += fe * -2.12194440e-4f;
+  y += z * -0.5f;
+  return m + y + fe * 0.693359375f;
+}
+
+struct Padded {
+  int64_t N4, Np, Dp;  // rows rounded to 4, keys to 16, head dim to 16
+};
+Padded padded(const Sizes& z) { return {(z.N + 3) / 4 * 4, z.Np, (z.D + W - 1) / W * W}; }
+
+// bias^T as fp32 (H, N keys, Np queries), zero padded: added to S^T 16 queries at a time
+at::Tensor padded_bias(const at::Tensor& bias, int64_t Np) {
+  const int64_t H = bias.size(0), N = bias.size(1);
+  at::Tensor out = at::zeros({H, N, Np}, bias.options().dtype(at::kFloat));
+  out.narrow(2, 0, N).copy_(bias.transpose(1, 2));
+  return out;
+}
+
+// A group of heads of one (b, a) item is staged as [head][row][Dp] fp32. Rows are copied in
+// address order (row, then head): for the common layouts (contiguous, packed qkv) that is one
+// H * Dh run per row, which the hardware prefetcher streams, instead of H scattered 2-line
+// reads per row (temporal rows lie S * H * Dh elements apart).
+template <typename T>
+void load_group(const T* base, const View& v, int64_t N, int64_t G, int64_t D, int64_t Np, int64_t Dp, float scale,
+                float* dst) {
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t h = 0; h < G; ++h) {
+      const T* row = base + n * v.sn + h * v.sh;
+      float* out = dst + (h * Np + n) * Dp;
+      if (std::is_same_v<T, float> && v.sd == 1 && D % W == 0) {
+        for (int64_t d = 0; d < D; d += W) vstore(out + d, vload(reinterpret_cast<const float*>(row) + d) * scale);
+      } else if (v.sd == 1) {
+        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(row[d]) * scale;
+      } else {
+        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(row[d * v.sd]) * scale;
+      }
+    }
+  }
+}
+
+template <typename T>
+void store_group(const float* src, int64_t N, int64_t G, int64_t D, int64_t Np, int64_t Dp, float scale, T* base,
+                 const View& v) {
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t h = 0; h < G; ++h) {
+      T* row = base + n * v.sn + h * v.sh;
+      const float* in = src + (h * Np + n) * Dp;
+      if (std::is_same_v<T, float> && v.sd == 1 && D % W == 0) {
+        for (int64_t d = 0; d < D; d += W) vstore(reinterpret_cast<float*>(row) + d, vload(in + d) * scale);
+      } else if (v.sd == 1) {
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(in[d] * scale);
+      } else {
+        for (int64_t d = 0; d < D; ++d) row[d * v.sd] = static_cast<T>(in[d] * scale);
+      }
+    }
+  }
+}
+
+// 64-byte aligned start inside a buffer allocated W floats longer: whole-line vector access
+float* aligned(float* p) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~static_cast<uintptr_t>(63));
+}
+
+// heads per group: the staged tensors of a group stay within ~budget floats (L2-sized)
+int64_t heads_per_group(int64_t H, int64_t per_head, int64_t budget) {
+  return std::max<int64_t>(1, std::min<int64_t>(H, budget / per_head));
+}
+
+template <typename T>
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* bias, at::Tensor& out,
+                    at::Tensor& lse, bool temporal, bool causal) {
+  const Sizes z = sizes_of(q, temporal);
+  const Padded pd = padded(z);
+  const View qv = view_of(q, temporal), kv = view_of(k, temporal), vv = view_of(v, temporal),
+             ov = view_of(out, temporal);
+  // lse is (B, T, S, H) contiguous
+  const int64_t l_sb = lse.stride(0), l_sa = temporal ? lse.stride(2) : lse.stride(1),
+                l_sn = temporal ? lse.stride(1) : lse.stride(2), l_sh = lse.stride(3);
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  float* lp = lse.mutable_data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
+  const int64_t N = z.N, D = z.D, Np = pd.Np, Dp = pd.Dp, N4 = pd.N4, H = z.H;
+  const int64_t per_head = Np * Dp;
+  const int64_t G = heads_per_group(H, per_head, 16384);
+  const RowsTimesMat pv = rows_times_mat_for<true>(Dp);
+  const int64_t n_chunks = (N + W - 1) / W;
+  at::parallel_for(0, z.B * z.A, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> ws(4 * G * per_head + per_head + Np * Np + Np + W, 0.0f);
+    float* Qg = aligned(ws.data());    // G x Np x Dp, pre-scaled by 1/sqrt(Dh)
+    float* Kg = Qg + G * per_head;     // G x Np x Dp
+    float* Vg = Kg + G * per_head;     // G x Np x Dp
+    float* Og = Vg + G * per_head;     // G x Np x Dp
+    float* Qt = Og + G * per_head;     // Dp x Np
+    float* Pt = Qt + per_head;         // Np x Np: scores, then probabilities, transposed [key][query]
+    float* rinv = Pt + Np * Np;        // Np: 1 / softmax denominators
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / z.A, a = item % z.A;
+      for (int64_t h0 = 0; h0 < H; h0 += G) {
+        const int64_t g = std::min(G, H - h0);
+        load_group(qp + b * qv.sb + a * qv.sa + h0 * qv.sh, qv, N, g, D, Np, Dp, scale, Qg);
+        load_group(kp + b * kv.sb + a * kv.sa + h0 * kv.sh, kv, N, g, D, Np, Dp, 1.0f, Kg);
+        load_group(vp + b * vv.sb + a * vv.sa + h0 * vv.sh, vv, N, g, D, Np, Dp, 1.0f, Vg);
+        for (int64_t hh = 0; hh < g; ++hh) {
+          const int64_t h = h0 + hh;
+          // S^T[j][i] = k_j . q_i: with keys as rows, a 16-lane vector holds 16 queries, so the
+          // softmax over keys is lane-wise (no horizontal max / sum per query)
+          transpose_tiles(Qg + hh * per_head, Dp, Qt, Np, Np, Dp);
+          rows_dot_cols(Kg + hh * per_head, Dp, Qt, Np, Pt, N4, D, causal);
+          float* lbase = lp + b * l_sb + a * l_sa + h * l_sh;
+          const float* bias_h = bias != nullptr ? bias + h * N * Np : nullptr;  // transposed [j][i]
+          for (int64_t c = 0; c < n_chunks; ++c) {
+            const int64_t jmax = causal ? std::min(N, (c + 1) * W) : N;
+            const v16i lanes = lane_index(c * W);
+            v16 m = splat(-std::numeric_limits<float>::infinity());
+            for (int64_t j = 0; j < jmax; ++j) {
+              float* col = Pt + j * Np + c * W;
+              v16 x = vload(col);
+              if (bias_h != nullptr) x += vload(bias_h + j * Np + c * W);
+              vstore(col, x);
+              if (causal) x = lanes >= static_cast<int32_t>(j) ? x : splat(-std::numeric_limits<float>::infinity());
+              m = vmax(m, x);
+            }
+            v16 l = {};
+            for (int64_t j = 0; j < jmax; ++j) {
+              float* col = Pt + j * Np + c * W;
+              v16 p = vexp(vload(col) - m);
+              // masked lanes: exp(-inf - m) is clamped to ~1e-38, so zero them exactly
+              if (causal) p = lanes >= static_cast<int32_t>(j) ? p : v16{};
+              vstore(col, p);
+              l += p;
+            }
+            vstore(rinv + c * W, 1.0f / l);  // P is normalised on O's rows, in the P V product
+            const v16 lse_c = m + vlog(l);
+            for (int64_t i = c * W; i < std::min(N, (c + 1) * W); ++i) lbase[i * l_sn] = lse_c[i - c * W];
+          }
+          pv(Pt, Np, Vg + hh * per_head, Og + hh * per_head, N4, N, causal ? 1 : 0, rinv);
+        }
+        store_group(Og, N, g, D, Np, Dp, 1.0f, op + b * ov.sb + a * ov.sa + h0 * ov.sh, ov);
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const float* bias, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                     float* dbias_acc, bool temporal, bool causal) {
+  const Sizes z = sizes_of(q, temporal);
+  const Padded pd = padded(z);
+  const View gv = view_of(grad_out, temporal), qv = view_of(q, temporal), kv = view_of(k, temporal),
+             vv = view_of(v, temporal), dqv = view_of(dq, temporal), dkv = view_of(dk, temporal),
+             dvv = view_of(dv, temporal);
+  const int64_t l_sb = lse.stride(0), l_sa = temporal ? lse.stride(2) : lse.stride(1),
+                l_sn = temporal ? lse.stride(1) : lse.stride(2), l_sh = lse.stride(3);
+  const T* gp = grad_out.const_data_ptr<T>();
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  const float* lp = lse.const_data_ptr<float>();
+  T* dqp = dq.mutable_data_ptr<T>();
+  T* dkp = dk.mutable_data_ptr<T>();
+  T* dvp = dv.mutable_data_ptr<T>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
+  const int64_t N = z.N, D = z.D, Np = pd.Np, Dp = pd.Dp, N4 = pd.N4, H = z.H;
+  const int64_t per_head = Np * Dp;
+  const int64_t G = heads_per_group(H, per_head, 8192);
+  const RowsTimesMat mm_col = rows_times_mat_for<true>(Dp);
+  const RowsTimesMat mm_row = rows_times_mat_for<false>(Dp);
+  const int64_t n_chunks = (N + W - 1) / W;
+  at::parallel_for(0, z.B * z.A, 1, [&](int64_t begin, int64_t end) {
+    // dbias^T (H x N x Np) is accumulated per thread (summed by the caller): no atomics
+    float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * H * N * Np : nullptr;
+    std::vector<float> ws(7 * G * per_head + 2 * per_head + 2 * Np * Np + W, 0.0f);
+    float* Qg = aligned(ws.data());           // pre-scaled: S = Q K^T and dK = dS^T Q
+    float* Kg = Qg + G * per_head;
+    float* Vg = Kg + G * per_head;
+    float* Gg = Vg + G * per_head;   // upstream gradient
+    float* dQg = Gg + G * per_head;
+    float* dKg = dQg + G * per_head;
+    float* dVg = dKg + G * per_head;
+    float* Qt = dVg + G * per_head;  // Dp x Np
+    float* Gt = Qt + per_head;       // Dp x Np
+    float* Pt = Gt + per_head;       // Np x Np, [key][query]
+    float* dSt = Pt + Np * Np;       // Np x Np, dP^T then dS^T
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / z.A, a = item % z.A;
+      for (int64_t h0 = 0; h0 < H; h0 += G) {
+        const int64_t g = std::min(G, H - h0);
+        load_group(qp + b * qv.sb + a * qv.sa + h0 * qv.sh, qv, N, g, D, Np, Dp, scale, Qg);
+        load_group(kp + b * kv.sb + a * kv.sa + h0 * kv.sh, kv, N, g, D, Np, Dp, 1.0f, Kg);
+        load_group(vp + b * vv.sb + a * vv.sa + h0 * vv.sh, vv, N, g, D, Np, Dp, 1.0f, Vg);
+        load_group(gp + b * gv.sb + a * gv.sa + h0 * gv.sh, gv, N, g, D, Np, Dp, 1.0f, Gg);
+        for (int64_t hh = 0; hh < g; ++hh) {
+          const int64_t h = h0 + hh;
+          const float* Q = Qg + hh * per_head;
+          const float* Gh = Gg + hh * per_head;
+          transpose_tiles(Q, Dp, Qt, Np, Np, Dp);
+          transpose_tiles(Gh, Dp, Gt, Np, Np, Dp);
+          rows_dot_cols(Kg + hh * per_head, Dp, Qt, Np, Pt, N4, D, causal);   // S^T
+          rows_dot_cols(Vg + hh * per_head, Dp, Gt, Np, dSt, N4, D, causal);  // dP^T = V dO^T
+          const float* lbase = lp + b * l_sb + a * l_sa + h * l_sh;
+          const float* bias_h = bias != nullptr ? bias + h * N * Np : nullptr;
+          float* dbias_h = dbias_t != nullptr ? dbias_t + h * N * Np : nullptr;
+          for (int64_t c = 0; c < n_chunks; ++c) {
+            const int64_t jmax = causal ? std::min(N, (c + 1) * W) : N;
+            const v16i lanes = lane_index(c * W);
+            v16 lse_c = {};
+            for (int64_t i = c * W; i < std::min(N, (c + 1) * W); ++i) lse_c[i - c * W] = lbase[i * l_sn];
+            v16 delta = {};
+            for (int64_t j = 0; j < jmax; ++j) {
+              float* col = Pt + j * Np + c * W;
+              v16 x = vload(col);
+              if (bias_h != nullptr) x += vload(bias_h + j * Np + c * W);
+              v16 p = vexp(x - lse_c);
+              if (causal) p = lanes >= static_cast<int32_t>(j) ? p : v16{};
+              p = lanes < static_cast<int32_t>(N) ? p : v16{};  // padded queries
+              vstore(col, p);
+              delta += p * vload(dSt + j * Np + c * W);
+            }
+            // delta_i = rowsum(P * dP) == dO_i . O_i, lane-wise
+            for (int64_t j = 0; j < jmax; ++j) {
+              float* dcol = dSt + j * Np + c * W;
+              const v16 ds = vload(Pt + j * Np + c * W) * (vload(dcol) - delta);
+              vstore(dcol, ds);
+              if (dbias_h != nullptr) vstore(dbias_h + j * Np + c * W, vload(dbias_h + j * Np + c * W) + ds);
+            }
+          }
+          mm_col(dSt, Np, Kg + hh * per_head, dQg + hh * per_head, N4, N, causal ? 1 : 0, nullptr);  // dQ = dS K
+          mm_row(Pt, Np, Gh, dVg + hh * per_head, N4, N, causal ? 2 : 0, nullptr);   // dV = P^T dO
+          mm_row(dSt, Np, Q, dKg + hh * per_head, N4, N, causal ? 2 : 0, nullptr);   // dK = dS^T Q
+        }
+        store_group(dQg, N, g, D, Np, Dp, scale, dqp + b * dqv.sb + a * dqv.sa + h0 * dqv.sh, dqv);
+        store_group(dKg, N, g, D, Np, Dp, 1.0f, dkp + b * dkv.sb + a * dkv.sa + h0 * dkv.sh, dkv);
+        store_group(dVg, N, g, D, Np, Dp, 1.0f, dvp + b * dvv.sb + a * dvv.sa + h0 * dvv.sh, dvv);
+      }
+    }
+  });
+}
+
+const char* op_name(bool temporal) { return temporal ? "temporal_attention" : "spatial_attention"; }
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
+                  bool temporal) {
+  const char* name = op_name(temporal);
+  TORCH_CHECK_VALUE(q.dim() == 5, name, ": q must be 5-D (B, T, S, H, Dh), got ", q.dim(), "-D");
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes() && v.sizes() == q.sizes(), name,
+                    ": q, k and v must have the same shape, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                   name, ": the cpp backend takes float32/float16/bfloat16, got ", q.scalar_type());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), name,
+                   ": q, k and v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+                   v.scalar_type());
+  TORCH_CHECK_VALUE(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), name,
+                    ": the cpp backend needs CPU tensors");
+  TORCH_CHECK_VALUE(q.size(4) <= 128, name, ": head dim Dh = ", q.size(4),
+                    " > 128 is not supported by the cpp kernel (use backend='reference')");
+  if (bias.has_value()) {
+    const int64_t N = temporal ? q.size(1) : q.size(2);
+    TORCH_CHECK_VALUE(bias->dim() == 3 && bias->size(0) == q.size(3) && bias->size(1) == N && bias->size(2) == N, name,
+                      ": bias must have shape (H, N, N) = (", q.size(3), ", ", N, ", ", N, "), got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->device().is_cpu(), name, ": bias must be a CPU tensor");
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const std::optional<at::Tensor>& bias, bool temporal,
+                                                     bool causal) {
+  check_inputs(q, k, v, bias, temporal);
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+  at::Tensor bias32;
+  if (bias.has_value()) bias32 = padded_bias(*bias, (bias->size(1) + W - 1) / W * W);
+  const float* bp = bias.has_value() ? bias32.const_data_ptr<float>() : nullptr;
+  switch (q.scalar_type()) {
+    case at::kFloat: forward_kernel<float>(q, k, v, bp, out, lse, temporal, causal); break;
+    case at::kHalf: forward_kernel<c10::Half>(q, k, v, bp, out, lse, temporal, causal); break;
+    default: forward_kernel<c10::BFloat16>(q, k, v, bp, out, lse, temporal, causal); break;
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpp(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& lse, bool temporal, bool causal,
+    bool bias_grad, bool packed_grad) {
+  (void)out;  // delta = rowsum(P * dP) is recomputed from P, which the backward rebuilds anyway
+  check_inputs(q, k, v, bias, temporal);
+  const char* name = op_name(temporal);
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(), name,
+                    ": grad_out must match q in shape and dtype");
+  TORCH_CHECK_VALUE(lse.dim() == 4 && lse.scalar_type() == at::kFloat, name, ": lse must be float32 (B, T, S, H)");
+  TORCH_CHECK_VALUE(!bias_grad || bias.has_value(), name, ": bias_grad needs a bias");
+  auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dq, dk, dv, packed;
+  if (packed_grad) {
+    // one (B, T, S, 3, H, Dh) gradient for a packed qkv: written in place of the stack copy
+    // autograd would otherwise make of three separate gradients
+    packed = at::empty({q.size(0), q.size(1), q.size(2), 3, q.size(3), q.size(4)}, opts);
+    dq = packed.select(3, 0), dk = packed.select(3, 1), dv = packed.select(3, 2);
+  } else {
+    dq = at::empty(q.sizes(), opts), dk = at::empty(q.sizes(), opts), dv = at::empty(q.sizes(), opts);
+  }
+  const int64_t H = q.size(3), N = temporal ? q.size(1) : q.size(2);
+  at::Tensor dbias = at::empty({0}, q.options());
+  at::Tensor acc;
+  const int64_t Np = (N + W - 1) / W * W;
+  if (bias_grad) acc = at::zeros({at::get_num_threads(), H, N, Np}, q.options().dtype(at::kFloat));
+  if (q.numel() > 0) {
+    at::Tensor bias32;
+    if (bias.has_value()) bias32 = padded_bias(*bias, (bias->size(1) + W - 1) / W * W);
+    const float* bp = bias.has_value() ? bias32.const_data_ptr<float>() : nullptr;
+    float* ap = bias_grad ? acc.mutable_data_ptr<float>() : nullptr;
+    switch (q.scalar_type()) {
+      case at::kFloat: backward_kernel<float>(grad_out, q, k, v, bp, lse, dq, dk, dv, ap, temporal, causal); break;
+      case at::kHalf: backward_kernel<c10::Half>(grad_out, q, k, v, bp, lse, dq, dk, dv, ap, temporal, causal); break;
+      default: backward_kernel<c10::BFloat16>(grad_out, q, k, v, bp, lse, dq, dk, dv, ap, temporal, causal); break;
+    }
+  }
+  if (bias_grad) dbias = acc.sum(0).narrow(2, 0, N).transpose(1, 2).to(bias->scalar_type()).contiguous();
+  if (packed_grad) return {packed, at::empty({0}, q.options()), at::empty({0}, q.options()), dbias};
+  return {dq, dk, dv, dbias};
+}
+
+}  // namespace pvkernels

@@ -1,0 +1,541 @@
+"""Factorised spatio-temporal attention on (B, T, S, H, Dh) tokens, read and written in place.
+
+Replaces "permute to a batch of sequences, SDPA, permute back" for spatial attention (over the
+S tokens of a frame, per (b, t, h)) and temporal attention (over the T frames of a position,
+per (b, s, h), causal by default). One kernel family serves both: the tensor is seen as
+(b, a, n, h, d) with n the attended axis, so any strides work (q, k, v may be views of one
+packed (B, T, S, 3, H, Dh) projection). Additive bias (H, N, N) with its gradient; fp32
+softmax; forward saves only the log-sum-exp, backward recomputes P. Limits: Dh <= 128 on the
+cpp/triton kernels (backend="auto" falls back to the reference beyond); the cpp backward keeps
+a per-thread (H, N, N) fp32 accumulator when the bias needs a gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .._backend import resolve_backend, triton_interpret
+from .rng import triton
+
+MAX_HEAD_DIM = 128
+
+
+# 1. reference -------------------------------------------------------------------------------
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                        temporal: bool, causal: bool) -> torch.Tensor:
+    """Plain PyTorch oracle: permute into a batch of sequences, SDPA, permute back.
+
+    Memory traffic: reads q, k, v and writes o, plus a permuted copy of each of the four (the
+    copies are what the fused kernels avoid). Differentiable through autograd (bias included).
+    """
+    B, T, S, H, D = q.shape
+    perm = (0, 2, 3, 1, 4) if temporal else (0, 1, 3, 2, 4)  # -> (B, A, H, N, D)
+    N = T if temporal else S
+    qq, kk, vv = (x.permute(perm).reshape(-1, H, N, D) for x in (q, k, v))
+    mask = None
+    if bias is not None:
+        mask = bias.to(q.dtype)
+        if causal:
+            future = torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1)
+            mask = mask.masked_fill(future, float("-inf"))
+    o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=causal and bias is None)
+    o = o.reshape(B, q.shape[2] if temporal else T, H, N, D)
+    inverse = (0, 3, 1, 2, 4) if temporal else (0, 1, 3, 2, 4)
+    return o.permute(inverse).contiguous()
+
+
+def attention_math(q, k, v, bias, temporal, causal):
+    """Explicit softmax(q k^T / sqrt(Dh) + bias) v in the dtype of q (the fp64 test oracle)."""
+    eq = "btihd,btjhd->bthij" if not temporal else "bishd,bjshd->bshij"
+    scores = torch.einsum(eq, q, k) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    if causal:
+        N = scores.shape[-1]
+        scores = scores.masked_fill(torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    out = "bthij,btjhd->btihd" if not temporal else "bshij,bjshd->bishd"
+    return torch.einsum(out, p, v)
+
+
+# 2. triton kernels --------------------------------------------------------------------------
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _attention_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr,
+        q_stride_b, q_stride_a, q_stride_n, q_stride_h, q_stride_d,
+        k_stride_b, k_stride_a, k_stride_n, k_stride_h, k_stride_d,
+        v_stride_b, v_stride_a, v_stride_n, v_stride_h, v_stride_d,
+        o_stride_b, o_stride_a, o_stride_n, o_stride_h, o_stride_d,
+        lse_stride_b, lse_stride_a, lse_stride_n, lse_stride_h,
+        bias_stride_h, bias_stride_m, bias_stride_n,
+        n_other, n_seq, n_heads, head_dim, scale,
+        CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One (b, a, h) sequence x BLOCK_M queries; online softmax over BLOCK_N key blocks."""
+        row = tl.program_id(0)
+        start_m = tl.program_id(1) * BLOCK_M
+        # int64 offsets: B * T * S * H * Dh passes 2**31 in real runs
+        h = (row % n_heads).to(tl.int64)
+        ba = row // n_heads
+        a = (ba % n_other).to(tl.int64)
+        b = (ba // n_other).to(tl.int64)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < n_seq
+        mask_d = offs_d < head_dim
+        q = tl.load(q_ptr + b * q_stride_b + a * q_stride_a + h * q_stride_h + offs_m[:, None].to(tl.int64) * q_stride_n
+                    + offs_d[None, :] * q_stride_d, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        k_base = k_ptr + b * k_stride_b + a * k_stride_a + h * k_stride_h
+        v_base = v_ptr + b * v_stride_b + a * v_stride_a + h * v_stride_h
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        end_n = n_seq
+        if CAUSAL:
+            end_n = tl.minimum(n_seq, start_m + BLOCK_M)
+        for start_n in range(0, end_n, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < n_seq
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * k_stride_n + offs_d[None, :] * k_stride_d,
+                        mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * v_stride_n + offs_d[None, :] * v_stride_d,
+                        mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            if HAS_BIAS:
+                s += tl.load(bias_ptr + h * bias_stride_h + offs_m[:, None] * bias_stride_m
+                             + offs_n[None, :] * bias_stride_n, mask=mask_m[:, None] & mask_n[None, :],
+                             other=0.0).to(tl.float32)
+            valid = mask_n[None, :] & (offs_m[:, None] >= 0)
+            if CAUSAL:
+                # padded query rows (offs_m >= n_seq) still see key 0: no all -inf row, no NaN
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        tl.store(o_ptr + b * o_stride_b + a * o_stride_a + h * o_stride_h + offs_m[:, None].to(tl.int64) * o_stride_n
+                 + offs_d[None, :] * o_stride_d, acc.to(o_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_d[None, :])
+        tl.store(lse_ptr + b * lse_stride_b + a * lse_stride_a + h * lse_stride_h + offs_m.to(tl.int64) * lse_stride_n,
+                 m_i + tl.log(l_i), mask=mask_m)
+
+    @triton.jit
+    def _attention_bwd_kernel(
+        do_ptr, q_ptr, k_ptr, v_ptr, bias_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, dbias_ptr,
+        do_stride_b, do_stride_a, do_stride_n, do_stride_h, do_stride_d,
+        q_stride_b, q_stride_a, q_stride_n, q_stride_h, q_stride_d,
+        k_stride_b, k_stride_a, k_stride_n, k_stride_h, k_stride_d,
+        v_stride_b, v_stride_a, v_stride_n, v_stride_h, v_stride_d,
+        g_stride_b, g_stride_a, g_stride_n, g_stride_h, g_stride_d,
+        lse_stride_b, lse_stride_a, lse_stride_n, lse_stride_h,
+        bias_stride_h, bias_stride_m, bias_stride_n,
+        n_other, n_seq, n_heads, head_dim, scale,
+        CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, MODE: tl.constexpr,
+        UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """MODE 0: one key block, loop over query blocks -> dK, dV. MODE 1: one query block, loop
+        over key blocks -> dQ (and dbias, atomically summed over (b, a)). MODE 2: like 1 but only
+        delta = rowsum(P * dP) (fp16/bf16: dO . O would read the rounded O). P is recomputed from
+        lse. dq/dk/dv are contiguous outputs sharing the g_stride_* strides."""
+        row = tl.program_id(0)
+        start = tl.program_id(1) * BLOCK_M  # BLOCK_M == BLOCK_N
+        h = (row % n_heads).to(tl.int64)
+        ba = row // n_heads
+        a = (ba % n_other).to(tl.int64)
+        b = (ba // n_other).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < head_dim
+        q_base = q_ptr + b * q_stride_b + a * q_stride_a + h * q_stride_h
+        k_base = k_ptr + b * k_stride_b + a * k_stride_a + h * k_stride_h
+        v_base = v_ptr + b * v_stride_b + a * v_stride_a + h * v_stride_h
+        do_base = do_ptr + b * do_stride_b + a * do_stride_a + h * do_stride_h
+        lse_base = lse_ptr + b * lse_stride_b + a * lse_stride_a + h * lse_stride_h
+        delta_base = delta_ptr + b * lse_stride_b + a * lse_stride_a + h * lse_stride_h
+        g_base = b * g_stride_b + a * g_stride_a + h * g_stride_h
+        if MODE == 0:
+            offs_n = start + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < n_seq
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * k_stride_n + offs_d[None, :] * k_stride_d,
+                        mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * v_stride_n + offs_d[None, :] * v_stride_d,
+                        mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            lo = 0
+            if CAUSAL:
+                lo = start
+            for start_m in range(lo, n_seq, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                mask_m = offs_m < n_seq
+                qd_mask = mask_m[:, None] & mask_d[None, :]
+                q = tl.load(q_base + offs_m[:, None].to(tl.int64) * q_stride_n + offs_d[None, :] * q_stride_d,
+                            mask=qd_mask, other=0.0)
+                do = tl.load(do_base + offs_m[:, None].to(tl.int64) * do_stride_n + offs_d[None, :] * do_stride_d,
+                             mask=qd_mask, other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                lse = tl.load(lse_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
+                delta = tl.load(delta_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+                if HAS_BIAS:
+                    s += tl.load(bias_ptr + h * bias_stride_h + offs_m[:, None] * bias_stride_m
+                                 + offs_n[None, :] * bias_stride_n, mask=mask_m[:, None] & mask_n[None, :],
+                                 other=0.0).to(tl.float32)
+                valid = mask_m[:, None] & mask_n[None, :]
+                if CAUSAL:
+                    valid = valid & (offs_n[None, :] <= offs_m[:, None])
+                p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+            out_off = g_base + offs_n[:, None].to(tl.int64) * g_stride_n + offs_d[None, :] * g_stride_d
+            tl.store(dk_ptr + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+            tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+        else:
+            offs_m = start + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < n_seq
+            qd_mask = mask_m[:, None] & mask_d[None, :]
+            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * q_stride_n + offs_d[None, :] * q_stride_d,
+                        mask=qd_mask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None].to(tl.int64) * do_stride_n + offs_d[None, :] * do_stride_d,
+                         mask=qd_mask, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(lse_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
+            delta = tl.zeros([BLOCK_M], tl.float32)
+            if MODE == 1:
+                delta = tl.load(delta_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
+            dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            end_n = n_seq
+            if CAUSAL:
+                end_n = tl.minimum(n_seq, start + BLOCK_M)
+            for start_n in range(0, end_n, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < n_seq
+                kv_mask = mask_n[:, None] & mask_d[None, :]
+                k = tl.load(k_base + offs_n[:, None].to(tl.int64) * k_stride_n + offs_d[None, :] * k_stride_d,
+                            mask=kv_mask, other=0.0)
+                v = tl.load(v_base + offs_n[:, None].to(tl.int64) * v_stride_n + offs_d[None, :] * v_stride_d,
+                            mask=kv_mask, other=0.0)
+                if UPCAST:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+                if HAS_BIAS:
+                    s += tl.load(bias_ptr + h * bias_stride_h + offs_m[:, None] * bias_stride_m
+                                 + offs_n[None, :] * bias_stride_n, mask=mask_m[:, None] & mask_n[None, :],
+                                 other=0.0).to(tl.float32)
+                valid = mask_m[:, None] & mask_n[None, :]
+                if CAUSAL:
+                    valid = valid & (offs_n[None, :] <= offs_m[:, None])
+                p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+                if MODE == 2:
+                    delta += tl.sum(p * dp, 1)
+                else:
+                    ds = p * (dp - delta[:, None])
+                    dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+                    if BIAS_GRAD:
+                        tl.atomic_add(dbias_ptr + h * n_seq * n_seq + offs_m[:, None] * n_seq + offs_n[None, :], ds,
+                                      mask=mask_m[:, None] & mask_n[None, :])
+            if MODE == 2:
+                tl.store(delta_base + offs_m.to(tl.int64) * lse_stride_n, delta, mask=mask_m)
+            else:
+                out_off = g_base + offs_m[:, None].to(tl.int64) * g_stride_n + offs_d[None, :] * g_stride_d
+                tl.store(dq_ptr + out_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
+
+
+# 3. launchers -------------------------------------------------------------------------------
+
+def _view(x: torch.Tensor, temporal: bool) -> tuple:
+    """Strides in (b, a, n, h, d) order: n is the attended axis."""
+    s = x.stride()
+    return (s[0], s[2], s[1]) + tuple(s[3:]) if temporal else tuple(s)
+
+
+def _blocks(N: int, D: int) -> tuple:
+    # temporal (N <= 64): the whole N x N tile in one block; longer sequences stream 64-key blocks
+    block = max(16, triton.next_power_of_2(N)) if N <= 64 else (64 if D <= 64 else 32)
+    return block, max(16, triton.next_power_of_2(D))
+
+
+def _bias_args(bias):
+    return (bias, *bias.stride()) if bias is not None else (None, 0, 0, 0)
+
+
+def _attention_fwd_triton_impl(q, k, v, bias, temporal, causal):
+    B, T, S, H, D = q.shape
+    out = torch.empty((B, T, S, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, T, S, H), dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
+        return out, lse
+    N, A = (T, S) if temporal else (S, T)
+    BLOCK, BLOCK_D = _blocks(N, D)
+    bias_ptr, *bias_strides = _bias_args(bias)
+    grid = (B * A * H, triton.cdiv(N, BLOCK))
+    _attention_fwd_kernel[grid](
+        q, k, v, bias_ptr if bias is not None else q, out, lse,
+        *_view(q, temporal), *_view(k, temporal), *_view(v, temporal), *_view(out, temporal), *_view(lse, temporal),
+        *bias_strides, A, N, H, D, 1.0 / math.sqrt(D),
+        CAUSAL=causal, HAS_BIAS=bias is not None, UPCAST=triton_interpret(),
+        BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=BLOCK_D)
+    return out, lse
+
+
+def _attention_bwd_triton_impl(grad_out, q, k, v, bias, out, lse, temporal, causal, bias_grad, packed_grad):
+    B, T, S, H, D = q.shape
+    if packed_grad:  # one (B, T, S, 3, H, Dh) gradient for a packed qkv, written in place
+        packed = torch.empty((B, T, S, 3, H, D), dtype=q.dtype, device=q.device)
+        dq, dk, dv = packed.unbind(3)
+    else:
+        dq, dk, dv = (torch.empty((B, T, S, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    N, A = (T, S) if temporal else (S, T)
+    dbias = (torch.zeros((H, N, N), dtype=torch.float32, device=q.device) if bias_grad
+             else torch.empty(0, dtype=q.dtype, device=q.device))
+    if q.numel() > 0:
+        BLOCK, BLOCK_D = _blocks(N, D)
+        bias_ptr, *bias_strides = _bias_args(bias)
+        # delta = rowsum(P * dP) = dO . O: read from O in fp32, recomputed from P in fp16/bf16
+        if q.dtype == torch.float32:
+            delta, modes = (grad_out * out).sum(-1).contiguous(), (0, 1)
+        else:
+            delta, modes = torch.empty_like(lse), (2, 0, 1)
+        for mode in modes:
+            _attention_bwd_kernel[(B * A * H, triton.cdiv(N, BLOCK))](
+                grad_out, q, k, v, bias_ptr if bias is not None else q, lse, delta, dq, dk, dv,
+                dbias if bias_grad else q,
+                *_view(grad_out, temporal), *_view(q, temporal), *_view(k, temporal), *_view(v, temporal),
+                *_view(dq, temporal), *_view(lse, temporal), *bias_strides, A, N, H, D, 1.0 / math.sqrt(D),
+                CAUSAL=causal, HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, MODE=mode,
+                UPCAST=triton_interpret(), BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=BLOCK_D)
+    if bias_grad:
+        dbias = dbias.to(bias.dtype)
+    if packed_grad:
+        return packed, q.new_empty((0,)), q.new_empty((0,)), dbias
+    return dq, dk, dv, dbias
+
+
+def _attention_fwd_fake(q, k, v, bias, temporal, causal):
+    B, T, S, H, D = q.shape
+    return q.new_empty((B, T, S, H, D)), q.new_empty((B, T, S, H), dtype=torch.float32)
+
+
+def _attention_bwd_fake(grad_out, q, k, v, bias, out, lse, temporal, causal, bias_grad, packed_grad):
+    B, T, S, H, D = q.shape
+    N = T if temporal else S
+    dbias = bias.new_empty((H, N, N)) if bias_grad else q.new_empty((0,))
+    if packed_grad:
+        return q.new_empty((B, T, S, 3, H, D)), q.new_empty((0,)), q.new_empty((0,)), dbias
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias
+
+
+# as in csrc/registration.cpp
+_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor? bias, bool temporal, bool causal) -> (Tensor, Tensor)"
+_BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor out, Tensor lse, "
+               "bool temporal, bool causal, bool bias_grad, bool packed_grad) -> (Tensor, Tensor, Tensor, Tensor)")
+if triton is not None:
+    _attention_fwd_triton = torch.library.custom_op("pvkernels::attention_fwd_triton", _attention_fwd_triton_impl,
+                                                    mutates_args=(), schema=_FWD_SCHEMA)
+    _attention_fwd_triton.register_fake(_attention_fwd_fake)
+    _attention_bwd_triton = torch.library.custom_op("pvkernels::attention_bwd_triton", _attention_bwd_triton_impl,
+                                                    mutates_args=(), schema=_BWD_SCHEMA)
+    _attention_bwd_triton.register_fake(_attention_bwd_fake)
+
+
+# 4. C++ ------------------------------------------------------------------------------------
+# torch.ops.pvkernels_cpp.attention_fwd / attention_bwd (csrc/attention.cpp); their fake kernels
+# are registered by pvkernels/__init__.py once the extension is loaded.
+
+def _ops(backend: str):
+    if backend == "cpp":
+        return torch.ops.pvkernels_cpp.attention_fwd, torch.ops.pvkernels_cpp.attention_bwd
+    return _attention_fwd_triton, _attention_bwd_triton
+
+
+# 5. autograd ------------------------------------------------------------------------------
+
+class AttentionFunction(torch.autograd.Function):
+    """Forward saves q, k, v, out and the fp32 log-sum-exp; backward recomputes P."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, temporal: bool, causal: bool, backend: str):
+        fwd, _ = _ops(backend)
+        out, lse = fwd(q, k, v, bias, temporal, causal)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.temporal, ctx.causal, ctx.backend = temporal, causal, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        _, bwd = _ops(ctx.backend)
+        dq, dk, dv, dbias = bwd(grad_out, q, k, v, bias, out, lse, ctx.temporal, ctx.causal, bias_grad, False)
+        return dq, dk, dv, (dbias if bias_grad else None), None, None, None
+
+
+class PackedAttentionFunction(torch.autograd.Function):
+    """As AttentionFunction on the q, k, v views of one packed (B, T, S, 3, H, Dh) qkv: its
+    gradient is written as one packed tensor (no stack copy of three gradients)."""
+
+    @staticmethod
+    def forward(ctx, qkv, bias, temporal: bool, causal: bool, backend: str):
+        fwd, _ = _ops(backend)
+        q, k, v = qkv.unbind(3)
+        out, lse = fwd(q, k, v, bias, temporal, causal)
+        ctx.save_for_backward(qkv, bias, out, lse)
+        ctx.temporal, ctx.causal, ctx.backend = temporal, causal, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, bias, out, lse = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[1]
+        _, bwd = _ops(ctx.backend)
+        q, k, v = qkv.unbind(3)
+        dqkv, _, _, dbias = bwd(grad_out, q, k, v, bias, out, lse, ctx.temporal, ctx.causal, bias_grad, True)
+        return dqkv, (dbias if bias_grad else None), None, None, None
+
+
+# 6. public functions ------------------------------------------------------------------------
+
+def _check(name: str, q, k, v, bias, temporal: bool) -> None:
+    for label, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: {label} must be a torch.Tensor, got {type(x).__name__}")
+    if q.dim() != 5:
+        raise ValueError(f"{name}: q must be 5-D (B, T, S, H, Dh), got {q.dim()}-D with shape {tuple(q.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"{name}: q, k and v must have the same shape (B, T, S, H, Dh), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"{name}: q must be float32, float16 or bfloat16, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{name}: q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"{name}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if bias is not None:
+        _, T, S, H, _ = q.shape
+        N = T if temporal else S
+        axis = "T" if temporal else "S"
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{name}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (H, N, N):
+            raise ValueError(f"{name}: bias must have shape (H, {axis}, {axis}) = {(H, N, N)}, got {tuple(bias.shape)}")
+        if not bias.is_floating_point():
+            raise TypeError(f"{name}: bias must be floating point, got {bias.dtype}")
+        if bias.device != q.device:
+            raise ValueError(f"{name}: bias is on {bias.device} but q is on {q.device}")
+
+
+def _attention(name, q, k, v, bias, temporal, causal, backend):
+    _check(name, q, k, v, bias, temporal)
+    D = q.shape[-1]
+    if backend == "auto" and D > MAX_HEAD_DIM:
+        chosen = "reference"  # documented fallback: the fused kernels keep a Dh <= 128 row on chip
+    else:
+        chosen = resolve_backend(name, backend, q.device, q.dtype)
+    if chosen != "reference" and D > MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head dim Dh = {D} > {MAX_HEAD_DIM} is not supported by the {chosen} kernels; "
+                         "use backend='reference' (backend='auto' does so)")
+    if chosen == "reference":
+        return attention_reference(q, k, v, bias, temporal, causal)
+    return AttentionFunction.apply(q, k, v, bias, temporal, causal, chosen)
+
+
+def packed_attention(qkv: torch.Tensor, temporal: bool, causal: bool = False, bias: Optional[torch.Tensor] = None,
+                     backend: str = "auto") -> torch.Tensor:
+    """Spatial (temporal=False) or temporal attention of a packed (B, T, S, 3, H, Dh) qkv.
+
+    Same result as ``spatial_attention(*qkv.unbind(3))`` / ``temporal_attention(...)``; on the
+    fused backends the gradient of qkv is produced packed, saving a copy (used by the modules).
+    """
+    name = "temporal_attention" if temporal else "spatial_attention"
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 6 or qkv.shape[3] != 3:
+        raise ValueError(f"{name}: qkv must be a (B, T, S, 3, H, Dh) tensor, got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    q, k, v = qkv.unbind(3)
+    _check(name, q, k, v, bias, temporal)
+    D = q.shape[-1]
+    chosen = "reference" if backend == "auto" and D > MAX_HEAD_DIM else resolve_backend(name, backend, q.device,
+                                                                                      q.dtype)
+    if chosen != "reference" and D > MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head dim Dh = {D} > {MAX_HEAD_DIM} is not supported by the {chosen} kernels; "
+                         "use backend='reference' (backend='auto' does so)")
+    if chosen == "reference":
+        return attention_reference(q, k, v, bias, temporal, causal)
+    return PackedAttentionFunction.apply(qkv, bias, temporal, causal, chosen)
+
+
+def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                      backend: str = "auto") -> torch.Tensor:
+    """Attention over the S tokens of each frame, for every (b, t, h), reading the layout in place.
+
+    ``o = softmax(q k^T / sqrt(Dh) + bias) v`` with an fp32 softmax; differentiable in q, k, v
+    and bias.
+
+    Args:
+        q, k, v: (B, T, S, H, Dh), any strides (e.g. ``qkv.unbind(3)`` of a packed
+            (B, T, S, 3, H, Dh) projection); fp32/fp16/bf16 (fp64 on the reference backend).
+        bias: optional additive (H, S, S) bias (relative position), with gradient if it requires one.
+        backend: "auto", "triton", "cpp" or "reference" (env ``PVKERNELS_BACKEND`` overrides auto).
+
+    Returns:
+        o: (B, T, S, H, Dh), contiguous, dtype of q.
+
+    Example:
+        >>> qkv = torch.randn(2, 8, 64, 3, 4, 32)  # (B, T, S, 3, H, Dh)
+        >>> o = pvkernels.spatial_attention(*qkv.unbind(3))
+    """
+    return _attention("spatial_attention", q, k, v, bias, False, False, backend)
+
+
+def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                       bias: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+    """Attention over the T frames at each spatial position, for every (b, s, h), in place.
+
+    ``o = softmax(q k^T / sqrt(Dh) + bias + mask) v`` with an fp32 softmax, ``mask`` hiding
+    frames after the query's when ``causal``; differentiable in q, k, v and bias.
+
+    Args:
+        q, k, v: (B, T, S, H, Dh), any strides; fp32/fp16/bf16 (fp64 on the reference backend).
+        causal: frame t attends to frames <= t only.
+        bias: optional additive (H, T, T) bias (T5 relative position, ALiBi).
+        backend: "auto", "triton", "cpp" or "reference" (env ``PVKERNELS_BACKEND`` overrides auto).
+
+    Returns:
+        o: (B, T, S, H, Dh), contiguous, dtype of q.
+
+    Example:
+        >>> qkv = torch.randn(2, 8, 64, 3, 4, 32)
+        >>> o = pvkernels.temporal_attention(*qkv.unbind(3), causal=True)
+    """
+    if not isinstance(causal, bool):
+        raise TypeError(f"temporal_attention: causal must be a bool, got {type(causal).__name__}")
+    return _attention("temporal_attention", q, k, v, bias, True, causal, backend)

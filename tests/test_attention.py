@@ -1,0 +1,382 @@
+"""spatial_attention / temporal_attention: every backend against the fp64 oracle, forward and
+backward, causality, bias gradients, strided views, odd shapes, big batches, modules, compile."""
+import pytest
+import torch
+
+import pvkernels
+from pvkernels.ops.attention import attention_math
+
+from .utils import assert_close
+
+BACKENDS = ["reference", "cpp", "triton"]
+KINDS = ["spatial", "temporal_causal", "temporal_full"]
+
+
+def dev(backend):
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def attend(kind, q, k, v, bias=None, backend="auto"):
+    if kind == "spatial":
+        return pvkernels.spatial_attention(q, k, v, bias=bias, backend=backend)
+    return pvkernels.temporal_attention(q, k, v, causal=kind == "temporal_causal", bias=bias, backend=backend)
+
+
+def oracle(kind, q, k, v, bias=None):
+    """fp64 softmax(q k^T / sqrt(Dh) + bias) v on the CPU."""
+    d = lambda x: None if x is None else x.detach().double().cpu().requires_grad_(x.requires_grad)  # noqa: E731
+    return attention_math(d(q), d(k), d(v), d(bias), kind != "spatial", kind == "temporal_causal")
+
+
+def packed(B, T, S, H, D, device, dtype=torch.float32):
+    """q, k, v as the strided views of one (B, T, S, 3, H, Dh) projection, plus the leaf."""
+    qkv = torch.randn(B, T, S, 3, H, D, device=device, dtype=dtype, requires_grad=True)
+    return qkv, qkv.unbind(3)
+
+
+def check_forward_backward(kind, backend, shape, with_bias, dtype=torch.float32):
+    B, T, S, H, D = shape
+    device = dev(backend)
+    qkv, (q, k, v) = packed(B, T, S, H, D, device, dtype)
+    N = S if kind == "spatial" else T
+    bias = torch.randn(H, N, N, device=device, dtype=dtype, requires_grad=True) if with_bias else None
+    out = attend(kind, q, k, v, bias, backend)
+    assert out.shape == (B, T, S, H, D) and out.dtype == dtype and out.is_contiguous()
+    grad = torch.randn_like(out)
+    leaves = [qkv] + ([bias] if with_bias else [])
+    got = torch.autograd.grad(out, leaves, grad)
+
+    qkv64 = qkv.detach().double().cpu().requires_grad_()
+    bias64 = bias.detach().double().cpu().requires_grad_() if with_bias else None
+    expected = attention_math(*qkv64.unbind(3), bias64, kind != "spatial", kind == "temporal_causal")
+    want = torch.autograd.grad(expected, [qkv64] + ([bias64] if with_bias else []), grad.double().cpu())
+    name = f"{backend}/{kind}/{shape}/bias={with_bias}"
+    assert_close(out, expected, dtype, name=name + " out")
+    assert_close(got[0], want[0], dtype, name=name + " dqkv")
+    if with_bias:
+        # dbias sums over B * A sequences: compare relative to its scale
+        scale = want[1].abs().max().item()
+        assert_close(got[1], want[1], dtype, atol=tolerance_atol(dtype) * max(scale, 1.0), name=name + " dbias")
+
+
+def tolerance_atol(dtype):
+    from .utils import tolerance
+    return tolerance(dtype)[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape", [(3, 7, 49, 2, 40), (2, 5, 6, 3, 16)])
+def test_matches_fp64_oracle(backend, kind, with_bias, shape):
+    check_forward_backward(kind, backend, shape, with_bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(2, 1, 5, 2, 16), (1, 3, 1, 1, 8), (1, 18, 3, 2, 128), (1, 33, 2, 1, 24)])
+def test_edge_shapes(backend, kind, shape):
+    # T = 1, S = 1, Dh = 128, sequences longer than one 16-lane / one Triton block
+    check_forward_backward(kind, backend, shape, with_bias=True)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_spatial_long_sequence(backend):
+    # S past one Triton block (64) and several 16-lane cpp chunks
+    check_forward_backward("spatial", backend, (1, 2, 150, 1, 32), with_bias=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fp64_gradcheck(kind):
+    # the fused kernels compute in fp32; fp64 gradcheck validates the oracle path that their
+    # gradients are compared against above (including the bias gradient)
+    B, T, S, H, D = 1, 3, 4, 2, 5
+    q, k, v = (torch.randn(B, T, S, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    N = S if kind == "spatial" else T
+    bias = torch.randn(H, N, N, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v, b: attend(kind, q, k, v, b, "reference"), (q, k, v, bias))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causality(backend):
+    B, T, S, H, D = 2, 6, 5, 2, 16
+    device = dev(backend)
+    q, k, v = (torch.randn(B, T, S, H, D, device=device) for _ in range(3))
+    out = pvkernels.temporal_attention(q, k, v, backend=backend)
+    t = 2
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for x in (q2, k2, v2):
+        x[:, t + 1:] += torch.randn_like(x[:, t + 1:])
+    out2 = pvkernels.temporal_attention(q2, k2, v2, backend=backend)
+    assert torch.equal(out[:, : t + 1], out2[:, : t + 1])
+    assert not torch.equal(out[:, t + 1:], out2[:, t + 1:])
+    # the first frame only sees itself: exactly v[:, 0]
+    assert torch.equal(out[:, 0], v[:, 0])
+    # gradients of the outputs at frames <= t reach no input at frames > t
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = pvkernels.temporal_attention(*leaves, backend=backend)
+    grads = torch.autograd.grad(o[:, : t + 1].square().sum(), leaves)
+    for g in grads:
+        assert torch.count_nonzero(g[:, t + 1:]) == 0
+        assert torch.count_nonzero(g[:, : t + 1]) > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits_are_stable(backend):
+    B, T, S, H, D = 1, 5, 7, 2, 16
+    device = dev(backend)
+    q, k, v = (torch.randn(B, T, S, H, D, device=device) * 30 for _ in range(3))
+    for kind in KINDS:
+        out = attend(kind, q, k, v, backend=backend)
+        assert torch.isfinite(out).all()
+        assert_close(out, oracle(kind, q, k, v), torch.float32, rtol=1e-4, atol=1e-3, name=kind)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_without_grad(backend):
+    B, T, S, H, D = 2, 4, 5, 2, 8
+    device = dev(backend)
+    q, k, v = (torch.randn(B, T, S, H, D, device=device, requires_grad=True) for _ in range(3))
+    bias = torch.randn(H, T, T, device=device)
+    out = pvkernels.temporal_attention(q, k, v, bias=bias, backend=backend)
+    out.sum().backward()
+    assert bias.grad is None and q.grad is not None
+    assert_close(out, oracle("temporal_causal", q, k, v, bias), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_arbitrary_strides(backend, kind):
+    B, T, S, H, D = 2, 5, 6, 3, 16
+    device = dev(backend)
+    q = torch.randn(B, T, S, D, H, device=device).transpose(3, 4)  # last-dim stride != 1
+    k = torch.randn(S, T, B, H, D, device=device).permute(2, 1, 0, 3, 4)
+    v = torch.randn(B, T, 2 * S, H, D, device=device)[:, :, ::2]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    grad = torch.randn(B, T, S, D, H, device=device).transpose(3, 4)  # non-contiguous upstream grad
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = attend(kind, *leaves, backend=backend)
+    got = torch.autograd.grad(out, leaves, grad)
+    leaves64 = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]
+    expected = attention_math(*leaves64, None, kind != "spatial", kind == "temporal_causal")
+    want = torch.autograd.grad(expected, leaves64, grad.double().cpu())
+    assert_close(out, expected, torch.float32, name="out")
+    for g, w, n in zip(got, want, "qkv"):
+        assert_close(g, w, torch.float32, name="d" + n)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"] + (["triton"] if torch.cuda.is_available() else []))
+def test_more_than_65535_sequences(backend):
+    # SDPA's fast GPU paths fail past a batch of 65535; the kernels' grids and loops must not
+    B, T, S, H, D = 1, 3, 8200, 8, 8  # 65600 temporal sequences
+    device = dev(backend)
+    q, k, v = (torch.randn(B, T, S, H, D, device=device, requires_grad=True) for _ in range(3))
+    out = pvkernels.temporal_attention(q, k, v, backend=backend)
+    idx = torch.tensor([0, 4097, 8199], device=device)  # check a few positions against the oracle
+    sub = lambda x: x.index_select(2, idx)  # noqa: E731
+    assert_close(out.index_select(2, idx), oracle("temporal_causal", sub(q), sub(k), sub(v)), torch.float32)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    # spatial: B * T * H = 65600 sequences
+    q, k, v = (torch.randn(1, 8200, 3, 8, D, device=device) for _ in range(3))
+    out = pvkernels.spatial_attention(q, k, v, backend=backend)
+    assert_close(out[:, -2:], oracle("spatial", q[:, -2:], k[:, -2:], v[:, -2:]), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_low_precision_within_twice_torch_error(backend, dtype, kind):
+    B, T, S, H, D = 2, 7, 20, 2, 32
+    device = dev(backend)
+    qkv, (q, k, v) = packed(B, T, S, H, D, device, dtype)
+    N = S if kind == "spatial" else T
+    bias = torch.randn(H, N, N, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(B, T, S, H, D, device=device, dtype=dtype)
+    expected = oracle(kind, q, k, v, bias)
+    qkv64 = qkv.detach().double().cpu().requires_grad_()
+    b64 = bias.detach().double().cpu().requires_grad_()
+    expected = attention_math(*qkv64.unbind(3), b64, kind != "spatial", kind == "temporal_causal")
+    want = torch.autograd.grad(expected, [qkv64, b64], grad.double().cpu())
+
+    def errors(backend_):
+        out = attend(kind, q, k, v, bias, backend_)
+        g = torch.autograd.grad(out, [qkv, bias], grad)
+        return [(a.double().cpu() - b).abs().max().item() for a, b in zip([out, *g], [expected, *want])]
+
+    mine, torch_own = errors(backend), errors("reference")
+    for name, m, t, ref in zip(("out", "dqkv", "dbias"), mine, torch_own, [expected, *want]):
+        floor = 1e-3 * ref.abs().max().item()  # torch's own error can be ~0 on a lucky draw
+        assert m <= 2 * t + floor, f"{name}: error {m:.3g} > 2 x torch's {t:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_zero(backend):
+    q = torch.randn(0, 4, 5, 2, 8, device=dev(backend), requires_grad=True)
+    for kind in KINDS:
+        out = attend(kind, q, q, q, backend=backend)
+        assert out.shape == q.shape
+        out.sum().backward()
+
+
+def test_dh_over_128():
+    q = torch.randn(1, 3, 4, 1, 160)
+    with pytest.raises(ValueError, match="Dh = 160 > 128"):
+        pvkernels.temporal_attention(q, q, q, backend="cpp")
+    # "auto" falls back to the reference (documented), with the right answer
+    assert_close(pvkernels.temporal_attention(q, q, q), oracle("temporal_causal", q, q, q), torch.float32)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: pvkernels.temporal_attention(torch.randn(2, 3, 4, 2, 8), torch.randn(2, 3, 5, 2, 8),
+                                          torch.randn(2, 3, 4, 2, 8)), ValueError, "same shape"),
+    (lambda: pvkernels.spatial_attention(torch.randn(3, 4, 2, 8), torch.randn(3, 4, 2, 8),
+                                         torch.randn(3, 4, 2, 8)), ValueError, "5-D"),
+    (lambda: pvkernels.temporal_attention(*(torch.randn(2, 3, 4, 2, 8),) * 3, bias=torch.randn(2, 4, 4)),
+     ValueError, r"bias must have shape \(H, T, T\) = \(2, 3, 3\)"),
+    (lambda: pvkernels.spatial_attention(*(torch.randn(2, 3, 4, 2, 8),) * 3, bias=torch.randn(3, 4, 4)),
+     ValueError, r"\(H, S, S\)"),
+    (lambda: pvkernels.spatial_attention(torch.randn(2, 3, 4, 2, 8), torch.randn(2, 3, 4, 2, 8).half(),
+                                         torch.randn(2, 3, 4, 2, 8)), TypeError, "same dtype"),
+    (lambda: pvkernels.spatial_attention(*(torch.ones(2, 3, 4, 2, 8, dtype=torch.int32),) * 3), TypeError, "float"),
+    (lambda: pvkernels.temporal_attention(*(torch.randn(2, 3, 4, 2, 8),) * 3, causal=1), TypeError, "causal"),
+    (lambda: pvkernels.temporal_attention(*(torch.randn(2, 3, 4, 2, 8),) * 3, backend="gpu"), ValueError, "backend"),
+    (lambda: pvkernels.temporal_attention(*(torch.randn(2, 3, 4, 2, 8).double(),) * 3, backend="cpp"), TypeError,
+     "float64"),
+])
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_cpp_op_checks_its_own_arguments():
+    q = torch.randn(2, 3, 4, 2, 8)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        torch.ops.pvkernels_cpp.attention_fwd(q, q, q, torch.randn(2, 4, 4), True, True)
+    with pytest.raises(ValueError, match="same shape"):
+        torch.ops.pvkernels_cpp.attention_fwd(q, q[:, :2], q, None, False, False)
+    with pytest.raises(ValueError, match="> 128"):
+        big = torch.randn(1, 2, 2, 1, 129)
+        torch.ops.pvkernels_cpp.attention_fwd(big, big, big, None, True, True)
+
+
+def test_auto_backend():
+    q = torch.randn(1, 3, 4, 2, 8)
+    assert_close(pvkernels.temporal_attention(q, q, q), pvkernels.temporal_attention(q, q, q, backend="cpp"),
+                 torch.float32)
+    from pvkernels._backend import resolve_backend
+    assert resolve_backend("temporal_attention", "auto", q.device, q.dtype) == "cpp"
+
+
+# modules ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rel_pos", ["t5", "alibi", None])
+def test_temporal_module_equals_functional(rel_pos):
+    B, T, S, dim, heads = 2, 5, 6, 32, 4
+    m = pvkernels.nn.TemporalAttention(dim, heads, causal=True, rel_pos=rel_pos)
+    if rel_pos == "t5":
+        torch.nn.init.normal_(m.rel_bias)
+    x = torch.randn(B, T, S, dim)
+    qkv = m.qkv(x).view(B, T, S, 3, heads, dim // heads)
+    pos = torch.arange(T)
+    bias = None
+    if rel_pos == "t5":
+        bias = m.rel_bias[:, (pos.view(1, -1) - pos.view(-1, 1)).clamp(-32, 32) + 32]
+    elif rel_pos == "alibi":
+        slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
+        bias = -slopes.view(-1, 1, 1) * (pos.view(1, -1) - pos.view(-1, 1)).abs()
+    o = attention_math(*qkv.unbind(3), bias, True, True)
+    expected = m.proj(o.reshape(B, T, S, dim))
+    assert_close(m(x), expected, torch.float32, atol=1e-5, rtol=1e-4)
+    if rel_pos == "t5":  # the relative-position table learns through the bias gradient
+        m(x).square().sum().backward()
+        assert m.rel_bias.grad is not None and torch.count_nonzero(m.rel_bias.grad) > 0
+
+
+def test_spatial_module_equals_functional():
+    B, T, S, dim, heads = 2, 3, 7, 24, 3
+    m = pvkernels.nn.SpatialAttention(dim, heads)
+    x = torch.randn(B, T, S, dim)
+    qkv = m.qkv(x).view(B, T, S, 3, heads, dim // heads)
+    expected = m.proj(attention_math(*qkv.unbind(3), None, False, False).reshape(B, T, S, dim))
+    assert_close(m(x), expected, torch.float32, atol=1e-5, rtol=1e-4)
+    assert "heads=3" in repr(m)
+    with pytest.raises(ValueError, match="multiple of heads"):
+        pvkernels.nn.SpatialAttention(10, 3)
+    with pytest.raises(ValueError, match="rel_pos"):
+        pvkernels.nn.TemporalAttention(8, 2, rel_pos="rope")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_space_time_block_matches_reference_ops(backend):
+    torch.manual_seed(0)
+    block = pvkernels.nn.SpaceTimeBlock(32, 4, causal_time=True, mlp_ratio=2, backend=backend)
+    ref = pvkernels.nn.SpaceTimeBlock(32, 4, causal_time=True, mlp_ratio=2, backend="reference")
+    ref.load_state_dict(block.state_dict())
+    torch.nn.init.normal_(block.time.rel_bias)
+    ref.time.rel_bias.data.copy_(block.time.rel_bias.data)
+    x = torch.randn(2, 5, 9, 32)
+    y, y_ref = block(x), ref(x)
+    assert_close(y, y_ref, torch.float32, atol=1e-5, rtol=1e-4)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (name, p), p_ref in zip(block.named_parameters(), ref.parameters()):
+        assert_close(p.grad, p_ref.grad, torch.float32, atol=1e-4, rtol=1e-4, name=name)
+
+
+# torch.compile ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    def f(qkv, bias):
+        q, k, v = qkv.unbind(3)
+        o = pvkernels.temporal_attention(q, k, v, bias=bias, backend="cpp")
+        return pvkernels.spatial_attention(o, k, v, backend="cpp") * 2.0
+
+    qkv = torch.randn(2, 4, 5, 3, 2, 8, requires_grad=True)
+    bias = torch.randn(2, 4, 4, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
+    out = compiled(qkv, bias)
+    expected = f(qkv, bias)
+    assert_close(out, expected, torch.float32)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [qkv, bias], grad)
+    want = torch.autograd.grad(expected, [qkv, bias], grad)
+    for g, w in zip(got, want):
+        assert_close(g, w, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_packed_qkv_gradient(backend, kind):
+    # the modules' entry: the qkv gradient is produced packed on the fused backends
+    from pvkernels.ops.attention import packed_attention
+    B, T, S, H, D = 3, 7, 9, 2, 16
+    device = dev(backend)
+    qkv = torch.randn(B, T, S, 3, H, D, device=device, requires_grad=True)
+    N = S if kind == "spatial" else T
+    bias = torch.randn(H, N, N, device=device, requires_grad=True)
+    out = packed_attention(qkv, kind != "spatial", kind == "temporal_causal", bias, backend)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [qkv, bias], grad)
+    qkv64 = qkv.detach().double().cpu().requires_grad_()
+    b64 = bias.detach().double().cpu().requires_grad_()
+    expected = attention_math(*qkv64.unbind(3), b64, kind != "spatial", kind == "temporal_causal")
+    want = torch.autograd.grad(expected, [qkv64, b64], grad.double().cpu())
+    assert_close(out, expected, torch.float32, name="out")
+    assert_close(got[0], want[0], torch.float32, name="dqkv")
+    assert_close(got[1], want[1], torch.float32, atol=1e-5 * max(want[1].abs().max().item(), 1.0), name="dbias")
+    with pytest.raises(ValueError, match=r"\(B, T, S, 3, H, Dh\)"):
+        packed_attention(qkv[:, :, :, :2], kind != "spatial", backend=backend)
+
+
+def test_module_under_torch_compile():
+    block = pvkernels.nn.SpaceTimeBlock(16, 2, mlp_ratio=2, backend="cpp")
+    x = torch.randn(2, 4, 5, 16, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    y, y_eager = compiled(x), block(x)
+    assert_close(y, y_eager, torch.float32)
+    g, g_eager = (torch.autograd.grad(t.square().sum(), x)[0] for t in (y, y_eager))
+    assert_close(g, g_eager, torch.float32, atol=1e-5, rtol=1e-4)
