@@ -1,1 +1,6 @@
-"""Pseudo-video model wrappers (C-ViViT, VQ-VAE, video diffusion, DDPM): coming with the models issue."""
+"""Pseudo-video model wrappers on the pvkernels ops: VQVAE and its video counterpart CViViT,
+DDPM and its video counterpart VideoDiffusion; data, metrics, the training CLI and the demo."""
+from .diffusion import DDPM, VideoDiffusion
+from .tokenizers import CViViT, VQVAE
+
+__all__ = ["CViViT", "DDPM", "VQVAE", "VideoDiffusion"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -84,11 +84,9 @@ def load_dataset(spec: str, size: int, data_dir: Optional[str] = None) -> tuple[
     raise ValueError(f"unknown data {spec!r}: expected 'digits', 'cifar10' or 'folder:PATH'")
 
 
-def batches(images: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless shuffled batches (reshuffled every epoch from ``generator``: resumable by its state)."""
-    if batch_size < 1 or batch_size > len(images):
-        raise ValueError(f"batch_size must be in [1, {len(images)}], got {batch_size}")
-    while True:
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield images[order[start:start + batch_size]]
+def sample_batch(images: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A batch drawn uniformly with replacement: its only state is the generator's, so a run
+    restored with the generator state continues exactly."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return images[torch.randint(0, len(images), (batch_size,), generator=generator)]

@@ -54,3 +54,42 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     cross = _sqrtm_psd(root_a @ cov_b @ root_a)
     value = (mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2.0 * torch.trace(cross)
     return float(value.clamp_min(0.0))
+
+
+class SmallClassifier(torch.nn.Module):
+    """A small CNN classifier whose penultimate features stand in for Inception's offline."""
+
+    def __init__(self, channels: int, num_classes: int = 10, width: int = 32):
+        super().__init__()
+        nn = torch.nn
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(8 * width, 64), nn.ReLU())
+        self.classify = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return self.classify(self.features(x))
+
+
+@torch.enable_grad()
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, steps: int = 300, seed: int = 0) -> SmallClassifier:
+    """Fits SmallClassifier on (images, labels) for the offline FID features (seconds on digits)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = SmallClassifier(images.shape[1], int(labels.max()) + 1)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, len(images), (128,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(images[idx]), labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def offline_fid(real: torch.Tensor, fake: torch.Tensor, classifier: SmallClassifier) -> float:
+    """Frechet distance on SmallClassifier features ("offline FID", not the paper's FID)."""
+    return frechet_distance(classifier.features(real), classifier.features(fake))
