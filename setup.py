@@ -41,5 +41,7 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "scipy", "scikit-learn", "pillow", "triton>=3.0"],
         "bench": ["pytest-benchmark>=4", "opencv-python-headless", "matplotlib", "faiss-cpu"],
     },
+    entry_points={"console_scripts": ["pvkernels-train=pvkernels_models.train:main",
+                                      "pvkernels-demo=pvkernels_models.demo:main"]},
     cmdclass={"build_py": BuildPyWithSources},
 )

@@ -38,9 +38,6 @@ def _randn_reference(x, p):
                                   noise, 3.0)
 
 
-_compiled = torch.compile(_randn_reference)
-
-
 def _opencv(images, p):
     """OpenCV's GaussianBlur per image and frame (HWC layout prepared outside the timing)."""
     out = []
@@ -63,9 +60,14 @@ def bench_pseudo_video(benchmark, case, T, provider):
     device = "cuda" if provider == "triton" else "cpu"
     B, C, H, W = GPU_SHAPE if provider == "triton" and not QUICK else SHAPE
     x = torch.rand(B, C, H, W, device=device)
+    if provider == "compiled":
+        # a fresh static compile per case: dynamo's recompiles would otherwise turn shapes
+        # dynamic (minutes of sympy) and, past its cache limit, fall back to eager silently
+        torch._dynamo.reset()
+        compiled = torch.compile(_randn_reference, dynamic=False)
     fn = {
         "reference": lambda: _randn_reference(x, p),
-        "compiled": lambda: _compiled(x, p),
+        "compiled": lambda: compiled(x, p),
         "cpp": lambda: pseudo_video(x, **p, seed=1, backend="cpp"),
         "triton": lambda: pseudo_video(x, **p, seed=1, backend="triton"),
     }.get(provider)
