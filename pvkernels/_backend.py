@@ -49,7 +49,7 @@ def load_cpp(verbose: bool = False) -> bool:
         src = _csrc_dir()
         if not any(build_dir().glob("pvkernels_cpp*.so")):
             print(f"pvkernels: compiling the C++ extension for torch {torch.__version__} into {build_dir()} "
-                  "(first import only, ~15 s)", file=sys.stderr, flush=True)
+                  "(first import only, ~20 s)", file=sys.stderr, flush=True)
         sources = sorted(str(p) for p in src.glob("*.cpp"))
         flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-mprefer-vector-width=512", os.environ.get("PVKERNELS_MARCH", "-march=native")]
         cpp_extension.load(
