@@ -36,9 +36,9 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "ninja"],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.0,<3.9"],  # 3.9 removed APIs the ecosystem still uses; 3.8 pairs with torch 2.13
         "models": ["scikit-learn", "pillow"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "scipy", "scikit-learn", "pillow", "triton>=3.0"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "scipy", "scikit-learn", "pillow", "triton>=3.0,<3.9"],
         "bench": ["pytest-benchmark>=4", "opencv-python-headless", "matplotlib", "faiss-cpu"],
     },
     entry_points={"console_scripts": ["pvkernels-train=pvkernels_models.train:main",
