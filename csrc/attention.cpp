@@ -272,9 +272,9 @@ struct Padded {
 Padded padded(const Sizes& z) { return {(z.N + 3) / 4 * 4, z.Np, (z.D + W - 1) / W * W}; }
 
 // bias^T as fp32 (H, N keys, Np queries), zero padded: added to S^T 16 queries at a time
-at::Tensor padded_bias(const at::Tensor& bias, int64_t Np) {
+at::Tensor padded_bias(const at::Tensor& bias) {
   const int64_t H = bias.size(0), N = bias.size(1);
-  at::Tensor out = at::zeros({H, N, Np}, bias.options().dtype(at::kFloat));
+  at::Tensor out = at::zeros({H, N, (N + W - 1) / W * W}, bias.options().dtype(at::kFloat));
   out.narrow(2, 0, N).copy_(bias.transpose(1, 2));
   return out;
 }
@@ -503,6 +503,316 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   });
 }
 
+// ---- Short sequences: 16 sequences side by side, one per vector lane ----------------------
+// For N <= kLaneMaxN (temporal attention over T = 4..64 frames) the blocked kernels above pad
+// every score row to 16 queries (T = 18 computes 32). Here a work unit is 16 consecutive
+// (b, a, h) sequences, one per lane: consecutive heads of one item first, whose rows are
+// adjacent in memory, so the unit reads whole (H * Dh) rows like the blocked kernels do. The
+// staged tensors are [row][d][lane] and every score, exp and FMA is lane-wise on 16
+// independent sequences: nothing is padded but the rows to a multiple of 4 and the last
+// unit's idle lanes, and the softmax needs no horizontal reductions.
+constexpr int64_t kLaneMaxN = 64;
+
+struct LaneSizes {
+  int64_t seqs, units, N, N4, D, Dq, H;
+};
+LaneSizes lane_sizes(const Sizes& z) {
+  const int64_t seqs = z.B * z.A * z.H;
+  return {seqs, (seqs + W - 1) / W, z.N, (z.N + 3) / 4 * 4, z.D, (z.D + 3) / 4 * 4, z.H};
+}
+
+// Per-lane element offsets of the 16 sequences of `unit` in a tensor seen through `v` (whose
+// sd field is unused for lse); -1 marks an idle lane. phase: the head of lane 0 (lane l holds
+// head (phase + l) % H).
+struct Lanes {
+  int64_t off[W];
+  int64_t phase;
+  bool full;
+};
+Lanes lanes_of(int64_t unit, const LaneSizes& s, int64_t A, const View& v) {
+  Lanes ln;
+  ln.full = (unit + 1) * W <= s.seqs;
+  ln.phase = unit * W % s.H;
+  for (int64_t l = 0; l < W; ++l) {
+    const int64_t seq = unit * W + l, item = seq / s.H, h = seq % s.H;
+    ln.off[l] = seq < s.seqs ? item / A * v.sb + item % A * v.sa + h * v.sh : -1;
+  }
+  return ln;
+}
+
+// dst[n][d][lane] = scale * x[lane's sequence, row n, d] for n < N, d < D; the other entries
+// are left as they are (zero from the workspace's allocation).
+template <typename T>
+void gather_lanes(const T* base, const View& v, const Lanes& ln, int64_t N, int64_t D, int64_t Dq, float scale,
+                  float* dst) {
+  if (std::is_same_v<T, float> && v.sd == 1 && D % W == 0 && ln.full) {
+    v16 r[W];
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t d0 = 0; d0 < D; d0 += W) {
+        for (int64_t l = 0; l < W; ++l) r[l] = vload(reinterpret_cast<const float*>(base + ln.off[l] + n * v.sn) + d0);
+        transpose16(r);
+        for (int64_t k = 0; k < W; ++k) vstore(dst + (n * Dq + d0 + k) * W, r[k] * scale);
+      }
+    }
+    return;
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t l = 0; l < W; ++l) {
+      const T* row = ln.off[l] >= 0 ? base + ln.off[l] + n * v.sn : nullptr;
+      for (int64_t d = 0; d < D; ++d) dst[(n * Dq + d) * W + l] = row ? static_cast<float>(row[d * v.sd]) * scale : 0.f;
+    }
+  }
+}
+
+// stream: write whole aligned lines with non-temporal stores (large outputs: skips reading each
+// line into the cache before overwriting it, a third of the kernel's memory traffic)
+template <typename T>
+void scatter_lanes(const float* src, int64_t N, int64_t D, int64_t Dq, float scale, T* base, const View& v,
+                   const Lanes& ln, bool stream) {
+  if (std::is_same_v<T, float> && v.sd == 1 && D % W == 0 && ln.full) {
+    v16 r[W];
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t d0 = 0; d0 < D; d0 += W) {
+        for (int64_t k = 0; k < W; ++k) r[k] = vload(src + (n * Dq + d0 + k) * W) * scale;
+        transpose16(r);
+        for (int64_t l = 0; l < W; ++l) {
+          float* dst = reinterpret_cast<float*>(base + ln.off[l] + n * v.sn) + d0;
+#ifdef __AVX512F__
+          if (stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+            _mm512_stream_ps(dst, (__m512)r[l]);
+            continue;
+          }
+#endif
+          vstore(dst, r[l]);
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t l = 0; l < W; ++l) {
+      if (ln.off[l] < 0) continue;
+      T* row = base + ln.off[l] + n * v.sn;
+      for (int64_t d = 0; d < D; ++d) row[d * v.sd] = static_cast<T>(src[(n * Dq + d) * W + l] * scale);
+    }
+  }
+}
+
+// Outputs past this size are written with non-temporal stores: they would not stay in L2
+// anyway, and streaming skips reading each line before it is overwritten.
+constexpr int64_t kStreamBytes = 4 << 20;
+bool streamed(const at::Tensor& out) { return out.numel() * out.element_size() >= kStreamBytes; }
+inline void store_fence() {  // order the streaming stores before the kernel returns
+#ifdef __AVX512F__
+  _mm_sfence();
+#endif
+}
+
+// S[i][j] = sum_d A[i][d] B[j][d] on each lane, in 4 x 4 blocks (8 loads per 16 FMAs).
+// A, B: [N4][Dq][W]; S: [N4][N4][W]. causal: only blocks that hold some j <= i.
+void lane_dot(const float* A, const float* B, float* S, int64_t N4, int64_t Dq, bool causal) {
+  const int64_t rs = Dq * W;
+  for (int64_t i0 = 0; i0 < N4; i0 += 4) {
+    for (int64_t j0 = 0; j0 < (causal ? i0 + 4 : N4); j0 += 4) {
+      v16 acc[4][4] = {};
+      for (int64_t d = 0; d < Dq; ++d) {
+        v16 a[4], b[4];
+        for (int r = 0; r < 4; ++r) a[r] = vload(A + (i0 + r) * rs + d * W);
+        for (int c = 0; c < 4; ++c) b[c] = vload(B + (j0 + c) * rs + d * W);
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) acc[r][c] += a[r] * b[c];
+      }
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c) vstore(S + ((i0 + r) * N4 + j0 + c) * W, acc[r][c]);
+    }
+  }
+}
+
+// O[i][d] = row_scale[i] * sum_j P(i, j) M[j][d] on each lane, in 4 x 4 blocks; P(i, j) is
+// P[i][j], or P[j][i] when TRANS. P: [N4][N4][W] with zeros outside the valid entries;
+// causal: P(i, j) == 0 for j > i (plain) or j < i (TRANS), and those j are skipped.
+template <bool TRANS>
+void lane_mm(const float* P, const float* M, float* O, int64_t N4, int64_t Dq, bool causal, const float* row_scale) {
+  for (int64_t i0 = 0; i0 < N4; i0 += 4) {
+    const int64_t lo = TRANS && causal ? i0 : 0;
+    const int64_t hi = !TRANS && causal ? i0 + 4 : N4;
+    for (int64_t d0 = 0; d0 < Dq; d0 += 4) {
+      v16 acc[4][4] = {};
+      for (int64_t j = lo; j < hi; ++j) {
+        v16 p[4], m[4];
+        for (int r = 0; r < 4; ++r) p[r] = vload(P + (TRANS ? j * N4 + i0 + r : (i0 + r) * N4 + j) * W);
+        for (int c = 0; c < 4; ++c) m[c] = vload(M + (j * Dq + d0 + c) * W);
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) acc[r][c] += p[r] * m[c];
+      }
+      for (int r = 0; r < 4; ++r) {
+        const v16 f = row_scale != nullptr ? vload(row_scale + (i0 + r) * W) : splat(1.0f);
+        for (int c = 0; c < 4; ++c) vstore(O + ((i0 + r) * Dq + d0 + c) * W, acc[r][c] * f);
+      }
+    }
+  }
+}
+
+// lse (B, T, S, H) contiguous, seen in (b, a, n, h) order
+View lse_view(const at::Tensor& lse, bool temporal) {
+  return {lse.stride(0), temporal ? lse.stride(2) : lse.stride(1), temporal ? lse.stride(1) : lse.stride(2),
+          lse.stride(3), 0};
+}
+
+// The (H, N, N) bias per lane: [phase][i][j][lane] = bias[(phase + lane) % H][i][j] (a unit's
+// lanes hold heads phase, phase + 1, ...; there are at most H distinct phases).
+at::Tensor lane_heads(int64_t H) {  // [phase * W + lane] -> head
+  at::Tensor heads = at::empty({H * W}, at::TensorOptions().dtype(at::kLong));
+  int64_t* p = heads.mutable_data_ptr<int64_t>();
+  for (int64_t i = 0; i < H * W; ++i) p[i] = (i / W + i % W) % H;
+  return heads;
+}
+at::Tensor lane_bias(const at::Tensor& bias) {
+  const int64_t H = bias.size(0), N = bias.size(1);
+  return bias.to(at::kFloat).index_select(0, lane_heads(H)).view({H, W, N, N}).permute({0, 2, 3, 1}).contiguous();
+}
+
+// bias: lane_bias(...) or nullptr
+template <typename T>
+void lane_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* bias, at::Tensor& out,
+                  at::Tensor& lse, bool temporal, bool causal) {
+  const Sizes z = sizes_of(q, temporal);
+  const LaneSizes s = lane_sizes(z);
+  const View qv = view_of(q, temporal), kv = view_of(k, temporal), vv = view_of(v, temporal),
+             ov = view_of(out, temporal), lv = lse_view(lse, temporal);
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  float* lp = lse.mutable_data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
+  const int64_t N = s.N, N4 = s.N4, D = s.D, Dq = s.Dq, tile = N4 * Dq * W;
+  const bool stream = streamed(out);
+  at::parallel_for(0, s.units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> ws(4 * tile + N4 * N4 * W + N4 * W + W, 0.0f);
+    float* Q = aligned(ws.data());  // [N4][Dq][W], pre-scaled by 1/sqrt(Dh)
+    float* K = Q + tile;
+    float* V = K + tile;
+    float* O = V + tile;
+    float* P = O + tile;            // [N4][N4][W]: scores, then unnormalised probabilities
+    float* rinv = P + N4 * N4 * W;  // [N4][W]
+    for (int64_t unit = begin; unit < end; ++unit) {
+      gather_lanes(qp, qv, lanes_of(unit, s, z.A, qv), N, D, Dq, scale, Q);
+      gather_lanes(kp, kv, lanes_of(unit, s, z.A, kv), N, D, Dq, 1.0f, K);
+      gather_lanes(vp, vv, lanes_of(unit, s, z.A, vv), N, D, Dq, 1.0f, V);
+      lane_dot(Q, K, P, N4, Dq, causal);
+      const Lanes ll = lanes_of(unit, s, z.A, lv);
+      const float* bias_u = bias != nullptr ? bias + ll.phase * N * N * W : nullptr;
+      for (int64_t i = 0; i < N; ++i) {
+        float* row = P + i * N4 * W;
+        const int64_t jmax = causal ? i + 1 : N;
+        v16 m = splat(-std::numeric_limits<float>::infinity());
+        for (int64_t j = 0; j < jmax; ++j) {
+          v16 x = vload(row + j * W);
+          if (bias_u != nullptr) x += vload(bias_u + (i * N + j) * W);
+          vstore(row + j * W, x);
+          m = vmax(m, x);
+        }
+        v16 l = {};
+        for (int64_t j = 0; j < jmax; ++j) {
+          const v16 p = vexp(vload(row + j * W) - m);
+          vstore(row + j * W, p);
+          l += p;
+        }
+        for (int64_t j = jmax; j < N4; ++j) vstore(row + j * W, v16{});
+        vstore(rinv + i * W, 1.0f / l);
+        const v16 lse_i = m + vlog(l);
+        for (int64_t ln = 0; ln < W; ++ln)
+          if (ll.off[ln] >= 0) lp[ll.off[ln] + i * lv.sn] = lse_i[ln];
+      }
+      lane_mm<false>(P, V, O, N4, Dq, causal, rinv);
+      scatter_lanes(O, N, D, Dq, 1.0f, op, ov, lanes_of(unit, s, z.A, ov), stream);
+    }
+    store_fence();
+  });
+}
+
+// dbias_acc: per thread [phase][N][N][W] lane-wise sums of dS (reduced by the caller) or nullptr
+template <typename T>
+void lane_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const float* bias, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                   float* dbias_acc, bool temporal, bool causal) {
+  const Sizes z = sizes_of(q, temporal);
+  const LaneSizes s = lane_sizes(z);
+  const View gv = view_of(grad_out, temporal), qv = view_of(q, temporal), kv = view_of(k, temporal),
+             vv = view_of(v, temporal), dqv = view_of(dq, temporal), dkv = view_of(dk, temporal),
+             dvv = view_of(dv, temporal), lv = lse_view(lse, temporal);
+  const T* gp = grad_out.const_data_ptr<T>();
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k.const_data_ptr<T>();
+  const T* vp = v.const_data_ptr<T>();
+  const float* lp = lse.const_data_ptr<float>();
+  T* dqp = dq.mutable_data_ptr<T>();
+  T* dkp = dk.mutable_data_ptr<T>();
+  T* dvp = dv.mutable_data_ptr<T>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
+  const int64_t N = s.N, N4 = s.N4, D = s.D, Dq = s.Dq, tile = N4 * Dq * W;
+  const bool stream = streamed(dq);
+  at::parallel_for(0, s.units, 1, [&](int64_t begin, int64_t end) {
+    float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * s.H * N * N * W : nullptr;
+    std::vector<float> ws(5 * tile + 2 * N4 * N4 * W + W, 0.0f);
+    float* Q = aligned(ws.data());  // pre-scaled: S = Q K^T and dK = dS^T Q
+    float* K = Q + tile;
+    float* V = K + tile;
+    float* dO = V + tile;
+    float* X = dO + tile;         // dQ, dK, dV in turn
+    float* P = X + tile;          // [N4][N4][W]: probabilities
+    float* dS = P + N4 * N4 * W;  // dP, then dS
+    for (int64_t unit = begin; unit < end; ++unit) {
+      gather_lanes(qp, qv, lanes_of(unit, s, z.A, qv), N, D, Dq, scale, Q);
+      gather_lanes(kp, kv, lanes_of(unit, s, z.A, kv), N, D, Dq, 1.0f, K);
+      gather_lanes(vp, vv, lanes_of(unit, s, z.A, vv), N, D, Dq, 1.0f, V);
+      gather_lanes(gp, gv, lanes_of(unit, s, z.A, gv), N, D, Dq, 1.0f, dO);
+      lane_dot(Q, K, P, N4, Dq, causal);
+      lane_dot(dO, V, dS, N4, Dq, causal);  // dP[i][j] = dO_i . v_j
+      const Lanes ll = lanes_of(unit, s, z.A, lv);
+      const float* bias_u = bias != nullptr ? bias + ll.phase * N * N * W : nullptr;
+      float* dbias_u = dbias_t != nullptr ? dbias_t + ll.phase * N * N * W : nullptr;
+      for (int64_t i = 0; i < N; ++i) {
+        float* prow = P + i * N4 * W;
+        float* drow = dS + i * N4 * W;
+        const int64_t jmax = causal ? i + 1 : N;
+        v16 lse_i = {};
+        for (int64_t ln = 0; ln < W; ++ln) lse_i[ln] = ll.off[ln] >= 0 ? lp[ll.off[ln] + i * lv.sn] : 0.f;
+        v16 delta = {};  // rowsum(P * dP) == dO_i . O_i
+        for (int64_t j = 0; j < jmax; ++j) {
+          v16 x = vload(prow + j * W);
+          if (bias_u != nullptr) x += vload(bias_u + (i * N + j) * W);
+          const v16 p = vexp(x - lse_i);
+          vstore(prow + j * W, p);
+          delta += p * vload(drow + j * W);
+        }
+        for (int64_t j = 0; j < jmax; ++j) {
+          const v16 ds = vload(prow + j * W) * (vload(drow + j * W) - delta);
+          vstore(drow + j * W, ds);
+          if (dbias_u != nullptr) vstore(dbias_u + (i * N + j) * W, vload(dbias_u + (i * N + j) * W) + ds);
+        }
+        for (int64_t j = jmax; j < N4; ++j) vstore(prow + j * W, v16{}), vstore(drow + j * W, v16{});
+      }
+      // rows N..N4 of P and dS are zero: lane_dot of the zero rows of Q and dO
+      lane_mm<false>(dS, K, X, N4, Dq, causal, nullptr);  // dQ = dS K (times the scale below)
+      scatter_lanes(X, N, D, Dq, scale, dqp, dqv, lanes_of(unit, s, z.A, dqv), stream);
+      lane_mm<true>(dS, Q, X, N4, Dq, causal, nullptr);  // dK = dS^T Q
+      scatter_lanes(X, N, D, Dq, 1.0f, dkp, dkv, lanes_of(unit, s, z.A, dkv), stream);
+      lane_mm<true>(P, dO, X, N4, Dq, causal, nullptr);  // dV = P^T dO
+      scatter_lanes(X, N, D, Dq, 1.0f, dvp, dvv, lanes_of(unit, s, z.A, dvv), stream);
+    }
+    store_fence();
+  });
+}
+
+// The (H, N, N) bias gradient from the per-thread [phase][N][N][W] sums of lane_backward.
+at::Tensor lane_bias_grad(const at::Tensor& acc) {
+  const int64_t H = acc.size(1), N = acc.size(2);
+  const at::Tensor phases = acc.sum(0);  // [phase][i][j][lane]
+  return at::zeros({H, N, N}, acc.options()).index_add_(0, lane_heads(H), phases.permute({0, 3, 1, 2}).reshape({H * W, N, N}));
+}
+
 const char* op_name(bool temporal) { return temporal ? "temporal_attention" : "spatial_attention"; }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
@@ -537,13 +847,18 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpp(const at::Tensor& q, const 
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
-  at::Tensor bias32;
-  if (bias.has_value()) bias32 = padded_bias(*bias, (bias->size(1) + W - 1) / W * W);
+  const bool short_seq = (temporal ? q.size(1) : q.size(2)) <= kLaneMaxN;
+  const at::Tensor bias32 = bias.has_value() ? (short_seq ? lane_bias(*bias) : padded_bias(*bias)) : at::Tensor();
   const float* bp = bias.has_value() ? bias32.const_data_ptr<float>() : nullptr;
   switch (q.scalar_type()) {
-    case at::kFloat: forward_kernel<float>(q, k, v, bp, out, lse, temporal, causal); break;
-    case at::kHalf: forward_kernel<c10::Half>(q, k, v, bp, out, lse, temporal, causal); break;
-    default: forward_kernel<c10::BFloat16>(q, k, v, bp, out, lse, temporal, causal); break;
+    case at::kFloat: (short_seq ? lane_forward<float> : forward_kernel<float>)(q, k, v, bp, out, lse, temporal, causal);
+      break;
+    case at::kHalf:
+      (short_seq ? lane_forward<c10::Half> : forward_kernel<c10::Half>)(q, k, v, bp, out, lse, temporal, causal);
+      break;
+    default:
+      (short_seq ? lane_forward<c10::BFloat16> : forward_kernel<c10::BFloat16>)(q, k, v, bp, out, lse, temporal,
+                                                                                causal);
   }
   return {out, lse};
 }
@@ -570,22 +885,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpp(
     dq = at::empty(q.sizes(), opts), dk = at::empty(q.sizes(), opts), dv = at::empty(q.sizes(), opts);
   }
   const int64_t H = q.size(3), N = temporal ? q.size(1) : q.size(2);
-  at::Tensor dbias = at::empty({0}, q.options());
+  const bool short_seq = N <= kLaneMaxN;
+  // dbias is accumulated per thread (no atomics): [phase][N][N][lane] for the short-sequence
+  // kernel, transposed [H][N][Np] for the blocked one
   at::Tensor acc;
-  const int64_t Np = (N + W - 1) / W * W;
-  if (bias_grad) acc = at::zeros({at::get_num_threads(), H, N, Np}, q.options().dtype(at::kFloat));
+  if (bias_grad) {
+    acc = short_seq ? at::zeros({at::get_num_threads(), H, N, N, W}, q.options().dtype(at::kFloat))
+                    : at::zeros({at::get_num_threads(), H, N, (N + W - 1) / W * W}, q.options().dtype(at::kFloat));
+  }
   if (q.numel() > 0) {
-    at::Tensor bias32;
-    if (bias.has_value()) bias32 = padded_bias(*bias, (bias->size(1) + W - 1) / W * W);
+    const at::Tensor bias32 = bias.has_value() ? (short_seq ? lane_bias(*bias) : padded_bias(*bias)) : at::Tensor();
     const float* bp = bias.has_value() ? bias32.const_data_ptr<float>() : nullptr;
     float* ap = bias_grad ? acc.mutable_data_ptr<float>() : nullptr;
     switch (q.scalar_type()) {
-      case at::kFloat: backward_kernel<float>(grad_out, q, k, v, bp, lse, dq, dk, dv, ap, temporal, causal); break;
-      case at::kHalf: backward_kernel<c10::Half>(grad_out, q, k, v, bp, lse, dq, dk, dv, ap, temporal, causal); break;
-      default: backward_kernel<c10::BFloat16>(grad_out, q, k, v, bp, lse, dq, dk, dv, ap, temporal, causal); break;
+      case at::kFloat:
+        (short_seq ? lane_backward<float> : backward_kernel<float>)(grad_out, q, k, v, bp, lse, dq, dk, dv, ap,
+                                                                    temporal, causal);
+        break;
+      case at::kHalf:
+        (short_seq ? lane_backward<c10::Half> : backward_kernel<c10::Half>)(grad_out, q, k, v, bp, lse, dq, dk, dv,
+                                                                              ap, temporal, causal);
+        break;
+      default:
+        (short_seq ? lane_backward<c10::BFloat16> : backward_kernel<c10::BFloat16>)(grad_out, q, k, v, bp, lse, dq,
+                                                                                      dk, dv, ap, temporal, causal);
     }
   }
-  if (bias_grad) dbias = acc.sum(0).narrow(2, 0, N).transpose(1, 2).to(bias->scalar_type()).contiguous();
+  at::Tensor dbias = at::empty({0}, q.options());
+  if (bias_grad) {
+    dbias = short_seq ? lane_bias_grad(acc) : acc.sum(0).narrow(2, 0, N).transpose(1, 2);
+    dbias = dbias.to(bias->scalar_type()).contiguous();
+  }
   if (packed_grad) return {packed, at::empty({0}, q.options()), at::empty({0}, q.options()), dbias};
   return {dq, dk, dv, dbias};
 }

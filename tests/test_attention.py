@@ -81,9 +81,11 @@ def test_edge_shapes(backend, kind, shape):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_spatial_long_sequence(backend):
-    # S past one Triton block (64) and several 16-lane cpp chunks
-    check_forward_backward("spatial", backend, (1, 2, 150, 1, 32), with_bias=True)
+@pytest.mark.parametrize("kind, shape", [("spatial", (1, 2, 150, 1, 32)), ("temporal_causal", (1, 70, 3, 1, 32))])
+def test_long_sequence(backend, kind, shape):
+    # past one Triton block (64) and past the cpp short-sequence kernel (N <= 64): the blocked
+    # cpp kernels with several 16-query chunks
+    check_forward_backward(kind, backend, shape, with_bias=True)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -163,6 +165,12 @@ def test_arbitrary_strides(backend, kind):
     assert_close(out, expected, torch.float32, name="out")
     for g, w, n in zip(got, want, "qkv"):
         assert_close(g, w, torch.float32, name="d" + n)
+
+
+def test_cpp_large_outputs_with_a_partial_unit():
+    # outputs past 4 MB are written with streaming stores; S * H = 4004 sequences per frame is
+    # not a multiple of 16, so the last 16-sequence unit of the short-sequence kernel is partial
+    check_forward_backward("temporal_causal", "cpp", (2, 9, 1001, 4, 32), with_bias=True)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"] + (["triton"] if torch.cuda.is_available() else []))
