@@ -21,7 +21,7 @@ import torch.distributed as dist
 import pvkernels
 from pvkernels import schedules
 
-from .data import load_dataset, sample_batch
+from .data import DownloadError, load_dataset, sample_batch
 from .diffusion import DDPM, VideoDiffusion
 from .metrics import offline_fid, psnr, train_classifier
 from .tokenizers import CViViT, VQVAE
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=pvkernels.BACKENDS, default="auto")
     p.add_argument("--data", default="digits", help="digits | cifar10 | folder:PATH")
     p.add_argument("--data-dir", default=None, help="where the CIFAR-10 python batches are")
+    p.add_argument("--download", action="store_true",
+                   help="fetch CIFAR-10 into --data-dir first if it is not there (needs the network)")
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--timesteps", type=int, default=100, help="diffusion steps")
     p.add_argument("--out", required=True, help="output directory")
@@ -109,7 +111,12 @@ class Trainer:
         self.out = Path(args.out)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-        self.images, self.labels = load_dataset(args.data, args.image_size, args.data_dir)
+        if self.distributed and self.rank != 0 and args.download:
+            dist.barrier()  # rank 0 downloads alone; the others wait for it (torchrun stops them if it fails)
+        self.images, self.labels = load_dataset(args.data, args.image_size, args.data_dir,
+                                                download=args.download and self.rank == 0)
+        if self.distributed and self.rank == 0 and args.download:
+            dist.barrier()
         self.video = args.model in VIDEO_MODELS
         self.params = pseudo_video_params(args) if self.video else None
         torch.manual_seed(args.seed)  # same initial weights on every rank
@@ -256,7 +263,7 @@ def main(argv=None) -> int:
         trainer = Trainer(args)
         trainer.train()
         result = trainer.evaluate()
-    except (FileNotFoundError, ValueError, ImportError) as exc:
+    except (FileNotFoundError, ValueError, ImportError, DownloadError) as exc:
         print(f"pvkernels-train: error: {exc}", file=sys.stderr)
         return 2
     finally:
