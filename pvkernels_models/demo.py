@@ -49,7 +49,7 @@ def step_time(model: str, backend: str, frames: int, repeats: int = 5) -> float:
     times = []
     for k in range(repeats + 1):
         start = time.perf_counter()
-        loss = trainer.objective(trainer.make_input(x, k), trainer.gen)
+        loss, _ = trainer.objective(trainer.make_input(x, k), trainer.gen)
         loss.backward()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])

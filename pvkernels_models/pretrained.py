@@ -52,11 +52,15 @@ def find_weights(filename: str, path: Optional[str] = None, flag: str = "path",
     return (cached if cached.is_file() else None), looked
 
 
-def _load_strict(module: nn.Module, state: dict, path: Path, what: str) -> None:
+def _load_strict(cls: type, state: dict, path: Path, what: str) -> nn.Module:
+    """cls() with every tensor taken from state (strict), in eval mode and frozen."""
+    with torch.device("meta"):  # no random init to overwrite, and the global RNG is left alone
+        module = cls()
     try:
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ValueError(f"{path} is not a {what} weight file: {str(exc).splitlines()[0]}") from exc
+    return module.eval().requires_grad_(False)
 
 
 # -- VGG16 ---------------------------------------------------------------------------------
@@ -99,9 +103,8 @@ class VGG16Features(nn.Module):
 def load_vgg16(path: str | Path) -> VGG16Features:
     """VGG16Features from a torchvision vgg16 state_dict file (its ``features.*`` keys, strictly)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model = VGG16Features()
-    _load_strict(model, {k: v for k, v in state.items() if k.startswith("features.")}, Path(path), "torchvision vgg16")
-    return model.eval().requires_grad_(False)
+    features = {k: v for k, v in state.items() if k.startswith("features.")}
+    return _load_strict(VGG16Features, features, Path(path), "torchvision vgg16")
 
 
 # -- InceptionV3 for FID --------------------------------------------------------------------
@@ -249,6 +252,5 @@ class FIDInceptionV3(nn.Module):
 
 def load_inception(path: str | Path) -> FIDInceptionV3:
     """FIDInceptionV3 from ``pt_inception-2015-12-05-6726825d.pth`` (strict), in eval mode."""
-    model = FIDInceptionV3()
-    _load_strict(model, torch.load(path, map_location="cpu", weights_only=True), Path(path), "pytorch-fid InceptionV3")
-    return model.eval().requires_grad_(False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return _load_strict(FIDInceptionV3, state, Path(path), "pytorch-fid InceptionV3")
