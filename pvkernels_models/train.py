@@ -8,7 +8,9 @@ DistributedDataParallel (gloo on CPU, nccl on CUDA); rank 0 writes the files.
 
 The tokenizers take two optional loss terms on the last frame (the image): a PatchGAN hinge
 loss (``--gan-weight``, from ``--gan-start``) and an LPIPS perceptual loss
-(``--perceptual-weight``, needs torchvision's VGG16 weights file).
+(``--perceptual-weight``, needs torchvision's VGG16 weights file). The diffusion models are
+scored with FID on InceptionV3 features when pytorch-fid's weights file is found, otherwise
+with the clearly labelled "offline FID".
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from pvkernels import schedules
 from .data import DownloadError, load_dataset, sample_batch
 from .diffusion import DDPM, VideoDiffusion
 from .losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, last_frame, load_lpips
-from .metrics import offline_fid, psnr, train_classifier
+from .metrics import fid, find_inception_weights, offline_fid, psnr, train_classifier
+from .pretrained import INCEPTION_FILE, load_inception
 from .tokenizers import CViViT, VQVAE
 
 MODELS = ("vqvae", "cvivit", "ddpm", "video-diffusion")
@@ -70,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchvision's vgg16-397923af.pth (default: the torch hub cache)")
     g.add_argument("--lpips-weights", default=None, metavar="PATH",
                    help="the lpips package's vgg.pth channel weights (default: an installed lpips; else uniform)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth for FID of diffusion samples "
+                        "(default: $PVKERNELS_INCEPTION_WEIGHTS, then the torch hub cache; else offline FID)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -143,6 +149,9 @@ class Trainer:
             dist.barrier()
         self.video = args.model in VIDEO_MODELS
         self.params = pseudo_video_params(args) if self.video else None
+        # for the diffusion samples' FID; an explicit path that does not exist fails here, not after training
+        self.inception_path, self.inception_looked = (find_inception_weights(args.inception_weights)
+                                                      if args.model not in TOKENIZERS else (None, ""))
         self.perceptual = None
         if args.perceptual_weight > 0:
             self.perceptual = load_lpips(args.perceptual_weights, args.lpips_weights).to(self.device)
@@ -266,9 +275,15 @@ class Trainer:
             shown = (x, recon)
         else:
             fake = self.model.sample(min(args.eval_samples, 64), generator=eval_gen)
-            classifier = _classifier(args.data, args.image_size, self.images, self.labels)
-            record["offline_fid"] = offline_fid(real[: len(fake)], fake, classifier)
-            record["offline_fid_note"] = "Frechet distance on a small digits classifier, not Inception FID"
+            inception = _inception(self.inception_path, self.inception_looked, verbose=self.rank == 0)
+            if inception is not None:
+                record["fid_inception"] = fid(real[: len(fake)], fake, inception.to(self.device))
+                record["fid_note"] = (f"FID (InceptionV3, pytorch-fid weights) on {len(fake)} samples: biased "
+                                      "upwards at this size, not comparable with 50k-sample FIDs")
+            else:
+                classifier = _classifier(args.data, args.image_size, self.images, self.labels)
+                record["offline_fid"] = offline_fid(real[: len(fake)], fake, classifier)
+                record["offline_fid_note"] = "Frechet distance on a small digits classifier, not Inception FID"
             shown = (self.make_input(real[:8], -1 % 2**31), fake[:8])
         self.log(record)
         if self.rank == 0:
@@ -285,6 +300,20 @@ def _classifier(data: str, size: int, images: torch.Tensor, labels: torch.Tensor
     if (data, size) not in _CLASSIFIERS:
         _CLASSIFIERS[(data, size)] = train_classifier(images, labels, seed=0)
     return _CLASSIFIERS[(data, size)]
+
+
+_INCEPTIONS: dict = {}
+
+
+def _inception(path, looked: str, verbose: bool):
+    """The FID InceptionV3 from path (loaded once per process), or None when no weights were
+    found, saying once per process why the real FID is unavailable."""
+    if path not in _INCEPTIONS:
+        _INCEPTIONS[path] = load_inception(path) if path is not None else None
+        if path is None and verbose:
+            print(f"pvkernels-train: FID (InceptionV3) unavailable: no {INCEPTION_FILE} (looked in {looked}); "
+                  "reporting the offline FID instead", file=sys.stderr)
+    return _INCEPTIONS[path]
 
 
 def save_grid(path: Path, tensors, video: bool) -> None:
@@ -321,6 +350,9 @@ def main(argv=None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.model not in TOKENIZERS and (args.gan_weight > 0 or args.perceptual_weight > 0):
         parser.error(f"--gan-weight and --perceptual-weight apply to the tokenizers (vqvae, cvivit), not {args.model}")
+    if args.model in TOKENIZERS and args.inception_weights:
+        parser.error(f"--inception-weights is for the FID of diffusion samples (ddpm, video-diffusion), "
+                     f"not {args.model}")
     if args.model in ("vqvae", "ddpm"):
         args.frames = 1
     os.environ["PVKERNELS_BACKEND"] = args.backend  # every op below dispatches through "auto"

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -5,6 +6,7 @@ import pytest
 import torch
 
 from pvkernels_models.metrics import fid, frechet_distance, inception_features, psnr
+from pvkernels_models import train
 from pvkernels_models.pretrained import INCEPTION_ENV, INCEPTION_FILE, FIDInceptionV3, load_inception
 
 
@@ -77,11 +79,10 @@ def test_inception_features_of_tiny_grey_and_rgb_images(inception_file):
 
 
 def test_fid_of_a_set_with_itself_is_zero(inception_file, monkeypatch):
-    path, model = inception_file
-    x, y = torch.rand(3, 1, 8, 8), torch.rand(3, 1, 8, 8)
+    path = inception_file[0]
+    x = torch.rand(3, 1, 8, 8)
     monkeypatch.setenv(INCEPTION_ENV, str(path))  # found through the environment variable
-    assert fid(x, x) == pytest.approx(0.0, abs=1e-6)
-    assert fid(x, y, weights=model) > 0
+    assert fid(x, x) == pytest.approx(0.0, abs=1e-6)  # fid > 0 for different sets: the CLI test below
 
 
 def test_fid_without_weights_says_where_it_looked(tmp_path, monkeypatch):
@@ -91,3 +92,21 @@ def test_fid_without_weights_says_where_it_looked(tmp_path, monkeypatch):
         fid(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8))
     with pytest.raises(FileNotFoundError, match="no file at /nonexistent"):
         fid(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), weights="/nonexistent")
+
+
+def test_cli_reports_inception_fid_when_the_weights_exist(inception_file, tmp_path, monkeypatch, capsys):
+    argv = ["--model", "ddpm", "--steps", "1", "--image-size", "8", "--batch-size", "4", "--eval-samples", "4",
+            "--timesteps", "3", "--no-progress", "--out"]
+    monkeypatch.setattr(train, "_INCEPTIONS", {})  # a fresh process's cache: the note is printed once
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    for out in ("a", "b"):
+        assert train.main([*argv, str(tmp_path / out)]) == 0
+        record = json.loads((tmp_path / out / "metrics.jsonl").read_text().splitlines()[-1])
+        assert "offline_fid" in record and "fid_inception" not in record
+    assert capsys.readouterr().err.count(f"FID (InceptionV3) unavailable: no {INCEPTION_FILE}") == 1
+    assert train.main([*argv, str(tmp_path / "c"), "--inception-weights", str(inception_file[0])]) == 0
+    record = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["fid_inception"] > 0 and "offline_fid" not in record and "InceptionV3" in record["fid_note"]
+    assert train.main([*argv, str(tmp_path / "d"), "--inception-weights", str(tmp_path / "none.pth")]) == 2
+    assert "--inception-weights: no file at" in capsys.readouterr().err
