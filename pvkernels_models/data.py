@@ -2,8 +2,8 @@
 
 ``digits`` (the default) is scikit-learn's bundled 8x8 digits, so everything runs offline;
 ``cifar10`` reads the standard python batches from ``data_dir`` (``download_cifar10`` fetches
-them when the network allows); ``folder:PATH`` reads the images of a folder. Pseudo videos are built from these batches on the fly with
-``pvkernels.pseudo_video``.
+them when the network allows); ``folder:PATH`` reads the images of a folder. Pseudo videos
+are built from these batches on the fly with ``pvkernels.pseudo_video``.
 """
 from __future__ import annotations
 

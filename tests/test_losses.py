@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from pvkernels_models.losses import (LPIPS, PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss,
-                                     last_frame, load_lpips)
+from pvkernels_models.losses import (PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, last_frame,
+                                     load_lpips)
 from pvkernels_models.pretrained import VGG16_FILE, VGG16Features, load_vgg16
 from pvkernels_models.train import main
 
