@@ -3,7 +3,8 @@
     python -m pvkernels_models.demo [--steps 300] [--seeds 1] [--out runs/demo] [--quick]
 
 Trains VQVAE vs CViViT and DDPM vs VideoDiffusion on the offline digits data with the same
-steps and batch size, prints a table (last-frame PSNR, offline FID, seconds per step for each
+steps and batch size, prints a table (last-frame PSNR; FID on InceptionV3 features when
+pytorch-fid's weights are found, else the labelled offline FID; seconds per step for each
 backend) and writes OUT/demo.png (pseudo videos, reconstructions, samples). Runs on a 2-core
 CPU in a few minutes.
 """
@@ -23,6 +24,10 @@ import pvkernels
 from .train import Trainer, build_parser
 
 PAIRS = (("vqvae", "cvivit"), ("ddpm", "video-diffusion"))
+# the metric a run reports: FID on InceptionV3 features when pytorch-fid's weights were found
+METRICS = {"psnr_last_frame": "last-frame PSNR, dB (higher is better)",
+           "fid_inception": "FID (InceptionV3) on at most 64 samples: biased upwards, lower is better",
+           "offline_fid": "Frechet distance on a small digits classifier (not Inception FID); lower is better"}
 
 
 def run(model: str, seed: int, steps: int, out: Path, frames: int, extra: list) -> dict:
@@ -49,7 +54,7 @@ def step_time(model: str, backend: str, frames: int, repeats: int = 5) -> float:
     times = []
     for k in range(repeats + 1):
         start = time.perf_counter()
-        loss = trainer.objective(trainer.make_input(x, k), trainer.gen)
+        loss, _ = trainer.objective(trainer.make_input(x, k), trainer.gen)
         loss.backward()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
@@ -71,7 +76,7 @@ def main(argv=None) -> int:
     for pair in PAIRS:
         for model in pair:
             results = [run(model, seed, steps, out, args.frames, extra) for seed in range(args.seeds)]
-            key = "psnr_last_frame" if "psnr_last_frame" in results[0] else "offline_fid"
+            key = next(k for k in METRICS if k in results[0])
             values = [r[key] for r in results]
             rows.append({"model": model, "metric": key, "mean": statistics.fmean(values),
                          "std": statistics.pstdev(values), "seeds": len(values),
@@ -84,7 +89,8 @@ def main(argv=None) -> int:
     print(f"{'model':<17}{'metric':<17}{'mean':>9}{'std':>8}{'train s':>9}")
     for r in rows:
         print(f"{r['model']:<17}{r['metric']:<17}{r['mean']:>9.3f}{r['std']:>8.3f}{r['train_sec']:>9.1f}")
-    print("offline_fid: Frechet distance on a small digits classifier (not Inception FID); lower is better")
+    for key in dict.fromkeys(r["metric"] for r in rows):
+        print(f"{key}: {METRICS[key]}")
     print("\nseconds per training step (forward + backward) by backend")
     for m, per in timing.items():
         print(f"{m:<17}" + "  ".join(f"{b} {t * 1e3:.1f} ms" for b, t in per.items()))

@@ -1,13 +1,19 @@
 """Image-quality metrics: PSNR and the Frechet distance behind FID.
 
-``frechet_distance`` is the closed form between two Gaussians fitted to feature sets; FID is
-that distance on InceptionV3 pool features. Where the Inception weights cannot be loaded
-(offline), callers may use the features of a small classifier trained on the same data: that
-number is labelled "offline FID" and is not comparable with published FIDs.
+``frechet_distance`` is the closed form between two Gaussians fitted to feature sets; ``fid``
+is that distance on the 2048-d pool3 features of pytorch-fid's InceptionV3, with its standard
+weights file (``pretrained.INCEPTION_FILE``; nothing is downloaded). Where those weights are
+not present (offline), callers may use the features of a small classifier trained on the same
+data: that number is labelled "offline FID" and is not comparable with published FIDs.
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional, Union
+
 import torch
+
+from .pretrained import INCEPTION_ENV, INCEPTION_FILE, FIDInceptionV3, find_weights, load_inception
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -54,6 +60,47 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     cross = _sqrtm_psd(root_a @ cov_b @ root_a)
     value = (mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2.0 * torch.trace(cross)
     return float(value.clamp_min(0.0))
+
+
+def find_inception_weights(path: Optional[str] = None, flag: str = "--inception-weights") -> tuple[Optional[Path], str]:
+    """The FID Inception weights: ``path`` (given as ``flag``), ``$PVKERNELS_INCEPTION_WEIGHTS``
+    or torch hub's ``checkpoints/pt_inception-2015-12-05-6726825d.pth``; (file or None, where it looked)."""
+    return find_weights(INCEPTION_FILE, path, flag, INCEPTION_ENV)
+
+
+@torch.no_grad()
+def inception_features(images: torch.Tensor, model: FIDInceptionV3, batch_size: int = 32) -> torch.Tensor:
+    """(N, 2048) pool3 features of images (N, 1 or 3, H, W) in [0, 1], in batches (299x299 each)."""
+    device = next(model.parameters()).device
+    return torch.cat([model(images[i: i + batch_size].to(device)).double().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def fid(real: torch.Tensor, fake: torch.Tensor, weights: Union[str, Path, FIDInceptionV3, None] = None,
+        batch_size: int = 32) -> float:
+    """Frechet Inception Distance between two image sets, as pytorch-fid computes it.
+
+    Args:
+        real, fake: images (N, C, H, W) and (M, C, H, W) in [0, 1], C = 1 or 3, N, M >= 2
+            (FID is only comparable across papers with thousands of images).
+        weights: a loaded FIDInceptionV3, the path of its weights file, or None to look in
+            ``$PVKERNELS_INCEPTION_WEIGHTS`` and torch hub's cache.
+        batch_size: images per Inception forward.
+
+    Returns:
+        The FID (float, >= 0).
+
+    Example:
+        >>> fid(real_images, samples, weights="pt_inception-2015-12-05-6726825d.pth")
+    """
+    if isinstance(weights, FIDInceptionV3):
+        model = weights
+    else:
+        path, looked = find_inception_weights(None if weights is None else str(weights), "fid(weights=...)")
+        if path is None:
+            raise FileNotFoundError(f"fid: no InceptionV3 weights ({INCEPTION_FILE}); looked in {looked}")
+        model = load_inception(path)
+    return frechet_distance(inception_features(real, model, batch_size), inception_features(fake, model, batch_size))
 
 
 class SmallClassifier(torch.nn.Module):

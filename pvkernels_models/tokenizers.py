@@ -17,7 +17,8 @@ import pvkernels
 class VQVAE(nn.Module):
     """Conv encoder (two stride-2 convs), VectorQuantizer, mirrored decoder.
 
-    ``forward(x)`` -> (reconstruction, codes, vq_loss); ``loss(x)`` = MSE + vq_loss.
+    ``forward(x)`` -> (reconstruction, codes, vq_loss); ``loss(x)`` = MSE + vq_loss (the optional
+    GAN and perceptual terms are added by the trainer, see ``losses``).
     Shape: images (B, C, S, S) in [0, 1], S divisible by 4.
     """
 
@@ -37,9 +38,16 @@ class VQVAE(nn.Module):
         zq, codes, vq_loss = self.quantizer(z)
         return torch.sigmoid(self.decoder(zq.permute(0, 3, 1, 2))), codes, vq_loss
 
-    def loss(self, x, generator=None):
+    def loss(self, x, generator=None, return_recon=False):
+        """MSE + VQ loss; with ``return_recon`` also the reconstruction (for the GAN and perceptual terms)."""
         recon, _, vq_loss = self(x)
-        return F.mse_loss(recon, x) + vq_loss
+        loss = F.mse_loss(recon, x) + vq_loss
+        return (loss, recon) if return_recon else loss
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's last weight, where the GAN term's adaptive weight is measured."""
+        return self.decoder[-1].weight
 
 
 class CViViT(nn.Module):
@@ -91,6 +99,13 @@ class CViViT(nn.Module):
         recon = torch.sigmoid(out.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, T, C, H, W))
         return recon, codes, vq_loss
 
-    def loss(self, video, generator=None):
+    def loss(self, video, generator=None, return_recon=False):
+        """MSE + VQ loss over all frames; with ``return_recon`` also the reconstruction."""
         recon, _, vq_loss = self(video)
-        return F.mse_loss(recon, video) + vq_loss
+        loss = F.mse_loss(recon, video) + vq_loss
+        return (loss, recon) if return_recon else loss
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's last weight, where the GAN term's adaptive weight is measured."""
+        return self.head.weight

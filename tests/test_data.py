@@ -1,9 +1,14 @@
+import hashlib
+import io
 import pickle
+import tarfile
 
 import pytest
 import torch
 
-from pvkernels_models.data import load_dataset, sample_batch
+from pvkernels_models import data
+from pvkernels_models.data import DownloadError, download_cifar10, load_dataset, sample_batch
+from pvkernels_models.train import main
 
 
 def test_digits_resized_in_unit_range():
@@ -49,3 +54,54 @@ def test_sample_batch_is_reproducible():
     assert all(torch.equal(x, sample_batch(images, 4, g)) for x in a)
     with pytest.raises(ValueError, match="batch_size"):
         sample_batch(images, 0, torch.Generator())
+
+
+def fake_cifar10_archive(path, names=None):
+    """A small cifar-10-python.tar.gz (4 random images per batch); returns its file:// URL and md5."""
+    names = names or [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] + ["cifar-10-batches-py/test_batch"]
+    with tarfile.open(path, "w:gz") as tar:
+        for name in names:
+            batch = {"data": torch.randint(0, 256, (4, 3072), dtype=torch.uint8).numpy(), "labels": [0, 1, 2, 3]}
+            blob = pickle.dumps(batch)
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path.as_uri(), hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_cifar10_download_checks_md5_and_extracts(tmp_path):
+    url, md5 = fake_cifar10_archive(tmp_path / "c10.tar.gz")
+    root = tmp_path / "data"
+    with pytest.raises(DownloadError, match="has md5 .* expected 0+;"):
+        download_cifar10(root, url=url, md5="0" * 32)
+    assert not (root / "cifar-10-batches-py").exists() and list(root.iterdir()) == []  # nothing half-written
+    folder = download_cifar10(root, url=url, md5=md5)
+    assert sorted(p.name for p in folder.iterdir())[:2] == ["data_batch_1", "data_batch_2"]
+    assert download_cifar10(root, url="file:///nonexistent", md5=md5) == folder  # present: no fetch
+    images, labels = load_dataset("cifar10", size=8, data_dir=str(root))
+    assert images.shape == (20, 3, 8, 8) and labels.tolist()[:4] == [0, 1, 2, 3]
+
+
+def test_cifar10_download_failure_says_where_to_put_the_files(tmp_path):
+    with pytest.raises(DownloadError, match="could not download CIFAR-10 from file:///nonexistent.*extract it so "
+                                            f"that {tmp_path}/cifar-10-batches-py/ holds data_batch_1"):
+        download_cifar10(tmp_path, url="file:///nonexistent/c10.tar.gz")
+    url, md5 = fake_cifar10_archive(tmp_path / "evil.tar.gz", ["cifar-10-batches-py/data_batch_1", "../evil"])
+    with pytest.raises(DownloadError, match=r"unexpected entries \(\.\./evil\)"):
+        download_cifar10(tmp_path / "data", url=url, md5=md5)
+    assert not (tmp_path / "evil").exists()
+
+
+def test_cli_download(tmp_path, monkeypatch, capsys):
+    common = ["--model", "vqvae", "--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--download",
+              "--steps", "1", "--image-size", "8", "--batch-size", "4", "--eval-samples", "4", "--no-progress"]
+    monkeypatch.setattr(data, "CIFAR10_URL", "file:///nonexistent/c10.tar.gz")
+    assert main([*common, "--out", str(tmp_path / "a")]) == 2
+    assert "could not download CIFAR-10" in capsys.readouterr().err
+    url, md5 = fake_cifar10_archive(tmp_path / "c10.tar.gz")
+    monkeypatch.setattr(data, "CIFAR10_URL", url)
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5)
+    assert main([*common, "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").is_file()
+    with pytest.raises(ValueError, match="--download only applies to --data cifar10"):
+        load_dataset("digits", size=8, download=True)

@@ -1,10 +1,13 @@
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from pvkernels_models.metrics import frechet_distance, psnr
+from pvkernels_models.metrics import fid, frechet_distance, inception_features, psnr
+from pvkernels_models import train
+from pvkernels_models.pretrained import INCEPTION_ENV, INCEPTION_FILE, FIDInceptionV3, load_inception
 
 
 def test_psnr_known_values():
@@ -34,3 +37,76 @@ def test_frechet_distance_bad_input():
         frechet_distance(torch.randn(5, 3), torch.randn(5, 4))
     with pytest.raises(ValueError, match="N >= 2"):
         frechet_distance(torch.randn(1, 3), torch.randn(5, 3))
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """A random FIDInceptionV3 saved as its weights file (the real one is not shipped)."""
+    torch.manual_seed(0)
+    model = FIDInceptionV3()
+    for m in model.modules():  # default init shrinks the features to ~1e-8 over 94 convs
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("hub") / INCEPTION_FILE
+    torch.save(model.state_dict(), path)
+    return path, model.eval()
+
+
+def test_inception_is_pytorch_fids_layout(inception_file):
+    path, model = inception_file
+    # torchvision's inception_v3 has 27,161,264 parameters; pytorch-fid's has no AuxLogits
+    # (3,326,696) and a 1008-way fc instead of 1000-way (8 * 2048 + 8 more)
+    assert sum(p.numel() for p in model.parameters()) == 27161264 - 3326696 + 8 * 2049
+    loaded = load_inception(path)  # strict=True
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    assert "Mixed_7c.branch3x3dbl_3b.bn.running_var" in loaded.state_dict()
+
+
+def test_inception_rejects_a_foreign_file(tmp_path):
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "x.pth")
+    with pytest.raises(ValueError, match="not a pytorch-fid InceptionV3 weight file"):
+        load_inception(tmp_path / "x.pth")
+
+
+def test_inception_features_of_tiny_grey_and_rgb_images(inception_file):
+    model = inception_file[1]
+    grey, rgb = inception_features(torch.rand(3, 1, 8, 8), model), inception_features(torch.rand(2, 3, 12, 12), model)
+    assert grey.shape == (3, 2048) and rgb.shape == (2, 2048) and grey.isfinite().all()
+    assert (grey[0] - grey[1]).abs().max() > 0
+    with pytest.raises(ValueError, match="1 or 3"):
+        model(torch.rand(2, 2, 8, 8))
+
+
+def test_fid_of_a_set_with_itself_is_zero(inception_file, monkeypatch):
+    path = inception_file[0]
+    x = torch.rand(3, 1, 8, 8)
+    monkeypatch.setenv(INCEPTION_ENV, str(path))  # found through the environment variable
+    assert fid(x, x) == pytest.approx(0.0, abs=1e-6)  # fid > 0 for different sets: the CLI test below
+
+
+def test_fid_without_weights_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"no InceptionV3 weights .*{tmp_path}"):
+        fid(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8))
+    with pytest.raises(FileNotFoundError, match="no file at /nonexistent"):
+        fid(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), weights="/nonexistent")
+
+
+def test_cli_reports_inception_fid_when_the_weights_exist(inception_file, tmp_path, monkeypatch, capsys):
+    argv = ["--model", "ddpm", "--steps", "1", "--image-size", "8", "--batch-size", "4", "--eval-samples", "4",
+            "--timesteps", "3", "--no-progress", "--out"]
+    monkeypatch.setattr(train, "_INCEPTIONS", {})  # a fresh process's cache: the note is printed once
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    for out in ("a", "b"):
+        assert train.main([*argv, str(tmp_path / out)]) == 0
+        record = json.loads((tmp_path / out / "metrics.jsonl").read_text().splitlines()[-1])
+        assert "offline_fid" in record and "fid_inception" not in record
+    assert capsys.readouterr().err.count(f"FID (InceptionV3) unavailable: no {INCEPTION_FILE}") == 1
+    assert train.main([*argv, str(tmp_path / "c"), "--inception-weights", str(inception_file[0])]) == 0
+    record = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["fid_inception"] > 0 and "offline_fid" not in record and "InceptionV3" in record["fid_note"]
+    assert train.main([*argv, str(tmp_path / "d"), "--inception-weights", str(tmp_path / "none.pth")]) == 2
+    assert "--inception-weights: no file at" in capsys.readouterr().err

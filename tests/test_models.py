@@ -12,6 +12,7 @@ from pvkernels_models.tokenizers import CViViT, VQVAE
 from pvkernels_models.train import main
 
 FAST = ["--image-size", "8", "--batch-size", "8", "--eval-samples", "16", "--timesteps", "5", "--no-progress"]
+GAN = ["--gan-weight", "0.5", "--gan-start", "1"]
 
 
 def make(name, frames=3):
@@ -73,17 +74,32 @@ def test_cli_smoke(tmp_path, model, capsys):
     assert not (tmp_path / "checkpoint.pt.tmp").exists()
 
 
-@pytest.mark.parametrize("model", ["cvivit", "video-diffusion"])
-def test_resume_continues_bit_for_bit(tmp_path, model):
-    common = ["--model", model, "--frames", "3", "--out"]
+@pytest.mark.parametrize("model", ["vqvae", "cvivit"])
+def test_cli_gan(tmp_path, model):
+    assert main(["--model", model, "--frames", "3", "--steps", "3", "--log-every", "1", "--out", str(tmp_path),
+                 *GAN, *FAST]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "g_loss" not in lines[0]  # step 1 is before --gan-start 1 ends: no GAN yet
+    assert {"g_loss", "d_loss", "gan_weight"} <= set(lines[1]) and lines[1]["gan_weight"] > 0
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert "disc" in state and "opt_d" in state
+
+
+@pytest.mark.parametrize("model, extra", [("cvivit", []), ("video-diffusion", []), ("vqvae", GAN), ("cvivit", GAN)])
+def test_resume_continues_bit_for_bit(tmp_path, model, extra):
+    common = ["--model", model, "--frames", "3", *extra, "--out"]
     main([*common, str(tmp_path / "straight"), "--steps", "4", *FAST])
     main([*common, str(tmp_path / "resumed"), "--steps", "2", *FAST])
     main([*common, str(tmp_path / "resumed"), "--steps", "4", "--resume", *FAST])
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
     assert a["step"] == b["step"] == 4
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+    for part in ["model", "disc"] if extra else ["model"]:
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), f"{part}.{k}"
+    if extra:  # the discriminator's Adam moments too
+        for i, s in a["opt_d"]["state"].items():
+            assert torch.equal(s["exp_avg_sq"], b["opt_d"]["state"][i]["exp_avg_sq"]), i
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -102,12 +118,15 @@ def test_missing_data_dir_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "CIFAR-10 python batches not found" in capsys.readouterr().err
 
 
-def test_ddp_two_gloo_processes(tmp_path):
+@pytest.mark.parametrize("script, extra", [(["-m", "pvkernels_models.train"], []),
+                                           (["tests/ddp_sync.py"], ["--gan-weight", "0.5"])], ids=["cli", "gan-sync"])
+def test_ddp_two_gloo_processes(tmp_path, script, extra):
+    """The CLI under torchrun; and with the GAN on, the model and the discriminator (each rank
+    sees other data) end identical on both ranks (tests/ddp_sync.py checks)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "pvkernels_models.train", "--model", "cvivit", "--frames", "3", "--steps", "2", "--out",
-           str(tmp_path), *FAST]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *script, "--model", "cvivit", "--frames", "3", "--steps", "2", "--out", str(tmp_path), *extra, *FAST]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "checkpoint.pt").is_file()
