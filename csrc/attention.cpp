@@ -142,24 +142,26 @@ void transpose_tiles(const float* src, int64_t lds, float* dst, int64_t ldd, int
   }
 }
 
-// S[i, :] = A[i, :D] . Bt[:D, :] for rows i < n_rows (a multiple of 4), four rows at a time so
-// each loaded vector of Bt feeds four independent FMA chains. upper: only the column chunks
-// from the block's own (S^T of a causal score matrix: key j sees queries i >= j).
-void rows_dot_cols(const float* A, int64_t lda, const float* Bt, int64_t Np, float* S, int64_t n_rows, int64_t D,
-                   bool upper) {
+// S[i, :] = A[i, :D] . Bt[:D, :] for rows i < n_rows (a multiple of 4) and the first `cols`
+// columns (a multiple of 16) of Bt (row stride ldb) and S (row stride Np), four rows at a time
+// so each loaded vector of Bt feeds four independent FMA chains. upper: only the column chunks
+// from the rows' own on (S^T of a causal score matrix: key j sees queries i >= j), where the
+// columns start at chunk `chunk0` of the whole matrix.
+void rows_dot_cols(const float* A, int64_t lda, const float* Bt, int64_t ldb, float* S, int64_t Np, int64_t cols,
+                   int64_t n_rows, int64_t D, bool upper, int64_t chunk0 = 0) {
   for (int64_t i0 = 0; i0 < n_rows; i0 += 4) {
     const float* a0 = A + i0 * lda;
     const float* a1 = a0 + lda;
     const float* a2 = a1 + lda;
     const float* a3 = a2 + lda;
-    int64_t c = upper ? i0 / W : 0;
+    int64_t c = upper ? std::max<int64_t>(0, i0 / W - chunk0) : 0;
     // two column chunks at a time: 8 accumulators, 6 loads per 8 FMAs
-    for (; c + 2 <= Np / W; c += 2) {
+    for (; c + 2 <= cols / W; c += 2) {
       v16 s0 = {}, s1 = {}, s2 = {}, s3 = {}, t0 = {}, t1 = {}, t2 = {}, t3 = {};
       const float* bt = Bt + c * W;
       for (int64_t d = 0; d < D; ++d) {
-        const v16 b = vload(bt + d * Np);
-        const v16 b2 = vload(bt + d * Np + W);
+        const v16 b = vload(bt + d * ldb);
+        const v16 b2 = vload(bt + d * ldb + W);
         const float x0 = a0[d], x1 = a1[d], x2 = a2[d], x3 = a3[d];
         s0 += x0 * b;
         s1 += x1 * b;
@@ -180,11 +182,11 @@ void rows_dot_cols(const float* A, int64_t lda, const float* Bt, int64_t Np, flo
       vstore(out + 3 * Np, s3);
       vstore(out + 3 * Np + W, t3);
     }
-    for (; c < Np / W; ++c) {
+    for (; c < cols / W; ++c) {
       v16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
       const float* bt = Bt + c * W;
       for (int64_t d = 0; d < D; ++d) {
-        const v16 b = vload(bt + d * Np);
+        const v16 b = vload(bt + d * ldb);
         s0 += a0[d] * b;
         s1 += a1[d] * b;
         s2 += a2[d] * b;
@@ -200,17 +202,18 @@ void rows_dot_cols(const float* A, int64_t lda, const float* Bt, int64_t Np, flo
 
 // O[i, :] = sum_j P(i, j) M[j, :] (M is Np x DC*16) for rows i < n_rows, four rows at a time.
 // COLUMN: P is stored transposed (P(i, j) = P[j * Np + i], the four rows' entries adjacent).
-// mode 0: j < N; mode 1 (causal P): j < min(i0 + 4, N); mode 2 (P^T of a causal P): i0 <= j < N.
+// mode 0: j < N; mode 1 (causal P): j < min(row0 + i0 + R, N); mode 2 (P^T of a causal P):
+// i0 <= j < N. row0: the index of row 0 in the whole matrix (a block of query rows).
 template <int DC, bool COLUMN>
 void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_t n_rows, int64_t N, int mode,
-                    const float* row_scale) {
+                    const float* row_scale, int64_t row0) {
   constexpr int64_t Dp = DC * W;
   // 8 rows per block for narrow heads (16 accumulators), 4 for wide ones (register budget);
   // rows past n_rows (< Np, zero padded) are computed and ignored
   constexpr int R = DC <= 2 ? 8 : 4;
   for (int64_t i0 = 0; i0 < n_rows; i0 += R) {
     const int64_t lo = mode == 2 ? i0 : 0;
-    const int64_t hi = mode == 1 ? std::min(i0 + R, N) : N;
+    const int64_t hi = mode == 1 ? std::min(row0 + i0 + R, N) : N;
     v16 acc[R][DC] = {};
     for (int64_t j = lo; j < hi; ++j) {
       float p[R];
@@ -228,7 +231,8 @@ void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_
   }
 }
 
-using RowsTimesMat = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, int, const float*);
+using RowsTimesMat = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, int, const float*,
+                              int64_t);
 template <bool COLUMN>
 RowsTimesMat rows_times_mat_for(int64_t Dp) {
   static const RowsTimesMat table[] = {rows_times_mat<1, COLUMN>, rows_times_mat<2, COLUMN>,
@@ -347,18 +351,18 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
   const int64_t N = z.N, D = z.D, Np = pd.Np, Dp = pd.Dp, N4 = pd.N4, H = z.H;
   const int64_t per_head = Np * Dp;
-  const int64_t G = heads_per_group(H, per_head, 16384);
+  const int64_t G = heads_per_group(H, per_head, 65536);
   const RowsTimesMat pv = rows_times_mat_for<true>(Dp);
-  const int64_t n_chunks = (N + W - 1) / W;
+  constexpr int64_t QB = 32;  // queries per block: N keys x 32 scores are 32 KB at N = 256
   at::parallel_for(0, z.B * z.A, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> ws(4 * G * per_head + per_head + Np * Np + Np + W, 0.0f);
+    std::vector<float> ws(4 * G * per_head + per_head + Np * QB + Np + W, 0.0f);
     float* Qg = aligned(ws.data());    // G x Np x Dp, pre-scaled by 1/sqrt(Dh)
     float* Kg = Qg + G * per_head;     // G x Np x Dp
     float* Vg = Kg + G * per_head;     // G x Np x Dp
     float* Og = Vg + G * per_head;     // G x Np x Dp
     float* Qt = Og + G * per_head;     // Dp x Np
-    float* Pt = Qt + per_head;         // Np x Np: scores, then probabilities, transposed [key][query]
-    float* rinv = Pt + Np * Np;        // Np: 1 / softmax denominators
+    float* Pt = Qt + per_head;         // Np x QB: a block's scores, then probabilities, transposed [key][query]
+    float* rinv = Pt + Np * QB;        // Np: 1 / softmax denominators
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / z.A, a = item % z.A;
       for (int64_t h0 = 0; h0 < H; h0 += G) {
@@ -371,35 +375,43 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           // S^T[j][i] = k_j . q_i: with keys as rows, a 16-lane vector holds 16 queries, so the
           // softmax over keys is lane-wise (no horizontal max / sum per query)
           transpose_tiles(Qg + hh * per_head, Dp, Qt, Np, Np, Dp);
-          rows_dot_cols(Kg + hh * per_head, Dp, Qt, Np, Pt, N4, D, causal);
           float* lbase = lp + b * l_sb + a * l_sa + h * l_sh;
           const float* bias_h = bias != nullptr ? bias + h * N * Np : nullptr;  // transposed [j][i]
-          for (int64_t c = 0; c < n_chunks; ++c) {
-            const int64_t jmax = causal ? std::min(N, (c + 1) * W) : N;
-            const v16i lanes = lane_index(c * W);
-            v16 m = splat(-std::numeric_limits<float>::infinity());
-            for (int64_t j = 0; j < jmax; ++j) {
-              float* col = Pt + j * Np + c * W;
-              v16 x = vload(col);
-              if (bias_h != nullptr) x += vload(bias_h + j * Np + c * W);
-              vstore(col, x);
-              if (causal) x = lanes >= static_cast<int32_t>(j) ? x : splat(-std::numeric_limits<float>::infinity());
-              m = vmax(m, x);
+          // blocks of QB queries: the block's scores (N keys x QB) stay in L1 through the
+          // softmax and the P V product
+          for (int64_t c0 = 0; c0 < Np; c0 += QB) {
+            const int64_t qb = std::min(QB, Np - c0);
+            const int64_t keys = causal ? std::min(N4, (c0 + qb + 3) / 4 * 4) : N4;  // causal: keys <= queries
+            rows_dot_cols(Kg + hh * per_head, Dp, Qt + c0, Np, Pt, QB, qb, keys, D, causal, c0 / W);
+            for (int64_t c = c0 / W; c < (c0 + qb) / W; ++c) {
+              const int64_t jmax = causal ? std::min(N, (c + 1) * W) : N;
+              const v16i lanes = lane_index(c * W);
+              v16 m = splat(-std::numeric_limits<float>::infinity());
+              for (int64_t j = 0; j < jmax; ++j) {
+                float* col = Pt + j * QB + c * W - c0;
+                v16 x = vload(col);
+                if (bias_h != nullptr) {
+                  x += vload(bias_h + j * Np + c * W);
+                  vstore(col, x);
+                }
+                if (causal) x = lanes >= static_cast<int32_t>(j) ? x : splat(-std::numeric_limits<float>::infinity());
+                m = vmax(m, x);
+              }
+              v16 l = {};
+              for (int64_t j = 0; j < jmax; ++j) {
+                float* col = Pt + j * QB + c * W - c0;
+                v16 p = vexp(vload(col) - m);
+                // masked lanes: exp(-inf - m) is clamped to ~1e-38, so zero them exactly
+                if (causal) p = lanes >= static_cast<int32_t>(j) ? p : v16{};
+                vstore(col, p);
+                l += p;
+              }
+              vstore(rinv + c * W, 1.0f / l);  // P is normalised on O's rows, in the P V product
+              const v16 lse_c = m + vlog(l);
+              for (int64_t i = c * W; i < std::min(N, (c + 1) * W); ++i) lbase[i * l_sn] = lse_c[i - c * W];
             }
-            v16 l = {};
-            for (int64_t j = 0; j < jmax; ++j) {
-              float* col = Pt + j * Np + c * W;
-              v16 p = vexp(vload(col) - m);
-              // masked lanes: exp(-inf - m) is clamped to ~1e-38, so zero them exactly
-              if (causal) p = lanes >= static_cast<int32_t>(j) ? p : v16{};
-              vstore(col, p);
-              l += p;
-            }
-            vstore(rinv + c * W, 1.0f / l);  // P is normalised on O's rows, in the P V product
-            const v16 lse_c = m + vlog(l);
-            for (int64_t i = c * W; i < std::min(N, (c + 1) * W); ++i) lbase[i * l_sn] = lse_c[i - c * W];
+            pv(Pt, QB, Vg + hh * per_head, Og + hh * per_head + c0 * Dp, qb, N, causal ? 1 : 0, rinv + c0, c0);
           }
-          pv(Pt, Np, Vg + hh * per_head, Og + hh * per_head, N4, N, causal ? 1 : 0, rinv);
         }
         store_group(Og, N, g, D, Np, Dp, 1.0f, op + b * ov.sb + a * ov.sa + h0 * ov.sh, ov);
       }
@@ -462,8 +474,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           const float* Gh = Gg + hh * per_head;
           transpose_tiles(Q, Dp, Qt, Np, Np, Dp);
           transpose_tiles(Gh, Dp, Gt, Np, Np, Dp);
-          rows_dot_cols(Kg + hh * per_head, Dp, Qt, Np, Pt, N4, D, causal);   // S^T
-          rows_dot_cols(Vg + hh * per_head, Dp, Gt, Np, dSt, N4, D, causal);  // dP^T = V dO^T
+          rows_dot_cols(Kg + hh * per_head, Dp, Qt, Np, Pt, Np, Np, N4, D, causal);   // S^T
+          rows_dot_cols(Vg + hh * per_head, Dp, Gt, Np, dSt, Np, Np, N4, D, causal);  // dP^T = V dO^T
           const float* lbase = lp + b * l_sb + a * l_sa + h * l_sh;
           const float* bias_h = bias != nullptr ? bias + h * N * Np : nullptr;
           float* dbias_h = dbias_t != nullptr ? dbias_t + h * N * Np : nullptr;
@@ -491,9 +503,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
               if (dbias_h != nullptr) vstore(dbias_h + j * Np + c * W, vload(dbias_h + j * Np + c * W) + ds);
             }
           }
-          mm_col(dSt, Np, Kg + hh * per_head, dQg + hh * per_head, N4, N, causal ? 1 : 0, nullptr);  // dQ = dS K
-          mm_row(Pt, Np, Gh, dVg + hh * per_head, N4, N, causal ? 2 : 0, nullptr);   // dV = P^T dO
-          mm_row(dSt, Np, Q, dKg + hh * per_head, N4, N, causal ? 2 : 0, nullptr);   // dK = dS^T Q
+          mm_col(dSt, Np, Kg + hh * per_head, dQg + hh * per_head, N4, N, causal ? 1 : 0, nullptr, 0);  // dQ = dS K
+          mm_row(Pt, Np, Gh, dVg + hh * per_head, N4, N, causal ? 2 : 0, nullptr, 0);   // dV = P^T dO
+          mm_row(dSt, Np, Q, dKg + hh * per_head, N4, N, causal ? 2 : 0, nullptr, 0);   // dK = dS^T Q
         }
         store_group(dQg, N, g, D, Np, Dp, scale, dqp + b * dqv.sb + a * dqv.sa + h0 * dqv.sh, dqv);
         store_group(dKg, N, g, D, Np, Dp, 1.0f, dkp + b * dkv.sb + a * dkv.sa + h0 * dkv.sh, dkv);
