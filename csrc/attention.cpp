@@ -78,7 +78,9 @@ inline v16i lane_index(int64_t base) {
 // (vrndscaleps, vscalefps): the softmax's exps dominate long rows (S = 256: 64K per head).
 inline v16 vexp(v16 x) {
   x = x < -88.0f ? splat(-88.0f) : x;  // -inf (masked lanes) -> ~6e-39; callers zero those lanes
-  x = x > 88.0f ? splat(88.0f) : x;
+#ifndef __AVX512F__
+  x = x > 88.0f ? splat(88.0f) : x;  // (vscalefps overflows to +inf by itself, as expf does)
+#endif
 #ifdef __AVX512F__
   const v16 n = (v16)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT);
 #else
@@ -146,9 +148,17 @@ void transpose_tiles(const float* src, int64_t lds, float* dst, int64_t ldd, int
 // columns (a multiple of 16) of Bt (row stride ldb) and S (row stride Np), four rows at a time
 // so each loaded vector of Bt feeds four independent FMA chains. upper: only the column chunks
 // from the rows' own on (S^T of a causal score matrix: key j sees queries i >= j), where the
-// columns start at chunk `chunk0` of the whole matrix.
+// columns start at chunk `chunk0` of the whole matrix. add (row stride add_ld): a matrix added to
+// S as it is stored (the bias); colmax: the running max of each column chunk over the stored
+// rows < n_valid (the softmax's max pass, fused).
 void rows_dot_cols(const float* A, int64_t lda, const float* Bt, int64_t ldb, float* S, int64_t Np, int64_t cols,
-                   int64_t n_rows, int64_t D, bool upper, int64_t chunk0 = 0) {
+                   int64_t n_rows, int64_t D, bool upper, int64_t chunk0 = 0, const float* add = nullptr,
+                   int64_t add_ld = 0, v16* colmax = nullptr, int64_t n_valid = 0) {
+  auto put = [&](int64_t i, int64_t c, v16 x) {
+    if (add != nullptr) x += vload(add + i * add_ld + c * W);
+    vstore(S + i * Np + c * W, x);
+    if (colmax != nullptr && i < n_valid) colmax[c] = vmax(colmax[c], x);
+  };
   for (int64_t i0 = 0; i0 < n_rows; i0 += 4) {
     const float* a0 = A + i0 * lda;
     const float* a1 = a0 + lda;
@@ -172,15 +182,14 @@ void rows_dot_cols(const float* A, int64_t lda, const float* Bt, int64_t ldb, fl
         t2 += x2 * b2;
         t3 += x3 * b2;
       }
-      float* out = S + i0 * Np + c * W;
-      vstore(out, s0);
-      vstore(out + W, t0);
-      vstore(out + Np, s1);
-      vstore(out + Np + W, t1);
-      vstore(out + 2 * Np, s2);
-      vstore(out + 2 * Np + W, t2);
-      vstore(out + 3 * Np, s3);
-      vstore(out + 3 * Np + W, t3);
+      put(i0, c, s0);
+      put(i0, c + 1, t0);
+      put(i0 + 1, c, s1);
+      put(i0 + 1, c + 1, t1);
+      put(i0 + 2, c, s2);
+      put(i0 + 2, c + 1, t2);
+      put(i0 + 3, c, s3);
+      put(i0 + 3, c + 1, t3);
     }
     for (; c < cols / W; ++c) {
       v16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
@@ -192,10 +201,10 @@ void rows_dot_cols(const float* A, int64_t lda, const float* Bt, int64_t ldb, fl
         s2 += a2[d] * b;
         s3 += a3[d] * b;
       }
-      vstore(S + i0 * Np + c * W, s0);
-      vstore(S + (i0 + 1) * Np + c * W, s1);
-      vstore(S + (i0 + 2) * Np + c * W, s2);
-      vstore(S + (i0 + 3) * Np + c * W, s3);
+      put(i0, c, s0);
+      put(i0 + 1, c, s1);
+      put(i0 + 2, c, s2);
+      put(i0 + 3, c, s3);
     }
   }
 }
@@ -382,19 +391,26 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           for (int64_t c0 = 0; c0 < Np; c0 += QB) {
             const int64_t qb = std::min(QB, Np - c0);
             const int64_t keys = causal ? std::min(N4, (c0 + qb + 3) / 4 * 4) : N4;  // causal: keys <= queries
-            rows_dot_cols(Kg + hh * per_head, Dp, Qt + c0, Np, Pt, QB, qb, keys, D, causal, c0 / W);
+            v16 colmax[QB / W];
+            for (v16& m : colmax) m = splat(-std::numeric_limits<float>::infinity());
+            if (causal) {
+              rows_dot_cols(Kg + hh * per_head, Dp, Qt + c0, Np, Pt, QB, qb, keys, D, true, c0 / W);
+            } else {  // the bias added and the max taken as the scores are stored
+              rows_dot_cols(Kg + hh * per_head, Dp, Qt + c0, Np, Pt, QB, qb, keys, D, false, c0 / W,
+                            bias_h != nullptr ? bias_h + c0 : nullptr, Np, colmax, N);
+            }
             for (int64_t c = c0 / W; c < (c0 + qb) / W; ++c) {
               const int64_t jmax = causal ? std::min(N, (c + 1) * W) : N;
               const v16i lanes = lane_index(c * W);
-              v16 m = splat(-std::numeric_limits<float>::infinity());
-              for (int64_t j = 0; j < jmax; ++j) {
+              v16 m = colmax[c - c0 / W];
+              for (int64_t j = 0; causal && j < jmax; ++j) {  // causal: the max over the unmasked keys
                 float* col = Pt + j * QB + c * W - c0;
                 v16 x = vload(col);
                 if (bias_h != nullptr) {
                   x += vload(bias_h + j * Np + c * W);
                   vstore(col, x);
                 }
-                if (causal) x = lanes >= static_cast<int32_t>(j) ? x : splat(-std::numeric_limits<float>::infinity());
+                x = lanes >= static_cast<int32_t>(j) ? x : splat(-std::numeric_limits<float>::infinity());
                 m = vmax(m, x);
               }
               v16 l = {};
