@@ -144,9 +144,9 @@ void transpose_tiles(const float* src, int64_t lds, float* dst, int64_t ldd, int
   }
 }
 
-// S[i, :] = A[i, :D] . Bt[:D, :] for rows i < n_rows (a multiple of 4) and the first `cols`
-// columns (a multiple of 16) of Bt (row stride ldb) and S (row stride Np), four rows at a time
-// so each loaded vector of Bt feeds four independent FMA chains. upper: only the column chunks
+// S[i, :] = A[i, :D] . Bt[:D, :] for rows i < n_rows (a multiple of 8) and the first `cols`
+// columns (a multiple of 16) of Bt (row stride ldb) and S (row stride Np), eight rows at a time
+// so each loaded vector of Bt feeds eight independent FMA chains. upper: only the column chunks
 // from the rows' own on (S^T of a causal score matrix: key j sees queries i >= j), where the
 // columns start at chunk `chunk0` of the whole matrix. add (row stride add_ld): a matrix added to
 // S as it is stored (the bias); colmax: the running max of each column chunk over the stored
@@ -154,68 +154,55 @@ void transpose_tiles(const float* src, int64_t lds, float* dst, int64_t ldd, int
 void rows_dot_cols(const float* A, int64_t lda, const float* Bt, int64_t ldb, float* S, int64_t Np, int64_t cols,
                    int64_t n_rows, int64_t D, bool upper, int64_t chunk0 = 0, const float* add = nullptr,
                    int64_t add_ld = 0, v16* colmax = nullptr, int64_t n_valid = 0) {
-  auto put = [&](int64_t i, int64_t c, v16 x) {
-    if (add != nullptr) x += vload(add + i * add_ld + c * W);
-    vstore(S + i * Np + c * W, x);
-    if (colmax != nullptr && i < n_valid) colmax[c] = vmax(colmax[c], x);
+  constexpr int R = 8;
+  // stores the rows i0.. of column chunk c, then folds their max (in registers) into colmax
+  auto put = [&](int64_t i0, int64_t c, const v16* rows) {
+    v16 m = splat(-std::numeric_limits<float>::infinity());
+    for (int r = 0; r < R; ++r) {
+      v16 x = rows[r];
+      if (add != nullptr) x += vload(add + (i0 + r) * add_ld + c * W);
+      vstore(S + (i0 + r) * Np + c * W, x);
+      if (i0 + r < n_valid) m = vmax(m, x);
+    }
+    if (colmax != nullptr) colmax[c] = vmax(colmax[c], m);
   };
-  for (int64_t i0 = 0; i0 < n_rows; i0 += 4) {
-    const float* a0 = A + i0 * lda;
-    const float* a1 = a0 + lda;
-    const float* a2 = a1 + lda;
-    const float* a3 = a2 + lda;
+  for (int64_t i0 = 0; i0 < n_rows; i0 += R) {
+    const float* a = A + i0 * lda;
     int64_t c = upper ? std::max<int64_t>(0, i0 / W - chunk0) : 0;
-    // two column chunks at a time: 8 accumulators, 6 loads per 8 FMAs
+    // two column chunks at a time: 16 accumulators, 10 loads per 16 FMAs
     for (; c + 2 <= cols / W; c += 2) {
-      v16 s0 = {}, s1 = {}, s2 = {}, s3 = {}, t0 = {}, t1 = {}, t2 = {}, t3 = {};
+      v16 acc0[R] = {}, acc1[R] = {};
       const float* bt = Bt + c * W;
       for (int64_t d = 0; d < D; ++d) {
-        const v16 b = vload(bt + d * ldb);
-        const v16 b2 = vload(bt + d * ldb + W);
-        const float x0 = a0[d], x1 = a1[d], x2 = a2[d], x3 = a3[d];
-        s0 += x0 * b;
-        s1 += x1 * b;
-        s2 += x2 * b;
-        s3 += x3 * b;
-        t0 += x0 * b2;
-        t1 += x1 * b2;
-        t2 += x2 * b2;
-        t3 += x3 * b2;
+        const v16 b0 = vload(bt + d * ldb), b1 = vload(bt + d * ldb + W);
+        for (int r = 0; r < R; ++r) {
+          const float x = a[r * lda + d];
+          acc0[r] += x * b0;
+          acc1[r] += x * b1;
+        }
       }
-      put(i0, c, s0);
-      put(i0, c + 1, t0);
-      put(i0 + 1, c, s1);
-      put(i0 + 1, c + 1, t1);
-      put(i0 + 2, c, s2);
-      put(i0 + 2, c + 1, t2);
-      put(i0 + 3, c, s3);
-      put(i0 + 3, c + 1, t3);
+      put(i0, c, acc0);
+      put(i0, c + 1, acc1);
     }
     for (; c < cols / W; ++c) {
-      v16 s0 = {}, s1 = {}, s2 = {}, s3 = {};
+      v16 acc[R] = {};
       const float* bt = Bt + c * W;
       for (int64_t d = 0; d < D; ++d) {
-        const v16 b = vload(bt + d * ldb);
-        s0 += a0[d] * b;
-        s1 += a1[d] * b;
-        s2 += a2[d] * b;
-        s3 += a3[d] * b;
+        const v16 b0 = vload(bt + d * ldb);
+        for (int r = 0; r < R; ++r) acc[r] += a[r * lda + d] * b0;
       }
-      put(i0, c, s0);
-      put(i0 + 1, c, s1);
-      put(i0 + 2, c, s2);
-      put(i0 + 3, c, s3);
+      put(i0, c, acc);
     }
   }
 }
 
-// O[i, :] = sum_j P(i, j) M[j, :] (M is Np x DC*16) for rows i < n_rows, four rows at a time.
+// O[i, :] = sum_j P(i, j) M[j, :] (M: rows of DC*16 floats, row stride ldm) for rows i < n_rows.
 // COLUMN: P is stored transposed (P(i, j) = P[j * Np + i], the four rows' entries adjacent).
 // mode 0: j < N; mode 1 (causal P): j < min(row0 + i0 + R, N); mode 2 (P^T of a causal P):
 // i0 <= j < N. row0: the index of row 0 in the whole matrix (a block of query rows).
 template <int DC, bool COLUMN>
-void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_t n_rows, int64_t N, int mode,
-                    const float* row_scale, int64_t row0) {
+void rows_times_mat(const float* P, int64_t Np, const float* M, int64_t ldm, float* O, int64_t n_rows, int64_t N,
+                    int mode, const float* row_scale, int64_t row0) {
   constexpr int64_t Dp = DC * W;
   // 8 rows per block for narrow heads (16 accumulators), 4 for wide ones (register budget);
   // rows past n_rows (< Np, zero padded) are computed and ignored
@@ -227,7 +214,7 @@ void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_
     for (int64_t j = lo; j < hi; ++j) {
       float p[R];
       for (int r = 0; r < R; ++r) p[r] = COLUMN ? P[j * Np + i0 + r] : P[(i0 + r) * Np + j];
-      const float* m = M + j * Dp;
+      const float* m = M + j * ldm;
       for (int dc = 0; dc < DC; ++dc) {
         const v16 mv = vload(m + dc * W);
         for (int r = 0; r < R; ++r) acc[r][dc] += p[r] * mv;
@@ -240,8 +227,8 @@ void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_
   }
 }
 
-using RowsTimesMat = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, int, const float*,
-                              int64_t);
+using RowsTimesMat = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int,
+                              const float*, int64_t);
 template <bool COLUMN>
 RowsTimesMat rows_times_mat_for(int64_t Dp) {
   static const RowsTimesMat table[] = {rows_times_mat<1, COLUMN>, rows_times_mat<2, COLUMN>,
@@ -280,9 +267,9 @@ inline v16 vlog(v16 x) {
 }
 
 struct Padded {
-  int64_t N4, Np, Dp;  // rows rounded to 4, keys to 16, head dim to 16
+  int64_t N8, Np, Dp;  // rows rounded to 8, keys to 16, head dim to 16
 };
-Padded padded(const Sizes& z) { return {(z.N + 3) / 4 * 4, z.Np, (z.D + W - 1) / W * W}; }
+Padded padded(const Sizes& z) { return {(z.N + 7) / 8 * 8, z.Np, (z.D + W - 1) / W * W}; }
 
 // bias^T as fp32 (H, N keys, Np queries), zero padded: added to S^T 16 queries at a time
 at::Tensor padded_bias(const at::Tensor& bias) {
@@ -358,11 +345,15 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   T* op = out.mutable_data_ptr<T>();
   float* lp = lse.mutable_data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
-  const int64_t N = z.N, D = z.D, Np = pd.Np, Dp = pd.Dp, N4 = pd.N4, H = z.H;
+  const int64_t N = z.N, D = z.D, Np = pd.Np, Dp = pd.Dp, N8 = pd.N8, H = z.H;
   const int64_t per_head = Np * Dp;
   const int64_t G = heads_per_group(H, per_head, 65536);
   const RowsTimesMat pv = rows_times_mat_for<true>(Dp);
   constexpr int64_t QB = 32;  // queries per block: N keys x 32 scores are 32 KB at N = 256
+  // float32 k and v with whole 16-float rows and no padded keys are read in place (their rows
+  // stay in cache across the query blocks) instead of being staged
+  const bool direct = std::is_same_v<T, float> && kv.sd == 1 && vv.sd == 1 && D % W == 0 && N % 8 == 0;
+  const int64_t ldk = direct ? kv.sn : Dp, ldv = direct ? vv.sn : Dp;
   at::parallel_for(0, z.B * z.A, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> ws(4 * G * per_head + per_head + Np * QB + Np + W, 0.0f);
     float* Qg = aligned(ws.data());    // G x Np x Dp, pre-scaled by 1/sqrt(Dh)
@@ -377,10 +368,16 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       for (int64_t h0 = 0; h0 < H; h0 += G) {
         const int64_t g = std::min(G, H - h0);
         load_group(qp + b * qv.sb + a * qv.sa + h0 * qv.sh, qv, N, g, D, Np, Dp, scale, Qg);
-        load_group(kp + b * kv.sb + a * kv.sa + h0 * kv.sh, kv, N, g, D, Np, Dp, 1.0f, Kg);
-        load_group(vp + b * vv.sb + a * vv.sa + h0 * vv.sh, vv, N, g, D, Np, Dp, 1.0f, Vg);
+        if (!direct) {
+          load_group(kp + b * kv.sb + a * kv.sa + h0 * kv.sh, kv, N, g, D, Np, Dp, 1.0f, Kg);
+          load_group(vp + b * vv.sb + a * vv.sa + h0 * vv.sh, vv, N, g, D, Np, Dp, 1.0f, Vg);
+        }
         for (int64_t hh = 0; hh < g; ++hh) {
           const int64_t h = h0 + hh;
+          const float* Kh = direct ? reinterpret_cast<const float*>(kp + b * kv.sb + a * kv.sa + h * kv.sh)
+                                   : Kg + hh * per_head;
+          const float* Vh = direct ? reinterpret_cast<const float*>(vp + b * vv.sb + a * vv.sa + h * vv.sh)
+                                   : Vg + hh * per_head;
           // S^T[j][i] = k_j . q_i: with keys as rows, a 16-lane vector holds 16 queries, so the
           // softmax over keys is lane-wise (no horizontal max / sum per query)
           transpose_tiles(Qg + hh * per_head, Dp, Qt, Np, Np, Dp);
@@ -390,13 +387,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           // softmax and the P V product
           for (int64_t c0 = 0; c0 < Np; c0 += QB) {
             const int64_t qb = std::min(QB, Np - c0);
-            const int64_t keys = causal ? std::min(N4, (c0 + qb + 3) / 4 * 4) : N4;  // causal: keys <= queries
+            const int64_t keys = causal ? std::min(N8, (c0 + qb + 7) / 8 * 8) : N8;  // causal: keys <= queries
             v16 colmax[QB / W];
             for (v16& m : colmax) m = splat(-std::numeric_limits<float>::infinity());
             if (causal) {
-              rows_dot_cols(Kg + hh * per_head, Dp, Qt + c0, Np, Pt, QB, qb, keys, D, true, c0 / W);
+              rows_dot_cols(Kh, ldk, Qt + c0, Np, Pt, QB, qb, keys, D, true, c0 / W);
             } else {  // the bias added and the max taken as the scores are stored
-              rows_dot_cols(Kg + hh * per_head, Dp, Qt + c0, Np, Pt, QB, qb, keys, D, false, c0 / W,
+              rows_dot_cols(Kh, ldk, Qt + c0, Np, Pt, QB, qb, keys, D, false, c0 / W,
                             bias_h != nullptr ? bias_h + c0 : nullptr, Np, colmax, N);
             }
             for (int64_t c = c0 / W; c < (c0 + qb) / W; ++c) {
@@ -426,7 +423,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               const v16 lse_c = m + vlog(l);
               for (int64_t i = c * W; i < std::min(N, (c + 1) * W); ++i) lbase[i * l_sn] = lse_c[i - c * W];
             }
-            pv(Pt, QB, Vg + hh * per_head, Og + hh * per_head + c0 * Dp, qb, N, causal ? 1 : 0, rinv + c0, c0);
+            pv(Pt, QB, Vh, ldv, Og + hh * per_head + c0 * Dp, qb, N, causal ? 1 : 0, rinv + c0, c0);
           }
         }
         store_group(Og, N, g, D, Np, Dp, 1.0f, op + b * ov.sb + a * ov.sa + h0 * ov.sh, ov);
@@ -455,7 +452,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   T* dkp = dk.mutable_data_ptr<T>();
   T* dvp = dv.mutable_data_ptr<T>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
-  const int64_t N = z.N, D = z.D, Np = pd.Np, Dp = pd.Dp, N4 = pd.N4, H = z.H;
+  const int64_t N = z.N, D = z.D, Np = pd.Np, Dp = pd.Dp, N8 = pd.N8, H = z.H;
   const int64_t per_head = Np * Dp;
   const int64_t G = heads_per_group(H, per_head, 8192);
   const RowsTimesMat mm_col = rows_times_mat_for<true>(Dp);
@@ -490,8 +487,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           const float* Gh = Gg + hh * per_head;
           transpose_tiles(Q, Dp, Qt, Np, Np, Dp);
           transpose_tiles(Gh, Dp, Gt, Np, Np, Dp);
-          rows_dot_cols(Kg + hh * per_head, Dp, Qt, Np, Pt, Np, Np, N4, D, causal);   // S^T
-          rows_dot_cols(Vg + hh * per_head, Dp, Gt, Np, dSt, Np, Np, N4, D, causal);  // dP^T = V dO^T
+          rows_dot_cols(Kg + hh * per_head, Dp, Qt, Np, Pt, Np, Np, N8, D, causal);   // S^T
+          rows_dot_cols(Vg + hh * per_head, Dp, Gt, Np, dSt, Np, Np, N8, D, causal);  // dP^T = V dO^T
           const float* lbase = lp + b * l_sb + a * l_sa + h * l_sh;
           const float* bias_h = bias != nullptr ? bias + h * N * Np : nullptr;
           float* dbias_h = dbias_t != nullptr ? dbias_t + h * N * Np : nullptr;
@@ -519,9 +516,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
               if (dbias_h != nullptr) vstore(dbias_h + j * Np + c * W, vload(dbias_h + j * Np + c * W) + ds);
             }
           }
-          mm_col(dSt, Np, Kg + hh * per_head, dQg + hh * per_head, N4, N, causal ? 1 : 0, nullptr, 0);  // dQ = dS K
-          mm_row(Pt, Np, Gh, dVg + hh * per_head, N4, N, causal ? 2 : 0, nullptr, 0);   // dV = P^T dO
-          mm_row(dSt, Np, Q, dKg + hh * per_head, N4, N, causal ? 2 : 0, nullptr, 0);   // dK = dS^T Q
+          mm_col(dSt, Np, Kg + hh * per_head, Dp, dQg + hh * per_head, N8, N, causal ? 1 : 0, nullptr, 0);  // dQ = dS K
+          mm_row(Pt, Np, Gh, Dp, dVg + hh * per_head, N8, N, causal ? 2 : 0, nullptr, 0);   // dV = P^T dO
+          mm_row(dSt, Np, Q, Dp, dKg + hh * per_head, N8, N, causal ? 2 : 0, nullptr, 0);   // dK = dS^T Q
         }
         store_group(dQg, N, g, D, Np, Dp, scale, dqp + b * dqv.sb + a * dqv.sa + h0 * dqv.sh, dqv);
         store_group(dKg, N, g, D, Np, Dp, 1.0f, dkp + b * dkv.sb + a * dkv.sa + h0 * dkv.sh, dkv);
