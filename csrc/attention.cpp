@@ -196,13 +196,13 @@ void rows_dot_cols(const float* A, int64_t lda, const float* Bt, int64_t ldb, fl
   }
 }
 
-// O[i, :] = sum_j P(i, j) M[j, :] (M: rows of DC*16 floats, row stride ldm) for rows i < n_rows.
+// O[i, :] = sum_j P(i, j) M[j, :] (M is Np x DC*16) for rows i < n_rows.
 // COLUMN: P is stored transposed (P(i, j) = P[j * Np + i], the four rows' entries adjacent).
 // mode 0: j < N; mode 1 (causal P): j < min(row0 + i0 + R, N); mode 2 (P^T of a causal P):
 // i0 <= j < N. row0: the index of row 0 in the whole matrix (a block of query rows).
 template <int DC, bool COLUMN>
-void rows_times_mat(const float* P, int64_t Np, const float* M, int64_t ldm, float* O, int64_t n_rows, int64_t N,
-                    int mode, const float* row_scale, int64_t row0) {
+void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_t n_rows, int64_t N, int mode,
+                    const float* row_scale, int64_t row0) {
   constexpr int64_t Dp = DC * W;
   // 8 rows per block for narrow heads (16 accumulators), 4 for wide ones (register budget);
   // rows past n_rows (< Np, zero padded) are computed and ignored
@@ -214,7 +214,7 @@ void rows_times_mat(const float* P, int64_t Np, const float* M, int64_t ldm, flo
     for (int64_t j = lo; j < hi; ++j) {
       float p[R];
       for (int r = 0; r < R; ++r) p[r] = COLUMN ? P[j * Np + i0 + r] : P[(i0 + r) * Np + j];
-      const float* m = M + j * ldm;
+      const float* m = M + j * Dp;
       for (int dc = 0; dc < DC; ++dc) {
         const v16 mv = vload(m + dc * W);
         for (int r = 0; r < R; ++r) acc[r][dc] += p[r] * mv;
@@ -227,8 +227,8 @@ void rows_times_mat(const float* P, int64_t Np, const float* M, int64_t ldm, flo
   }
 }
 
-using RowsTimesMat = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int,
-                              const float*, int64_t);
+using RowsTimesMat = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, int, const float*,
+                              int64_t);
 template <bool COLUMN>
 RowsTimesMat rows_times_mat_for(int64_t Dp) {
   static const RowsTimesMat table[] = {rows_times_mat<1, COLUMN>, rows_times_mat<2, COLUMN>,
@@ -350,10 +350,6 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t G = heads_per_group(H, per_head, 65536);
   const RowsTimesMat pv = rows_times_mat_for<true>(Dp);
   constexpr int64_t QB = 32;  // queries per block: N keys x 32 scores are 32 KB at N = 256
-  // float32 k and v with whole 16-float rows and no padded keys are read in place (their rows
-  // stay in cache across the query blocks) instead of being staged
-  const bool direct = std::is_same_v<T, float> && kv.sd == 1 && vv.sd == 1 && D % W == 0 && N % 8 == 0;
-  const int64_t ldk = direct ? kv.sn : Dp, ldv = direct ? vv.sn : Dp;
   at::parallel_for(0, z.B * z.A, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> ws(4 * G * per_head + per_head + Np * QB + Np + W, 0.0f);
     float* Qg = aligned(ws.data());    // G x Np x Dp, pre-scaled by 1/sqrt(Dh)
@@ -368,16 +364,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       for (int64_t h0 = 0; h0 < H; h0 += G) {
         const int64_t g = std::min(G, H - h0);
         load_group(qp + b * qv.sb + a * qv.sa + h0 * qv.sh, qv, N, g, D, Np, Dp, scale, Qg);
-        if (!direct) {
-          load_group(kp + b * kv.sb + a * kv.sa + h0 * kv.sh, kv, N, g, D, Np, Dp, 1.0f, Kg);
-          load_group(vp + b * vv.sb + a * vv.sa + h0 * vv.sh, vv, N, g, D, Np, Dp, 1.0f, Vg);
-        }
+        load_group(kp + b * kv.sb + a * kv.sa + h0 * kv.sh, kv, N, g, D, Np, Dp, 1.0f, Kg);
+        load_group(vp + b * vv.sb + a * vv.sa + h0 * vv.sh, vv, N, g, D, Np, Dp, 1.0f, Vg);
         for (int64_t hh = 0; hh < g; ++hh) {
           const int64_t h = h0 + hh;
-          const float* Kh = direct ? reinterpret_cast<const float*>(kp + b * kv.sb + a * kv.sa + h * kv.sh)
-                                   : Kg + hh * per_head;
-          const float* Vh = direct ? reinterpret_cast<const float*>(vp + b * vv.sb + a * vv.sa + h * vv.sh)
-                                   : Vg + hh * per_head;
           // S^T[j][i] = k_j . q_i: with keys as rows, a 16-lane vector holds 16 queries, so the
           // softmax over keys is lane-wise (no horizontal max / sum per query)
           transpose_tiles(Qg + hh * per_head, Dp, Qt, Np, Np, Dp);
@@ -391,9 +381,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             v16 colmax[QB / W];
             for (v16& m : colmax) m = splat(-std::numeric_limits<float>::infinity());
             if (causal) {
-              rows_dot_cols(Kh, ldk, Qt + c0, Np, Pt, QB, qb, keys, D, true, c0 / W);
+              rows_dot_cols(Kg + hh * per_head, Dp, Qt + c0, Np, Pt, QB, qb, keys, D, true, c0 / W);
             } else {  // the bias added and the max taken as the scores are stored
-              rows_dot_cols(Kh, ldk, Qt + c0, Np, Pt, QB, qb, keys, D, false, c0 / W,
+              rows_dot_cols(Kg + hh * per_head, Dp, Qt + c0, Np, Pt, QB, qb, keys, D, false, c0 / W,
                             bias_h != nullptr ? bias_h + c0 : nullptr, Np, colmax, N);
             }
             for (int64_t c = c0 / W; c < (c0 + qb) / W; ++c) {
@@ -423,7 +413,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               const v16 lse_c = m + vlog(l);
               for (int64_t i = c * W; i < std::min(N, (c + 1) * W); ++i) lbase[i * l_sn] = lse_c[i - c * W];
             }
-            pv(Pt, QB, Vh, ldv, Og + hh * per_head + c0 * Dp, qb, N, causal ? 1 : 0, rinv + c0, c0);
+            pv(Pt, QB, Vg + hh * per_head, Og + hh * per_head + c0 * Dp, qb, N, causal ? 1 : 0, rinv + c0, c0);
           }
         }
         store_group(Og, N, g, D, Np, Dp, 1.0f, op + b * ov.sb + a * ov.sa + h0 * ov.sh, ov);
@@ -516,9 +506,9 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
               if (dbias_h != nullptr) vstore(dbias_h + j * Np + c * W, vload(dbias_h + j * Np + c * W) + ds);
             }
           }
-          mm_col(dSt, Np, Kg + hh * per_head, Dp, dQg + hh * per_head, N8, N, causal ? 1 : 0, nullptr, 0);  // dQ = dS K
-          mm_row(Pt, Np, Gh, Dp, dVg + hh * per_head, N8, N, causal ? 2 : 0, nullptr, 0);   // dV = P^T dO
-          mm_row(dSt, Np, Q, Dp, dKg + hh * per_head, N8, N, causal ? 2 : 0, nullptr, 0);   // dK = dS^T Q
+          mm_col(dSt, Np, Kg + hh * per_head, dQg + hh * per_head, N8, N, causal ? 1 : 0, nullptr, 0);  // dQ = dS K
+          mm_row(Pt, Np, Gh, dVg + hh * per_head, N8, N, causal ? 2 : 0, nullptr, 0);   // dV = P^T dO
+          mm_row(dSt, Np, Q, dKg + hh * per_head, N8, N, causal ? 2 : 0, nullptr, 0);   // dK = dS^T Q
         }
         store_group(dQg, N, g, D, Np, Dp, scale, dqp + b * dqv.sb + a * dqv.sa + h0 * dqv.sh, dqv);
         store_group(dKg, N, g, D, Np, Dp, 1.0f, dkp + b * dkv.sb + a * dkv.sa + h0 * dkv.sh, dkv);
