@@ -301,15 +301,34 @@ void load_group(const T* base, const View& v, int64_t N, int64_t G, int64_t D, i
   }
 }
 
+// Outputs past this size are written with non-temporal stores: they would not stay in L2
+// anyway, and streaming skips reading each line before it is overwritten.
+constexpr int64_t kStreamBytes = 4 << 20;
+bool streamed(const at::Tensor& out) { return out.numel() * out.element_size() >= kStreamBytes; }
+inline void store_line(float* dst, v16 x, bool stream) {
+#ifdef __AVX512F__
+  if (stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+    _mm512_stream_ps(dst, (__m512)x);
+    return;
+  }
+#endif
+  vstore(dst, x);
+}
+inline void store_fence() {  // order the streaming stores before the kernel returns
+#ifdef __AVX512F__
+  _mm_sfence();
+#endif
+}
+
 template <typename T>
 void store_group(const float* src, int64_t N, int64_t G, int64_t D, int64_t Np, int64_t Dp, float scale, T* base,
-                 const View& v) {
+                 const View& v, bool stream) {
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t h = 0; h < G; ++h) {
       T* row = base + n * v.sn + h * v.sh;
       const float* in = src + (h * Np + n) * Dp;
       if (std::is_same_v<T, float> && v.sd == 1 && D % W == 0) {
-        for (int64_t d = 0; d < D; d += W) vstore(reinterpret_cast<float*>(row) + d, vload(in + d) * scale);
+        for (int64_t d = 0; d < D; d += W) store_line(reinterpret_cast<float*>(row) + d, vload(in + d) * scale, stream);
       } else if (v.sd == 1) {
         for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(in[d] * scale);
       } else {
@@ -349,6 +368,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t per_head = Np * Dp;
   const int64_t G = heads_per_group(H, per_head, 65536);
   const RowsTimesMat pv = rows_times_mat_for<true>(Dp);
+  const bool stream = streamed(out);
   constexpr int64_t QB = 32;  // queries per block: N keys x 32 scores are 32 KB at N = 256
   at::parallel_for(0, z.B * z.A, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> ws(4 * G * per_head + per_head + Np * QB + Np + W, 0.0f);
@@ -416,9 +436,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
             pv(Pt, QB, Vg + hh * per_head, Og + hh * per_head + c0 * Dp, qb, N, causal ? 1 : 0, rinv + c0, c0);
           }
         }
-        store_group(Og, N, g, D, Np, Dp, 1.0f, op + b * ov.sb + a * ov.sa + h0 * ov.sh, ov);
+        store_group(Og, N, g, D, Np, Dp, 1.0f, op + b * ov.sb + a * ov.sa + h0 * ov.sh, ov, stream);
       }
     }
+    store_fence();
   });
 }
 
@@ -447,6 +468,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const int64_t G = heads_per_group(H, per_head, 8192);
   const RowsTimesMat mm_col = rows_times_mat_for<true>(Dp);
   const RowsTimesMat mm_row = rows_times_mat_for<false>(Dp);
+  const bool stream = streamed(dq);
   const int64_t n_chunks = (N + W - 1) / W;
   at::parallel_for(0, z.B * z.A, 1, [&](int64_t begin, int64_t end) {
     // dbias^T (H x N x Np) is accumulated per thread (summed by the caller): no atomics
@@ -510,11 +532,12 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           mm_row(Pt, Np, Gh, dVg + hh * per_head, N8, N, causal ? 2 : 0, nullptr, 0);   // dV = P^T dO
           mm_row(dSt, Np, Q, dKg + hh * per_head, N8, N, causal ? 2 : 0, nullptr, 0);   // dK = dS^T Q
         }
-        store_group(dQg, N, g, D, Np, Dp, scale, dqp + b * dqv.sb + a * dqv.sa + h0 * dqv.sh, dqv);
-        store_group(dKg, N, g, D, Np, Dp, 1.0f, dkp + b * dkv.sb + a * dkv.sa + h0 * dkv.sh, dkv);
-        store_group(dVg, N, g, D, Np, Dp, 1.0f, dvp + b * dvv.sb + a * dvv.sa + h0 * dvv.sh, dvv);
+        store_group(dQg, N, g, D, Np, Dp, scale, dqp + b * dqv.sb + a * dqv.sa + h0 * dqv.sh, dqv, stream);
+        store_group(dKg, N, g, D, Np, Dp, 1.0f, dkp + b * dkv.sb + a * dkv.sa + h0 * dkv.sh, dkv, stream);
+        store_group(dVg, N, g, D, Np, Dp, 1.0f, dvp + b * dvv.sb + a * dvv.sa + h0 * dvv.sh, dvv, stream);
       }
     }
+    store_fence();
   });
 }
 
@@ -591,14 +614,7 @@ void scatter_lanes(const float* src, int64_t N, int64_t D, int64_t Dq, float sca
         for (int64_t k = 0; k < W; ++k) r[k] = vload(src + (n * Dq + d0 + k) * W) * scale;
         transpose16(r);
         for (int64_t l = 0; l < W; ++l) {
-          float* dst = reinterpret_cast<float*>(base + ln.off[l] + n * v.sn) + d0;
-#ifdef __AVX512F__
-          if (stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
-            _mm512_stream_ps(dst, (__m512)r[l]);
-            continue;
-          }
-#endif
-          vstore(dst, r[l]);
+          store_line(reinterpret_cast<float*>(base + ln.off[l] + n * v.sn) + d0, r[l], stream);
         }
       }
     }
@@ -611,16 +627,6 @@ void scatter_lanes(const float* src, int64_t N, int64_t D, int64_t Dq, float sca
       for (int64_t d = 0; d < D; ++d) row[d * v.sd] = static_cast<T>(src[(n * Dq + d) * W + l] * scale);
     }
   }
-}
-
-// Outputs past this size are written with non-temporal stores: they would not stay in L2
-// anyway, and streaming skips reading each line before it is overwritten.
-constexpr int64_t kStreamBytes = 4 << 20;
-bool streamed(const at::Tensor& out) { return out.numel() * out.element_size() >= kStreamBytes; }
-inline void store_fence() {  // order the streaming stores before the kernel returns
-#ifdef __AVX512F__
-  _mm_sfence();
-#endif
 }
 
 // S[i][j] = sum_d A[i][d] B[j][d] on each lane, in 4 x 4 blocks (8 loads per 16 FMAs).

@@ -168,10 +168,11 @@ def test_arbitrary_strides(backend, kind):
         assert_close(g, w, torch.float32, name="d" + n)
 
 
-def test_cpp_large_outputs_with_a_partial_unit():
-    # outputs past 4 MB are written with streaming stores; S * H = 4004 sequences per frame is
-    # not a multiple of 16, so the last 16-sequence unit of the short-sequence kernel is partial
-    check_forward_backward("temporal_causal", "cpp", (2, 9, 1001, 4, 32), with_bias=True)
+@pytest.mark.parametrize("kind, shape", [("temporal_causal", (2, 9, 1001, 4, 32)), ("spatial", (4, 16, 150, 4, 32))])
+def test_cpp_large_outputs(kind, shape):
+    # outputs past 4 MB are written with streaming stores, by the short-sequence kernel (whose
+    # last 16-sequence unit is partial here: 2 * 1001 * 4 sequences) and by the blocked one
+    check_forward_backward(kind, "cpp", shape, with_bias=True)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"] + (["triton"] if torch.cuda.is_available() else []))
