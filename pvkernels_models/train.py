@@ -360,6 +360,8 @@ def main(argv=None) -> int:
         trainer = Trainer(args)
         trainer.train()
         result = trainer.evaluate()
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears its gloo pairs down while another still uses them
     except (FileNotFoundError, ValueError, ImportError, DownloadError) as exc:
         print(f"pvkernels-train: error: {exc}", file=sys.stderr)
         return 2

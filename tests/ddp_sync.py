@@ -14,4 +14,5 @@ for name, module in (("model", trainer.model), ("disc", trainer.disc)):
     theirs = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(theirs, mine)
     assert all(torch.equal(mine, t) for t in theirs), f"{name} weights differ between ranks"
+dist.barrier()  # as train.main: no rank tears its gloo pairs down while another still uses them
 dist.destroy_process_group()
