@@ -1,10 +1,13 @@
 // Factorised spatio-temporal attention on the CPU, reading (B, T, S, H, Dh) in place with any
-// strides (q, k, v may be views of one packed projection). One kernel serves both axes: the
+// strides (q, k, v may be views of one packed projection). The kernels serve both axes: the
 // tensor is seen as (b, a, n, h, d) with n the attended axis (T for temporal, S for spatial).
-// Work item = one (b, a) row: its heads are staged in an fp32 scratch that stays in cache, the
-// scores of a sequence are kept transposed (keys x queries) so that the fp32 softmax over keys
-// is lane-wise on 16 queries at once, then P V. Backward recomputes P from the saved
-// log-sum-exp instead of storing it. GCC vector extensions (x86: AVX-512 exp).
+// - Sequences of N <= 64 (temporal attention): 16 (b, a, h) sequences side by side, one per
+//   vector lane (lane_forward / lane_backward): no padded scores, a lane-wise softmax.
+// - Longer ones: a (b, a) item's heads are staged in an fp32 scratch that stays in cache, the
+//   scores are kept transposed (keys x queries) so that the fp32 softmax over keys is lane-wise
+//   on 16 queries at once, then P V (forward_kernel / backward_kernel).
+// Backwards recompute P from the saved log-sum-exp instead of storing it. GCC vector
+// extensions (x86: AVX-512 exp, streaming stores).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -37,6 +40,12 @@ struct View {
 View view_of(const at::Tensor& x, bool temporal) {
   if (temporal) return {x.stride(0), x.stride(2), x.stride(1), x.stride(3), x.stride(4)};
   return {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
+}
+
+// lse (B, T, S, H) contiguous, seen in (b, a, n, h) order
+View lse_view(const at::Tensor& lse, bool temporal) {
+  return {lse.stride(0), temporal ? lse.stride(2) : lse.stride(1), temporal ? lse.stride(1) : lse.stride(2),
+          lse.stride(3), 0};
 }
 
 struct Sizes {
@@ -358,8 +367,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const View qv = view_of(q, temporal), kv = view_of(k, temporal), vv = view_of(v, temporal),
              ov = view_of(out, temporal);
   // lse is (B, T, S, H) contiguous
-  const int64_t l_sb = lse.stride(0), l_sa = temporal ? lse.stride(2) : lse.stride(1),
-                l_sn = temporal ? lse.stride(1) : lse.stride(2), l_sh = lse.stride(3);
+  const View lv = lse_view(lse, temporal);
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();
@@ -393,7 +401,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           // S^T[j][i] = k_j . q_i: with keys as rows, a 16-lane vector holds 16 queries, so the
           // softmax over keys is lane-wise (no horizontal max / sum per query)
           transpose_tiles(Qg + hh * per_head, Dp, Qt, Np, Np, Dp);
-          float* lbase = lp + b * l_sb + a * l_sa + h * l_sh;
+          float* lbase = lp + b * lv.sb + a * lv.sa + h * lv.sh;
           const float* bias_h = bias != nullptr ? bias + h * N * Np : nullptr;  // transposed [j][i]
           // blocks of QB queries: the block's scores (N keys x QB) stay in L1 through the
           // softmax and the P V product
@@ -433,7 +441,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               }
               vstore(rinv + c * W, 1.0f / l);  // P is normalised on O's rows, in the P V product
               const v16 lse_c = m + vlog(l);
-              for (int64_t i = c * W; i < std::min(N, (c + 1) * W); ++i) lbase[i * l_sn] = lse_c[i - c * W];
+              for (int64_t i = c * W; i < std::min(N, (c + 1) * W); ++i) lbase[i * lv.sn] = lse_c[i - c * W];
             }
             pv(Pt, QB, Vg + hh * per_head, Og + hh * per_head + c0 * Dp, qb, N, causal ? 1 : 0, rinv + c0, c0);
           }
@@ -454,8 +462,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
   const View gv = view_of(grad_out, temporal), qv = view_of(q, temporal), kv = view_of(k, temporal),
              vv = view_of(v, temporal), dqv = view_of(dq, temporal), dkv = view_of(dk, temporal),
              dvv = view_of(dv, temporal);
-  const int64_t l_sb = lse.stride(0), l_sa = temporal ? lse.stride(2) : lse.stride(1),
-                l_sn = temporal ? lse.stride(1) : lse.stride(2), l_sh = lse.stride(3);
+  const View lv = lse_view(lse, temporal);
   const T* gp = grad_out.const_data_ptr<T>();
   const T* qp = q.const_data_ptr<T>();
   const T* kp = k.const_data_ptr<T>();
@@ -503,14 +510,14 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
           transpose_tiles(Gh, Dp, Gt, Np, Np, Dp);
           rows_dot_cols(Kg + hh * per_head, Dp, Qt, Np, Pt, Np, Np, N8, D, causal);   // S^T
           rows_dot_cols(Vg + hh * per_head, Dp, Gt, Np, dSt, Np, Np, N8, D, causal);  // dP^T = V dO^T
-          const float* lbase = lp + b * l_sb + a * l_sa + h * l_sh;
+          const float* lbase = lp + b * lv.sb + a * lv.sa + h * lv.sh;
           const float* bias_h = bias != nullptr ? bias + h * N * Np : nullptr;
           float* dbias_h = dbias_t != nullptr ? dbias_t + h * N * Np : nullptr;
           for (int64_t c = 0; c < n_chunks; ++c) {
             const int64_t jmax = causal ? std::min(N, (c + 1) * W) : N;
             const v16i lanes = lane_index(c * W);
             v16 lse_c = {};
-            for (int64_t i = c * W; i < std::min(N, (c + 1) * W); ++i) lse_c[i - c * W] = lbase[i * l_sn];
+            for (int64_t i = c * W; i < std::min(N, (c + 1) * W); ++i) lse_c[i - c * W] = lbase[i * lv.sn];
             v16 delta = {};
             for (int64_t j = 0; j < jmax; ++j) {
               float* col = Pt + j * Np + c * W;
@@ -676,11 +683,6 @@ void lane_mm(const float* P, const float* M, float* O, int64_t N4, int64_t Dq, b
   }
 }
 
-// lse (B, T, S, H) contiguous, seen in (b, a, n, h) order
-View lse_view(const at::Tensor& lse, bool temporal) {
-  return {lse.stride(0), temporal ? lse.stride(2) : lse.stride(1), temporal ? lse.stride(1) : lse.stride(2),
-          lse.stride(3), 0};
-}
 
 // The (H, N, N) bias per lane: [phase][i][j][lane] = bias[(phase + lane) % H][i][j] (a unit's
 // lanes hold heads phase, phase + 1, ...; there are at most H distinct phases).
