@@ -48,6 +48,37 @@ View lse_view(const at::Tensor& lse, bool temporal) {
           lse.stride(3), 0};
 }
 
+// The operands of a forward / backward call: typed pointers and (b, a, n, h, d) strides.
+template <typename T>
+struct FwdOperands {
+  const T *qp, *kp, *vp;
+  T* op;
+  float* lp;
+  View qv, kv, vv, ov, lv;
+};
+template <typename T>
+FwdOperands<T> fwd_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                            at::Tensor& lse, bool temporal) {
+  return {q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(), out.mutable_data_ptr<T>(),
+          lse.mutable_data_ptr<float>(), view_of(q, temporal), view_of(k, temporal), view_of(v, temporal),
+          view_of(out, temporal), lse_view(lse, temporal)};
+}
+template <typename T>
+struct BwdOperands {
+  const T *gp, *qp, *kp, *vp;
+  const float* lp;
+  T *dqp, *dkp, *dvp;
+  View gv, qv, kv, vv, lv, dqv, dkv, dvv;
+};
+template <typename T>
+BwdOperands<T> bwd_operands(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, bool temporal) {
+  return {grad_out.const_data_ptr<T>(), q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
+          lse.const_data_ptr<float>(), dq.mutable_data_ptr<T>(), dk.mutable_data_ptr<T>(), dv.mutable_data_ptr<T>(),
+          view_of(grad_out, temporal), view_of(q, temporal), view_of(k, temporal), view_of(v, temporal),
+          lse_view(lse, temporal), view_of(dq, temporal), view_of(dk, temporal), view_of(dv, temporal)};
+}
+
 struct Sizes {
   int64_t B, A, N, H, D, Np;  // Np: N rounded up to 16 floats (rows of the transposed scratch)
 };
@@ -364,15 +395,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     at::Tensor& lse, bool temporal, bool causal) {
   const Sizes z = sizes_of(q, temporal);
   const Padded pd = padded(z);
-  const View qv = view_of(q, temporal), kv = view_of(k, temporal), vv = view_of(v, temporal),
-             ov = view_of(out, temporal);
-  // lse is (B, T, S, H) contiguous
-  const View lv = lse_view(lse, temporal);
-  const T* qp = q.const_data_ptr<T>();
-  const T* kp = k.const_data_ptr<T>();
-  const T* vp = v.const_data_ptr<T>();
-  T* op = out.mutable_data_ptr<T>();
-  float* lp = lse.mutable_data_ptr<float>();
+  const auto [qp, kp, vp, op, lp, qv, kv, vv, ov, lv] = fwd_operands<T>(q, k, v, out, lse, temporal);
   const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
   const int64_t N = z.N, D = z.D, Np = pd.Np, Dp = pd.Dp, N8 = pd.N8, H = z.H;
   const int64_t per_head = Np * Dp;
@@ -459,18 +482,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::
                      float* dbias_acc, bool temporal, bool causal) {
   const Sizes z = sizes_of(q, temporal);
   const Padded pd = padded(z);
-  const View gv = view_of(grad_out, temporal), qv = view_of(q, temporal), kv = view_of(k, temporal),
-             vv = view_of(v, temporal), dqv = view_of(dq, temporal), dkv = view_of(dk, temporal),
-             dvv = view_of(dv, temporal);
-  const View lv = lse_view(lse, temporal);
-  const T* gp = grad_out.const_data_ptr<T>();
-  const T* qp = q.const_data_ptr<T>();
-  const T* kp = k.const_data_ptr<T>();
-  const T* vp = v.const_data_ptr<T>();
-  const float* lp = lse.const_data_ptr<float>();
-  T* dqp = dq.mutable_data_ptr<T>();
-  T* dkp = dk.mutable_data_ptr<T>();
-  T* dvp = dv.mutable_data_ptr<T>();
+  const auto [gp, qp, kp, vp, lp, dqp, dkp, dvp, gv, qv, kv, vv, lv, dqv, dkv, dvv] =
+      bwd_operands<T>(grad_out, q, k, v, lse, dq, dk, dv, temporal);
   const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
   const int64_t N = z.N, D = z.D, Np = pd.Np, Dp = pd.Dp, N8 = pd.N8, H = z.H;
   const int64_t per_head = Np * Dp;
@@ -703,13 +716,7 @@ void lane_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   at::Tensor& lse, bool temporal, bool causal) {
   const Sizes z = sizes_of(q, temporal);
   const LaneSizes s = lane_sizes(z);
-  const View qv = view_of(q, temporal), kv = view_of(k, temporal), vv = view_of(v, temporal),
-             ov = view_of(out, temporal), lv = lse_view(lse, temporal);
-  const T* qp = q.const_data_ptr<T>();
-  const T* kp = k.const_data_ptr<T>();
-  const T* vp = v.const_data_ptr<T>();
-  T* op = out.mutable_data_ptr<T>();
-  float* lp = lse.mutable_data_ptr<float>();
+  const auto [qp, kp, vp, op, lp, qv, kv, vv, ov, lv] = fwd_operands<T>(q, k, v, out, lse, temporal);
   const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
   const int64_t N = s.N, N4 = s.N4, D = s.D, Dq = s.Dq, tile = N4 * Dq * W;
   const bool stream = streamed(out);
@@ -764,17 +771,8 @@ void lane_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
                    float* dbias_acc, bool temporal, bool causal) {
   const Sizes z = sizes_of(q, temporal);
   const LaneSizes s = lane_sizes(z);
-  const View gv = view_of(grad_out, temporal), qv = view_of(q, temporal), kv = view_of(k, temporal),
-             vv = view_of(v, temporal), dqv = view_of(dq, temporal), dkv = view_of(dk, temporal),
-             dvv = view_of(dv, temporal), lv = lse_view(lse, temporal);
-  const T* gp = grad_out.const_data_ptr<T>();
-  const T* qp = q.const_data_ptr<T>();
-  const T* kp = k.const_data_ptr<T>();
-  const T* vp = v.const_data_ptr<T>();
-  const float* lp = lse.const_data_ptr<float>();
-  T* dqp = dq.mutable_data_ptr<T>();
-  T* dkp = dk.mutable_data_ptr<T>();
-  T* dvp = dv.mutable_data_ptr<T>();
+  const auto [gp, qp, kp, vp, lp, dqp, dkp, dvp, gv, qv, kv, vv, lv, dqv, dkv, dvv] =
+      bwd_operands<T>(grad_out, q, k, v, lse, dq, dk, dv, temporal);
   const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
   const int64_t N = s.N, N4 = s.N4, D = s.D, Dq = s.Dq, tile = N4 * Dq * W;
   const bool stream = streamed(dq);
