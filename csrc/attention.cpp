@@ -832,8 +832,8 @@ void lane_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
 // The (H, N, N) bias gradient from the per-thread [phase][N][N][W] sums of lane_backward.
 at::Tensor lane_bias_grad(const at::Tensor& acc) {
   const int64_t H = acc.size(1), N = acc.size(2);
-  const at::Tensor phases = acc.sum(0);  // [phase][i][j][lane]
-  return at::zeros({H, N, N}, acc.options()).index_add_(0, lane_heads(H), phases.permute({0, 3, 1, 2}).reshape({H * W, N, N}));
+  const at::Tensor by_lane = acc.sum(0).permute({0, 3, 1, 2}).reshape({H * W, N, N});  // [phase, lane][i][j]
+  return at::zeros({H, N, N}, acc.options()).index_add_(0, lane_heads(H), by_lane);
 }
 
 const char* op_name(bool temporal) { return temporal ? "temporal_attention" : "spatial_attention"; }
