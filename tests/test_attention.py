@@ -84,8 +84,8 @@ def test_edge_shapes(backend, kind, shape):
 @pytest.mark.parametrize("kind, shape", [("spatial", (1, 2, 150, 1, 32)), ("temporal_causal", (1, 70, 3, 1, 32)),
                                          ("spatial", (1, 2, 136, 2, 32)), ("temporal_causal", (1, 72, 2, 2, 16))])
 def test_long_sequence(backend, kind, shape):
-    # past one Triton block (64) and past the cpp short-sequence kernel (N <= 64): the blocked
-    # cpp kernels with several 16-query chunks; N % 8 == 0 with Dh % 16 == 0: k and v read in place
+    # past one Triton block (64) and past the cpp short-sequence kernel: the blocked cpp kernels
+    # with several 16-query chunks, N % 8 != 0 and == 0
     check_forward_backward(kind, backend, shape, with_bias=True)
 
 
