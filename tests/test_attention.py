@@ -220,6 +220,26 @@ def test_low_precision_within_twice_torch_error(backend, dtype, kind):
         assert m <= 2 * t + floor, f"{name}: error {m:.3g} > 2 x torch's {t:.3g}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind, shape", [("temporal_causal", (2, 5, 24, 2, 32)), ("spatial", (2, 3, 40, 2, 32))])
+def test_cpp_16bit_is_the_fp32_kernel_rounded_once(dtype, kind, shape):
+    # 16-bit rows are converted to fp32 exactly on the way in and rounded to nearest even once
+    # on the way out (vectorised): bit for bit the fp32 kernel's result rounded by torch; NaN in,
+    # NaN out (short-sequence and blocked kernels, forward and backward)
+    B, T, S, H, D = shape
+    qkv = torch.randn(B, T, S, 3, H, D, dtype=dtype)
+    qkv[0, 1, 2, 0, 1, 3] = float("nan")
+    q, k, v = qkv.requires_grad_().unbind(3)
+    grad = torch.randn(shape, dtype=dtype)
+    out = attend(kind, q, k, v, backend="cpp")
+    qkv32 = qkv.detach().float().requires_grad_()
+    out32 = attend(kind, *qkv32.unbind(3), backend="cpp")
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out, out32.to(dtype), **exact)
+    torch.testing.assert_close(torch.autograd.grad(out, qkv, grad)[0],
+                               torch.autograd.grad(out32, qkv32, grad.float())[0].to(dtype), **exact)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batch_zero(backend):
     q = torch.randn(0, 4, 5, 2, 8, device=dev(backend), requires_grad=True)
