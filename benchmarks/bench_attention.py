@@ -61,6 +61,24 @@ def bench_attention(benchmark, kind, mode, shape, provider):
         DEVICE, flops=flops)
 
 
+@pytest.mark.parametrize("kind, dtype, provider",
+                         [(k, d, p) for k in ("temporal", "spatial") for d in ("bfloat16", "float16")
+                          for p in ("reference", FAST)])
+def bench_attention_16bit(benchmark, kind, dtype, provider):
+    # forward on 16-bit inputs (fp32 softmax and accumulation in the kernels), first shape only
+    B, T, S, H, D = shape = SHAPES[0]
+    q, k, v = torch.randn(B, T, S, 3, H, D, device=DEVICE, dtype=getattr(torch, dtype)).unbind(3)
+    fn = _fn(kind, provider)
+    N = T if kind == "temporal" else S
+    flops = 4 * B * H * (S if kind == "temporal" else T) * N * N * D * (0.5 if kind == "temporal" else 1.0)
+
+    def call():
+        with torch.no_grad():
+            return fn(q, k, v)
+    run(benchmark, call, f"{kind}_attention", f"fwd/{'x'.join(map(str, shape))}/{dtype}", provider,
+        4 * q.numel() * 2, DEVICE, flops=flops)
+
+
 _blocks: dict = {}
 
 
