@@ -45,4 +45,7 @@ def plot(path: Path) -> Path:
 if __name__ == "__main__":
     folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results"
     for path in sorted(folder.glob("*.json")):
-        print(plot(path))
+        data = json.loads(path.read_text())
+        rows = data.get("rows", []) if isinstance(data, dict) else []
+        if rows and all("provider" in r for r in rows):  # memory-cpu.json, demo-cpu.json: not timings
+            print(plot(path))
