@@ -68,6 +68,25 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
+    def _load_rows(base, offs_n, stride_n, offs_d, stride_d, mask, UPCAST: tl.constexpr):
+        """The (len(offs_n), BLOCK_D) tile of one sequence's rows, zero where masked; fp32 when UPCAST."""
+        x = tl.load(base + offs_n[:, None].to(tl.int64) * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def _scores(q, k, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n, mask_m,
+                mask_n, HAS_BIAS: tl.constexpr):
+        """q k^T * scale (+ bias[h]) in fp32, (BLOCK_M, BLOCK_N)."""
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        if HAS_BIAS:
+            s += tl.load(bias_ptr + h * bias_stride_h + offs_m[:, None] * bias_stride_m
+                         + offs_n[None, :] * bias_stride_n, mask=mask_m[:, None] & mask_n[None, :],
+                         other=0.0).to(tl.float32)
+        return s
+
+    @triton.jit
     def _attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr,
         q_stride_b, q_stride_a, q_stride_n, q_stride_h, q_stride_d,
@@ -92,10 +111,8 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < n_seq
         mask_d = offs_d < head_dim
-        q = tl.load(q_ptr + b * q_stride_b + a * q_stride_a + h * q_stride_h + offs_m[:, None].to(tl.int64) * q_stride_n
-                    + offs_d[None, :] * q_stride_d, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q = _load_rows(q_ptr + b * q_stride_b + a * q_stride_a + h * q_stride_h, offs_m, q_stride_n, offs_d, q_stride_d,
+                       mask_m[:, None] & mask_d[None, :], UPCAST)
         k_base = k_ptr + b * k_stride_b + a * k_stride_a + h * k_stride_h
         v_base = v_ptr + b * v_stride_b + a * v_stride_a + h * v_stride_h
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -108,18 +125,10 @@ if triton is not None:
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < n_seq
             kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * k_stride_n + offs_d[None, :] * k_stride_d,
-                        mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * v_stride_n + offs_d[None, :] * v_stride_d,
-                        mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            if HAS_BIAS:
-                s += tl.load(bias_ptr + h * bias_stride_h + offs_m[:, None] * bias_stride_m
-                             + offs_n[None, :] * bias_stride_n, mask=mask_m[:, None] & mask_n[None, :],
-                             other=0.0).to(tl.float32)
+            k = _load_rows(k_base, offs_n, k_stride_n, offs_d, k_stride_d, kv_mask, UPCAST)
+            v = _load_rows(v_base, offs_n, v_stride_n, offs_d, v_stride_d, kv_mask, UPCAST)
+            s = _scores(q, k, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n,
+                        mask_m, mask_n, HAS_BIAS)
             valid = mask_n[None, :] & (offs_m[:, None] >= 0)
             if CAUSAL:
                 # padded query rows (offs_m >= n_seq) still see key 0: no all -inf row, no NaN
@@ -175,13 +184,8 @@ if triton is not None:
             offs_n = start + tl.arange(0, BLOCK_N)
             mask_n = offs_n < n_seq
             kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * k_stride_n + offs_d[None, :] * k_stride_d,
-                        mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * v_stride_n + offs_d[None, :] * v_stride_d,
-                        mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = _load_rows(k_base, offs_n, k_stride_n, offs_d, k_stride_d, kv_mask, UPCAST)
+            v = _load_rows(v_base, offs_n, v_stride_n, offs_d, v_stride_d, kv_mask, UPCAST)
             dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             lo = 0
@@ -191,20 +195,12 @@ if triton is not None:
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 mask_m = offs_m < n_seq
                 qd_mask = mask_m[:, None] & mask_d[None, :]
-                q = tl.load(q_base + offs_m[:, None].to(tl.int64) * q_stride_n + offs_d[None, :] * q_stride_d,
-                            mask=qd_mask, other=0.0)
-                do = tl.load(do_base + offs_m[:, None].to(tl.int64) * do_stride_n + offs_d[None, :] * do_stride_d,
-                             mask=qd_mask, other=0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
-                    do = do.to(tl.float32)
+                q = _load_rows(q_base, offs_m, q_stride_n, offs_d, q_stride_d, qd_mask, UPCAST)
+                do = _load_rows(do_base, offs_m, do_stride_n, offs_d, do_stride_d, qd_mask, UPCAST)
                 lse = tl.load(lse_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
                 delta = tl.load(delta_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-                if HAS_BIAS:
-                    s += tl.load(bias_ptr + h * bias_stride_h + offs_m[:, None] * bias_stride_m
-                                 + offs_n[None, :] * bias_stride_n, mask=mask_m[:, None] & mask_n[None, :],
-                                 other=0.0).to(tl.float32)
+                s = _scores(q, k, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n,
+                            mask_m, mask_n, HAS_BIAS)
                 valid = mask_m[:, None] & mask_n[None, :]
                 if CAUSAL:
                     valid = valid & (offs_n[None, :] <= offs_m[:, None])
@@ -220,13 +216,8 @@ if triton is not None:
             offs_m = start + tl.arange(0, BLOCK_M)
             mask_m = offs_m < n_seq
             qd_mask = mask_m[:, None] & mask_d[None, :]
-            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * q_stride_n + offs_d[None, :] * q_stride_d,
-                        mask=qd_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None].to(tl.int64) * do_stride_n + offs_d[None, :] * do_stride_d,
-                         mask=qd_mask, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q = _load_rows(q_base, offs_m, q_stride_n, offs_d, q_stride_d, qd_mask, UPCAST)
+            do = _load_rows(do_base, offs_m, do_stride_n, offs_d, do_stride_d, qd_mask, UPCAST)
             lse = tl.load(lse_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
             delta = tl.zeros([BLOCK_M], tl.float32)
             if MODE == 1:
@@ -239,18 +230,10 @@ if triton is not None:
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < n_seq
                 kv_mask = mask_n[:, None] & mask_d[None, :]
-                k = tl.load(k_base + offs_n[:, None].to(tl.int64) * k_stride_n + offs_d[None, :] * k_stride_d,
-                            mask=kv_mask, other=0.0)
-                v = tl.load(v_base + offs_n[:, None].to(tl.int64) * v_stride_n + offs_d[None, :] * v_stride_d,
-                            mask=kv_mask, other=0.0)
-                if UPCAST:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-                if HAS_BIAS:
-                    s += tl.load(bias_ptr + h * bias_stride_h + offs_m[:, None] * bias_stride_m
-                                 + offs_n[None, :] * bias_stride_n, mask=mask_m[:, None] & mask_n[None, :],
-                                 other=0.0).to(tl.float32)
+                k = _load_rows(k_base, offs_n, k_stride_n, offs_d, k_stride_d, kv_mask, UPCAST)
+                v = _load_rows(v_base, offs_n, v_stride_n, offs_d, v_stride_d, kv_mask, UPCAST)
+                s = _scores(q, k, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n,
+                            mask_m, mask_n, HAS_BIAS)
                 valid = mask_m[:, None] & mask_n[None, :]
                 if CAUSAL:
                     valid = valid & (offs_n[None, :] <= offs_m[:, None])
