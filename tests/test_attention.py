@@ -134,7 +134,8 @@ def test_large_logits_are_stable(backend):
     for kind in KINDS:
         out = attend(kind, q, k, v, backend=backend)
         assert torch.isfinite(out).all()
-        assert_close(out, oracle(kind, q, k, v), torch.float32, rtol=1e-4, atol=1e-3, name=kind)
+        # logits ~900: one fp32 rounding of a logit (~5e-5) moves p by that fraction, times |v| ~30
+        assert_close(out, oracle(kind, q, k, v), torch.float32, rtol=1e-4, atol=5e-3, name=kind)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
