@@ -59,7 +59,8 @@ def check_peer(distribution: str, tested: Iterable[Tuple[str, str]], problems: I
     if found:
         message = "; ".join(found)
         if not untested_allowed():
-            raise PeerVersionError(f"pvkernels.integrations: {message}. Set PVKERNELS_ALLOW_UNTESTED=1 to patch anyway.")
+            raise PeerVersionError(f"pvkernels.integrations: {message}. "
+                                   "Set PVKERNELS_ALLOW_UNTESTED=1 to patch anyway.")
         warnings.warn(f"pvkernels.integrations: {message}; patching anyway (PVKERNELS_ALLOW_UNTESTED=1)",
                       RuntimeWarning, stacklevel=3)
     return version
@@ -202,10 +203,17 @@ def dispatching(patch: Patch, reason: Callable, fast: Callable, signature_of) ->
     return make
 
 
-def targets(model: Optional[nn.Module], classes: Tuple[type, ...]) -> list:
-    """The instances of ``classes`` in ``model`` (itself included), or the classes for model=None."""
+def patch_modules(patch: Patch, model: Optional[nn.Module], cls: type, makers: Dict[str, Callable]) -> None:
+    """Replaces the methods named in ``makers`` (name -> ``make(original)``) on ``cls`` itself
+    (model=None) or on every instance of ``cls`` in ``model``, itself included; an instance of a
+    subclass with a forward of its own is left alone (its forward is not the one we reproduce)."""
     if model is None:
-        return list(classes)
-    if not isinstance(model, nn.Module):
+        owners = [cls]
+    elif isinstance(model, nn.Module):
+        owners = [m for m in model.modules() if isinstance(m, cls) and type(m).forward is cls.forward]
+    else:
         raise TypeError(f"pvkernels.integrations: model must be an nn.Module or None, got {type(model).__name__}")
-    return [m for m in model.modules() if isinstance(m, classes)]
+    for owner in owners:
+        for attr, make in makers.items():
+            patch.replace(owner, attr, make)
+        patch.mark(owner)

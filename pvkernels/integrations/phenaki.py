@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from . import vector_quantize
 from ._attention import attend, unsupported
-from ._patching import Patch, PeerVersionError, check_peer, dispatching, import_peer, missing, signature_problems, targets
+from ._patching import (Patch, PeerVersionError, check_peer, dispatching, import_peer, missing, patch_modules,
+                        signature_problems)
 
 DISTRIBUTION = "phenaki-pytorch"
 TESTED = (("0.5.0", "0.6"),)
@@ -109,12 +110,8 @@ def patch_phenaki(model: Optional[torch.nn.Module] = None, *, strict: bool = Fal
     mod = _peer()
     _check(mod)
     patch = Patch("phenaki", strict)
-    make = dispatching(patch, _reason, _forward, mod.Attention.forward)
-    for owner in targets(model, (mod.Attention,)):
-        if not isinstance(owner, type) and type(owner).forward is not mod.Attention.forward:
-            continue
-        patch.replace(owner, "forward", make)
-        patch.mark(owner)
+    forward = dispatching(patch, _reason, _forward, mod.Attention.forward)
+    patch_modules(patch, model, mod.Attention, {"forward": forward})
     vq_mod = vector_quantize._peer()
     if model is None or any(isinstance(m, vq_mod.VectorQuantize) for m in model.modules()):
         try:

@@ -18,7 +18,8 @@ _state: dict = {}
 def pytest_addoption(parser):
     group = parser.getgroup("pvkernels")
     group.addoption("--pvkernels-patch", action="append", default=[], choices=PEERS, metavar="NAME",
-                    help=f"apply pvkernels.integrations.patch(NAME) to every instance for the session ({', '.join(PEERS)})")
+                    help="apply pvkernels.integrations.patch(NAME) to every instance for the session "
+                         f"({', '.join(PEERS)})")
 
 
 def pytest_sessionstart(session):

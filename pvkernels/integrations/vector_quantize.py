@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ..ops.vq import vq_lookup
-from ._patching import Patch, check_peer, dispatching, import_peer, missing, signature_problems, targets
+from ._patching import Patch, check_peer, import_peer, missing, patch_modules, signature_problems
 
 DISTRIBUTION = "vector-quantize-pytorch"
 # half-open ranges; 1.27-1.29 (Codebook without track_cluster_size_and_embed_avg) are not supported
@@ -83,7 +83,9 @@ def _distances_needed(vq, a) -> Optional[str]:
         return "indices= (cross-entropy against the distance matrix)"
     if vq.training and getattr(vq, "has_codebook_diversity_loss", False):
         return "codebook_diversity_loss_weight > 0 (softmax over the distance matrix)"
-    if vq.training and getattr(vq, "has_commitment_loss", False) and getattr(vq, "commitment_use_cross_entropy_loss", False):
+    cross_entropy = getattr(vq, "commitment_use_cross_entropy_loss", False)
+    cross_entropy = cross_entropy and getattr(vq, "has_commitment_loss", False)
+    if vq.training and cross_entropy:
         return "commitment_use_cross_entropy_loss (cross-entropy over the distance matrix)"
     return None
 
@@ -307,17 +309,10 @@ def install(patch: Patch, mod, model: Optional[torch.nn.Module]) -> None:
     """Adds the codebook and VectorQuantize replacements of ``model`` (None: the classes) to ``patch``."""
     classes, new_layout = _layout(mod)
     for cls in classes:
-        for owner in targets(model, (cls,)):
-            if not isinstance(owner, type) and type(owner).forward is not cls.forward:
-                continue  # a subclass with its own forward: not ours to replace
-            patch.replace(owner, "forward", _make_codebook_forward(patch, mod, new_layout, cls))
-            if new_layout:
-                patch.replace(owner, "track_cluster_size_and_embed_avg", _make_track(mod))
-            patch.mark(owner)
-    for owner in targets(model, (mod.VectorQuantize,)):
-        if not isinstance(owner, type) and type(owner).forward is not mod.VectorQuantize.forward:
-            continue
-        patch.replace(owner, "forward", _make_vq_forward(patch, mod))
-        patch.mark(owner)
+        makers = {"forward": _make_codebook_forward(patch, mod, new_layout, cls)}
+        if new_layout:
+            makers["track_cluster_size_and_embed_avg"] = _make_track(mod)
+        patch_modules(patch, model, cls, makers)
+    patch_modules(patch, model, mod.VectorQuantize, {"forward": _make_vq_forward(patch, mod)})
 
 __all__ = ["patch_vector_quantize", "TESTED"]

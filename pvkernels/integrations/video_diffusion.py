@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ._attention import attend, unsupported
-from ._patching import Patch, check_peer, dispatching, import_peer, missing, signature_problems, targets
+from ._patching import Patch, check_peer, dispatching, import_peer, missing, patch_modules, signature_problems
 
 DISTRIBUTION = "video-diffusion-pytorch"
 TESTED = (("0.7.0", "0.8"),)
@@ -87,12 +87,8 @@ def patch_video_diffusion(model: Optional[torch.nn.Module] = None, *, strict: bo
     mod = _peer()
     _check(mod)
     patch = Patch("video_diffusion", strict)
-    make = dispatching(patch, _reason, _forward, mod.Attention.forward)
-    for owner in targets(model, (mod.Attention,)):
-        if not isinstance(owner, type) and type(owner).forward is not mod.Attention.forward:
-            continue
-        patch.replace(owner, "forward", make)
-        patch.mark(owner)
+    forward = dispatching(patch, _reason, _forward, mod.Attention.forward)
+    patch_modules(patch, model, mod.Attention, {"forward": forward})
     return patch
 
 

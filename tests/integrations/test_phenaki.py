@@ -132,7 +132,8 @@ def test_unpatch_print_and_state_dict():
 
 def test_peer_version_error(monkeypatch):
     real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.9.0" if name == "phenaki-pytorch" else real(name))
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.9.0" if name == "phenaki-pytorch" else real(name))
     with pytest.raises(PeerVersionError, match="phenaki-pytorch 0.9.0"):
         integrations.patch_phenaki()
     monkeypatch.setattr(importlib.metadata, "version", real)
