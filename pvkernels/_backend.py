@@ -11,6 +11,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -78,37 +79,63 @@ def cpp_available() -> bool:
     return load_cpp()
 
 
+# The one place that imports triton: the ops (and ops/rng.py) take ``triton`` from here.
+try:
+    import triton
+except ImportError:  # the reference and cpp backends work without triton
+    triton = None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton is not None
 
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Maps ``backend`` ("auto" honours ``PVKERNELS_BACKEND``) to the one that will run.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_float(op: str, name: str, x: torch.Tensor) -> None:
+    """The dtype check of every op's floating inputs (float64 runs on the reference backend only)."""
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64 (float64 on the reference "
+                        f"backend only), got {x.dtype}")
+
+
+def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype,
+                    unsupported: Optional[str] = None, slower: Optional[Callable[[str], bool]] = None) -> str:
+    """Maps ``backend`` ("auto" honours ``PVKERNELS_BACKEND``) to the one that will run: every op's dispatch.
 
     An explicitly requested backend that cannot run raises; only "auto" chooses.
+
+    Args:
+        unsupported: why the fused (cpp/triton) kernels cannot take this input, e.g.
+            "head dim Dh = 160 > 128"; None when they can. "auto" (also when ``PVKERNELS_BACKEND``
+            names a fused backend) then takes the reference; an explicit request raises ValueError.
+        slower: the op's measured crossovers: called with the fused backend "auto" would take,
+            True when that backend is slower than the reference at this input's shape class, and
+            then "auto" takes the reference. Explicit requests (and ``PVKERNELS_BACKEND``) run as asked.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
+    auto = backend == "auto"
+    if auto:
         env = os.environ.get("PVKERNELS_BACKEND", "auto")
         if env not in BACKENDS:
             raise ValueError(f"{op}: PVKERNELS_BACKEND must be one of {BACKENDS}, got {env!r}")
         backend = env
     if backend == "auto":
-        if dtype == torch.float64:
+        fused = None
+        if device.type == "cuda" and triton is not None:
+            fused = "triton"
+        elif device.type == "cpu" and cpp_available():
+            fused = "cpp"
+        if fused is None or dtype == torch.float64 or unsupported is not None or (slower is not None and slower(fused)):
             return "reference"
-        if device.type == "cuda" and triton_available():
-            return "triton"
-        if device.type == "cpu" and cpp_available():
-            return "cpp"
+        return fused
+    if auto and unsupported is not None:
         return "reference"
     if backend in ("cpp", "triton") and dtype == torch.float64:
         raise TypeError(f"{op}: the {backend} backend computes in float32 and takes float32/float16/bfloat16 "
@@ -120,10 +147,13 @@ def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dt
             raise RuntimeError(f"{op}: backend='cpp' requested but the C++ extension is unavailable: "
                                f"{_cpp_state['error']}")
     if backend == "triton":
-        if not triton_available():
+        if triton is None:
             raise RuntimeError(f"{op}: backend='triton' requested but triton is not installed "
                                "(pip install 'pvkernels[triton]')")
         if device.type != "cuda" and not triton_interpret():
             raise ValueError(f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run "
                              f"the kernels on the CPU), got device {device}")
+    if backend != "reference" and unsupported is not None:
+        raise ValueError(f"{op}: {unsupported} is not supported by the {backend} kernels; use backend='reference' "
+                         "(backend='auto' does so)")
     return backend

@@ -8,13 +8,9 @@ import pvkernels
 from pvkernels import schedules
 from pvkernels.ops.pseudo_video import pseudo_video_reference
 
-from .utils import assert_close
+from .utils import assert_close, dev
 
 BACKENDS = ["reference", "cpp", "triton"]
-
-
-def dev(backend):
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def params(kind, T, order="high"):
@@ -230,12 +226,38 @@ def test_auto_picks_cpp_on_cpu_and_reference_for_float64():
     assert resolve_backend("op", "auto", torch.device("cpu"), torch.float64) == "reference"
 
 
+def test_dispatch_limits_and_crossovers(monkeypatch):
+    # the one dispatch of every op: a hard limit sends "auto" (and PVKERNELS_BACKEND=cpp) to the
+    # reference and makes an explicit request raise; a crossover vetoes only "auto"
+    from pvkernels._backend import resolve_backend
+    cpu, f32 = torch.device("cpu"), torch.float32
+    assert resolve_backend("op", "auto", cpu, f32, unsupported="Dh = 160 > 128") == "reference"
+    with pytest.raises(ValueError, match="op: Dh = 160 > 128 is not supported by the cpp kernels"):
+        resolve_backend("op", "cpp", cpu, f32, unsupported="Dh = 160 > 128")
+    assert resolve_backend("op", "reference", cpu, f32, unsupported="Dh = 160 > 128") == "reference"
+    asked = []
+    slower = lambda backend: asked.append(backend) or True  # noqa: E731
+    assert resolve_backend("op", "auto", cpu, f32, slower=slower) == "reference" and asked == ["cpp"]
+    assert resolve_backend("op", "auto", cpu, f32, slower=lambda backend: False) == "cpp"
+    assert resolve_backend("op", "cpp", cpu, f32, slower=slower) == "cpp" and asked == ["cpp"]
+    monkeypatch.setenv("PVKERNELS_BACKEND", "cpp")
+    assert resolve_backend("op", "auto", cpu, f32, unsupported="Dh = 160 > 128") == "reference"
+    assert resolve_backend("op", "auto", cpu, f32, slower=slower) == "cpp"
+
+
+def test_one_triton_import():
+    from pvkernels import _backend
+    from pvkernels.ops import attention, pseudo_video, rng, vq
+    assert all(m.triton is _backend.triton for m in (attention, pseudo_video, rng, vq))
+    assert pvkernels.triton_available() == (_backend.triton is not None)
+
+
 GOOD = schedules.linear_blur(3, 1.0)
 
 
 @pytest.mark.parametrize("call, error, match", [
     (lambda x: pvkernels.pseudo_video(x[0], **GOOD), ValueError, "x must be 4-D"),
-    (lambda x: pvkernels.pseudo_video(x.to(torch.int32), **GOOD), TypeError, "x must be float"),
+    (lambda x: pvkernels.pseudo_video(x.to(torch.int32), **GOOD), TypeError, "x must be float32, float16, bfloat16 or float64"),
     (lambda x: pvkernels.pseudo_video(x.tolist(), **GOOD), TypeError, "x must be a torch.Tensor"),
     (lambda x: pvkernels.pseudo_video(x), ValueError, "at least one of"),
     (lambda x: pvkernels.pseudo_video(x, blur_sigma=[]), ValueError, "T >= 1"),

@@ -1,5 +1,8 @@
-"""One tolerance table and one verbose assert_close for every test."""
+"""What every test shares: one tolerance table, one verbose assert_close, the device a
+backend runs on, and the explicit attention oracle."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -42,3 +45,22 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
             f"NaN mismatches {nan_mismatch}, inf mismatches {inf_mismatch}; worst at {idx}: "
             f"actual {a.flatten()[worst].item()!r} expected {e.flatten()[worst].item()!r} "
             f"(abs err {err.flatten()[worst].item():.3g})")
+
+
+def dev(backend: str) -> str:
+    """The device a backend's inputs live on: CUDA for triton when a GPU is present, else the CPU."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def attention_math(q, k, v, bias, temporal, causal):
+    """Explicit softmax(q k^T / sqrt(Dh) + bias) v on (B, T, S, H, Dh), in the dtype of q (the fp64 oracle)."""
+    eq = "btihd,btjhd->bthij" if not temporal else "bishd,bjshd->bshij"
+    scores = torch.einsum(eq, q, k) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    if causal:
+        N = scores.shape[-1]
+        scores = scores.masked_fill(torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    out = "bthij,btjhd->btihd" if not temporal else "bshij,bjshd->bishd"
+    return torch.einsum(out, p, v)
