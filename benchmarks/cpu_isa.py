@@ -1,0 +1,85 @@
+"""The cpp kernels against the eager reference on the issue-10 shapes, for whatever ISA the
+loaded build targets (``PVKERNELS_MARCH=-march=x86-64-v3 PVKERNELS_BUILD_DIR=$(mktemp -d)`` for
+an AVX2 build): reference and cpp alternate round by round, so each ratio is side by side.
+
+    flock -x /tmp/pvk-cpu.lock python -m benchmarks.cpu_isa [--rounds 7] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import pvkernels
+from pvkernels import _backend, schedules
+from pvkernels.ops.attention import attention_reference
+from pvkernels.ops.pseudo_video import pseudo_video_reference
+
+
+def _pseudo_video_cases():
+    x = torch.rand(128, 3, 32, 32)
+    for name, p in (("blur high", schedules.linear_blur(18, 3.0, "high")),
+                    ("blur first", schedules.linear_blur(18, 3.0, "first")),
+                    ("noise high", schedules.ddpm_noise(18, "linear", "high")),
+                    ("noise first", schedules.ddpm_noise(18, "linear", "first"))):
+        def reference(p=p):  # eps from torch.randn, as benchmarks/bench_pseudo_video.py
+            noise = torch.randn(128, 18, 3, 32, 32) if any(p["noise_std"]) else None
+            return pseudo_video_reference(x, p["blur_sigma"], p["noise_std"], p["signal_scale"],
+                                          p["order"] == "first", 0, noise, 3.0)
+        yield f"pseudo_video {name}, 128x3x32x32, T=18", reference, \
+            lambda p=p: pvkernels.pseudo_video(x, **p, seed=1, backend="cpp")
+
+
+def _vq_cases():
+    z, e = torch.randn(16384, 64), torch.randn(8192, 64)
+
+    def reference():
+        idx = torch.cdist(z, e).argmin(1)
+        return idx, e[idx]
+    yield "vq_lookup N=16384 K=8192 D=64", reference, lambda: pvkernels.vq_lookup(z, e, backend="cpp")
+
+
+def _attention_cases():
+    q, k, v = torch.randn(4, 18, 256, 3, 8, 32).unbind(3)
+    yield ("temporal_attention fwd 4x18x256x8x32", lambda: attention_reference(q, k, v, None, True, True),
+           lambda: pvkernels.temporal_attention(q, k, v, causal=True, backend="cpp"))
+    yield ("spatial_attention fwd 4x18x256x8x32", lambda: attention_reference(q, k, v, None, False, False),
+           lambda: pvkernels.spatial_attention(q, k, v, backend="cpp"))
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    if not _backend.cpp_available():
+        raise SystemExit("the C++ extension is unavailable")
+    rows = []
+    print(f"build: {_backend.build_dir()}  isa: {getattr(_backend, "cpp_isa", lambda: "?")()}  threads: {torch.get_num_threads()}")
+    print(f"{'case':<48}{'reference ms':>13}{'cpp ms':>9}{'x ref':>8}")
+    with torch.no_grad():
+        for case, reference, cpp in (*_pseudo_video_cases(), *_vq_cases(), *_attention_cases()):
+            reference(), cpp()  # warm-up
+            ref_t, cpp_t = [], []
+            for _ in range(args.rounds):
+                ref_t.append(_time(reference))
+                cpp_t.append(_time(cpp))
+            r, c = statistics.median(ref_t) * 1e3, statistics.median(cpp_t) * 1e3
+            rows.append({"case": case, "reference_ms": r, "cpp_ms": c, "speedup": r / c})
+            print(f"{case:<48}{r:>13.2f}{c:>9.2f}{r / c:>8.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"isa": getattr(_backend, "cpp_isa", lambda: "?")(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
