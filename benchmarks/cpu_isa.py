@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -64,7 +65,8 @@ def main() -> None:
     if not _backend.cpp_available():
         raise SystemExit("the C++ extension is unavailable")
     rows = []
-    print(f"build: {_backend.build_dir()}  isa: {getattr(_backend, "cpp_isa", lambda: "?")()}  threads: {torch.get_num_threads()}")
+    isa = _backend.cpp_isa()
+    print(f"isa: {isa}  march: {os.environ.get('PVKERNELS_MARCH', '-march=native')}  threads: {torch.get_num_threads()}")
     print(f"{'case':<48}{'reference ms':>13}{'cpp ms':>9}{'x ref':>8}")
     with torch.no_grad():
         for case, reference, cpp in (*_pseudo_video_cases(), *_vq_cases(), *_attention_cases()):
@@ -78,7 +80,7 @@ def main() -> None:
             print(f"{case:<48}{r:>13.2f}{c:>9.2f}{r / c:>8.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"isa": getattr(_backend, "cpp_isa", lambda: "?")(), "rows": rows}, f, indent=1)
+            json.dump({"isa": isa, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -110,9 +110,7 @@ def build_dir(isa: Optional[dict] = None) -> Path:
     digest = hashlib.sha1(json.dumps(isa, sort_keys=True).encode()).hexdigest()[:10]
     tag = "torch" + torch.__version__.replace("+", "_").replace(".", "_") + f"-{march}-{isa['simd']}-{digest}"
     root = os.environ.get("PVKERNELS_BUILD_DIR") or Path.home() / ".cache" / "pvkernels"
-    path = Path(root) / tag
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(root) / tag
 
 
 _ISA_RECORD = "isa.json"  # written beside the .so after a build: the ISA it was built for
@@ -152,6 +150,7 @@ def load_cpp(verbose: bool = False) -> bool:
             raise RuntimeError(f"PVKERNELS_MARCH={isa['march']!r} targets {', '.join(missing)}, which this CPU "
                                "lacks (a build for it would die with SIGILL here)")
         path = build_dir(isa)
+        path.mkdir(parents=True, exist_ok=True)
         _refuse_stale_build(path)
         if not any(path.glob("pvkernels_cpp*.so")):
             print(f"pvkernels: compiling the C++ extension for torch {torch.__version__}, {isa['march']} "
@@ -184,6 +183,24 @@ def load_cpp(verbose: bool = False) -> bool:
 def cpp_isa() -> Optional[str]:
     """The vector path of the loaded C++ build ("avx512", "avx2", "plain"), None when it is unavailable."""
     return _cpp_state["isa"]["simd"] if load_cpp() else None
+
+
+# The measured crossovers of the cpp kernels (python -m benchmarks.cpu_isa, the README tables):
+# per (op, vector path of the loaded build), the shape classes where cpp loses to the reference,
+# so that "auto" takes the reference there. Shape-class keys: see each op's cpp_slower call.
+_CPP_LOSES: dict = {
+    # AVX-512: bf16 spatial attention at S = 256 ran 0.84x the reference (SDPA multiplies in bf16 on
+    # AMX; the cpp kernels convert to fp32)
+    ("spatial_attention", "avx512"): lambda dtype, n, **_: dtype == torch.bfloat16 and n >= 256,
+}
+
+
+def cpp_slower(op: str, **shape_class) -> Callable[[str], bool]:
+    """``resolve_backend(..., slower=)`` from the measured crossovers of the loaded build's ISA."""
+    def slower(backend: str) -> bool:
+        rule = _CPP_LOSES.get((op, cpp_isa())) if backend == "cpp" else None
+        return rule is not None and bool(rule(**shape_class))
+    return slower
 
 
 def cpp_available() -> bool:
