@@ -34,83 +34,69 @@ void transpose_tiles(const float* src, int64_t lds, float* dst, int64_t ldd, int
   }
 }
 
-// The arguments of rows_dot_cols, passed on to its row blocks.
-struct DotCols {
-  const float* A;
-  int64_t lda;
-  const float* Bt;
-  int64_t ldb;
-  float* S;
-  int64_t Np, cols, D;
-  bool upper;
-  int64_t chunk0;
-  const float* add;
-  int64_t add_ld;
-  vfloat* colmax;
-  int64_t n_valid;
-};
-
-// Rows [i0, i0 + R) of rows_dot_cols, two column chunks at a time: 2R accumulators, 2 + R loads
-// per 2R FMAs.
+// S[i, :] = A[i, :D] . Bt[:D, :] for rows i0 <= i < i1 (i1 - i0 a multiple of R) and the first
+// `cols` columns (a multiple of kLanes) of Bt (row stride ldb) and S (row stride Np), R rows at a
+// time so each loaded vector of Bt feeds R independent FMA chains. upper: only the column chunks
+// from the rows' own on (S^T of a causal score matrix: key j sees queries i >= j), where the
+// columns start at chunk `chunk0` of the whole matrix. add (row stride add_ld): a matrix added to
+// S as it is stored (the bias); colmax: the running max of each column chunk over the stored
+// rows < n_valid (the softmax's max pass, fused).
 template <int R>
-void dot_cols_rows(const DotCols& g, int64_t i0) {
+void rows_dot_cols_by(const float* A, int64_t lda, const float* Bt, int64_t ldb, float* S, int64_t Np, int64_t cols,
+                      int64_t i_begin, int64_t i_end, int64_t D, bool upper, int64_t chunk0, const float* add,
+                      int64_t add_ld, vfloat* colmax, int64_t n_valid) {
   // stores the rows i0.. of column chunk c, then folds their max (in registers) into colmax
-  auto put = [&](int64_t c, const vfloat* rows) {
+  auto put = [&](int64_t i0, int64_t c, const vfloat* rows) {
     vfloat m = simd::splat(-std::numeric_limits<float>::infinity());
     for (int r = 0; r < R; ++r) {
       vfloat x = rows[r];
-      if (g.add != nullptr) x += load(g.add + (i0 + r) * g.add_ld + c * kLanes);
-      store(g.S + (i0 + r) * g.Np + c * kLanes, x);
-      if (i0 + r < g.n_valid) m = simd::max(m, x);
+      if (add != nullptr) x += load(add + (i0 + r) * add_ld + c * kLanes);
+      store(S + (i0 + r) * Np + c * kLanes, x);
+      if (i0 + r < n_valid) m = simd::max(m, x);
     }
-    if (g.colmax != nullptr) g.colmax[c] = simd::max(g.colmax[c], m);
+    if (colmax != nullptr) colmax[c] = simd::max(colmax[c], m);
   };
-  const float* a = g.A + i0 * g.lda;
-  const int64_t chunks = g.cols / kLanes;
-  int64_t c = g.upper ? std::max<int64_t>(0, i0 / kLanes - g.chunk0) : 0;
-  for (; c + 2 <= chunks; c += 2) {
-    vfloat acc0[R] = {}, acc1[R] = {};
-    const float* bt = g.Bt + c * kLanes;
-    for (int64_t d = 0; d < g.D; ++d) {
-      const vfloat b0 = load(bt + d * g.ldb), b1 = load(bt + d * g.ldb + kLanes);
-      for (int r = 0; r < R; ++r) {
-        const float x = a[r * g.lda + d];
-        acc0[r] += x * b0;
-        acc1[r] += x * b1;
+  for (int64_t i0 = i_begin; i0 < i_end; i0 += R) {
+    const float* a = A + i0 * lda;
+    int64_t c = upper ? std::max<int64_t>(0, i0 / kLanes - chunk0) : 0;
+    // two column chunks at a time: 2R accumulators, 2 + R loads per 2R FMAs
+    for (; c + 2 <= cols / kLanes; c += 2) {
+      vfloat acc0[R] = {}, acc1[R] = {};
+      const float* bt = Bt + c * kLanes;
+      for (int64_t d = 0; d < D; ++d) {
+        const vfloat b0 = load(bt + d * ldb), b1 = load(bt + d * ldb + kLanes);
+        for (int r = 0; r < R; ++r) {
+          const float x = a[r * lda + d];
+          acc0[r] += x * b0;
+          acc1[r] += x * b1;
+        }
       }
+      put(i0, c, acc0);
+      put(i0, c + 1, acc1);
     }
-    put(c, acc0);
-    put(c + 1, acc1);
-  }
-  for (; c < chunks; ++c) {
-    vfloat acc[R] = {};
-    const float* bt = g.Bt + c * kLanes;
-    for (int64_t d = 0; d < g.D; ++d) {
-      const vfloat b0 = load(bt + d * g.ldb);
-      for (int r = 0; r < R; ++r) acc[r] += a[r * g.lda + d] * b0;
+    for (; c < cols / kLanes; ++c) {
+      vfloat acc[R] = {};
+      const float* bt = Bt + c * kLanes;
+      for (int64_t d = 0; d < D; ++d) {
+        const vfloat b0 = load(bt + d * ldb);
+        for (int r = 0; r < R; ++r) acc[r] += a[r * lda + d] * b0;
+      }
+      put(i0, c, acc);
     }
-    put(c, acc);
   }
 }
 
-// S[i, :] = A[i, :D] . Bt[:D, :] for rows i < n_rows (a multiple of 8) and the first `cols`
-// columns (a multiple of kLanes) of Bt (row stride ldb) and S (row stride Np), several rows at a
-// time so each loaded vector of Bt feeds independent FMA chains: 8 rows (16 accumulators) with 32
-// registers, 6 then 2 (12 accumulators, the classic 6 x 16 sgemm block) with 16. upper: only the
-// column chunks from the rows' own on (S^T of a causal score matrix: key j sees queries i >= j),
-// where the columns start at chunk `chunk0` of the whole matrix. add (row stride add_ld): a
-// matrix added to S as it is stored (the bias); colmax: the running max of each column chunk
-// over the stored rows < n_valid (the softmax's max pass, fused).
+// rows_dot_cols_by for rows i < n_rows (a multiple of 8): 8 rows a block (16 accumulators) with 32
+// registers; with 16, 6 (12 accumulators, the classic 6 x 16 sgemm block) and 2 for the rest.
 void rows_dot_cols(const float* A, int64_t lda, const float* Bt, int64_t ldb, float* S, int64_t Np, int64_t cols,
                    int64_t n_rows, int64_t D, bool upper, int64_t chunk0 = 0, const float* add = nullptr,
                    int64_t add_ld = 0, vfloat* colmax = nullptr, int64_t n_valid = 0) {
-  const DotCols g{A, lda, Bt, ldb, S, Np, cols, D, upper, chunk0, add, add_ld, colmax, n_valid};
-  int64_t i0 = 0;
   if constexpr (kRegisters >= 32) {
-    for (; i0 < n_rows; i0 += 8) dot_cols_rows<8>(g, i0);
+    rows_dot_cols_by<8>(A, lda, Bt, ldb, S, Np, cols, 0, n_rows, D, upper, chunk0, add, add_ld, colmax, n_valid);
   } else {
-    for (; i0 + 6 <= n_rows; i0 += 6) dot_cols_rows<6>(g, i0);
-    for (; i0 < n_rows; i0 += 2) dot_cols_rows<2>(g, i0);
+    const int64_t n6 = n_rows / 6 * 6;
+    rows_dot_cols_by<6>(A, lda, Bt, ldb, S, Np, cols, 0, n6, D, upper, chunk0, add, add_ld, colmax, n_valid);
+    rows_dot_cols_by<2>(A, lda, Bt, ldb, S, Np, cols, n6, n_rows, D, upper, chunk0, add, add_ld, colmax, n_valid);
   }
 }
 
@@ -122,26 +108,30 @@ template <int DC, bool COLUMN>
 void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_t n_rows, int64_t N, int mode,
                     const float* row_scale, int64_t row0) {
   constexpr int64_t Dp = DC * kLanes;
-  // R x DC accumulators within the register budget: with 32 registers 8 rows per block for narrow
-  // heads, 4 for wide ones; with 16, at most 12 accumulators. Rows past n_rows (< Np, zero
+  // R rows x DB vector columns of O per block, all DC at once with 32 registers (8 rows for narrow
+  // heads, 4 for wide ones); with 16, blocks of 2 columns (4 rows: 8 accumulators, 6 loads per 8
+  // FMAs, where wider blocks ran load-bound on the M operands). Rows past n_rows (< Np, zero
   // padded; R <= 8 <= kLanes) are computed and ignored.
-  constexpr int R = kRegisters >= 32 ? (DC <= 2 ? 8 : 4) : (DC <= 1 ? 8 : DC <= 3 ? 4 : DC <= 6 ? 2 : 1);
+  constexpr int DB = kRegisters >= 32 ? DC : (DC % 2 == 0 ? 2 : 1);
+  constexpr int R = kRegisters >= 32 ? (DC <= 2 ? 8 : 4) : (DB == 1 ? 8 : 4);
   for (int64_t i0 = 0; i0 < n_rows; i0 += R) {
     const int64_t lo = mode == 2 ? i0 : 0;
     const int64_t hi = mode == 1 ? std::min(row0 + i0 + R, N) : N;
-    vfloat acc[R][DC] = {};
-    for (int64_t j = lo; j < hi; ++j) {
-      float p[R];
-      for (int r = 0; r < R; ++r) p[r] = COLUMN ? P[j * Np + i0 + r] : P[(i0 + r) * Np + j];
-      const float* m = M + j * Dp;
-      for (int dc = 0; dc < DC; ++dc) {
-        const vfloat mv = load(m + dc * kLanes);
-        for (int r = 0; r < R; ++r) acc[r][dc] += p[r] * mv;
+    for (int dc0 = 0; dc0 < DC; dc0 += DB) {
+      vfloat acc[R][DB] = {};
+      for (int64_t j = lo; j < hi; ++j) {
+        float p[R];
+        for (int r = 0; r < R; ++r) p[r] = COLUMN ? P[j * Np + i0 + r] : P[(i0 + r) * Np + j];
+        const float* m = M + j * Dp + dc0 * kLanes;
+        for (int dc = 0; dc < DB; ++dc) {
+          const vfloat mv = load(m + dc * kLanes);
+          for (int r = 0; r < R; ++r) acc[r][dc] += p[r] * mv;
+        }
       }
-    }
-    for (int r = 0; r < R; ++r) {
-      const float f = row_scale != nullptr ? row_scale[i0 + r] : 1.0f;
-      for (int dc = 0; dc < DC; ++dc) store(O + (i0 + r) * Dp + dc * kLanes, acc[r][dc] * f);
+      for (int r = 0; r < R; ++r) {
+        const float f = row_scale != nullptr ? row_scale[i0 + r] : 1.0f;
+        for (int dc = 0; dc < DB; ++dc) store(O + (i0 + r) * Dp + (dc0 + dc) * kLanes, acc[r][dc] * f);
+      }
     }
   }
 }

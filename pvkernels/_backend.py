@@ -156,7 +156,9 @@ def load_cpp(verbose: bool = False) -> bool:
             print(f"pvkernels: compiling the C++ extension for torch {torch.__version__}, {isa['march']} "
                   f"({isa['simd']} kernels) into {path} (first import only, ~20 s)", file=sys.stderr, flush=True)
         sources = sorted(str(p) for p in src.glob("*.cpp"))
-        flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-mprefer-vector-width=512", *_march()]
+        flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", *_march()]
+        if "__x86_64__" in _target_macros(tuple(_march())):
+            flags.append("-mprefer-vector-width=512")  # loops the compiler vectorises: zmm on AVX-512
         cpp_extension.load(
             name="pvkernels_cpp",
             sources=sources,
