@@ -187,13 +187,21 @@ def cpp_isa() -> Optional[str]:
     return _cpp_state["isa"]["simd"] if load_cpp() else None
 
 
-# The measured crossovers of the cpp kernels (python -m benchmarks.cpu_isa, the README tables):
-# per (op, vector path of the loaded build), the shape classes where cpp loses to the reference,
-# so that "auto" takes the reference there. Shape-class keys: see each op's cpp_slower call.
+# The measured crossovers of the cpp kernels: per (op, vector path of the loaded build), the shape
+# classes where cpp loses to the reference, so that "auto" takes the reference there. Shape-class
+# keys: see each op's cpp_slower call. Measured with `python -m benchmarks.cpu_isa --classes
+# --cpu-time` (AVX2 and plain, on an AMD EPYC Zen 3) and bench_attention.py (AVX-512); where a
+# class is not listed the cpp build was at least as fast as the reference (AVX2: all of them).
 _CPP_LOSES: dict = {
-    # AVX-512: bf16 spatial attention at S = 256 ran 0.84x the reference (SDPA multiplies in bf16 on
-    # AMX; the cpp kernels convert to fp32)
+    # bf16 spatial attention at S = 256 ran 0.84x (SDPA multiplies in bf16 on AMX; cpp in fp32)
     ("spatial_attention", "avx512"): lambda dtype, n, **_: dtype == torch.bfloat16 and n >= 256,
+    # plain C++ (no AVX): only the shortest sequences win (T = 8: 1.4x; T = 18: 0.83x, S = 8 fp32:
+    # 0.82x, S = 64: 0.08x), VQ with small codebooks (K = 1024: 0.94x; K = 8192: 1.8x) and every
+    # pseudo video with blur (blur 2.7x, blur + noise 1.16x; noise alone 0.43x)
+    ("temporal_attention", "plain"): lambda n, **_: n > 8,
+    ("spatial_attention", "plain"): lambda dtype, n, **_: n > 8 or dtype == torch.float32,
+    ("vq_lookup", "plain"): lambda k, **_: k < 4096,
+    ("pseudo_video", "plain"): lambda blur, **_: not blur,
 }
 
 
