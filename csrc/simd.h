@@ -294,20 +294,17 @@ inline void mul_hi_lo(vuint a, uint32_t m, vuint* hi, vuint* lo) {
 }
 
 // ---- horizontal -----------------------------------------------------------------------------
-inline float reduce_min(vfloat v) {
+// The smallest lane of a vfloat or vint.
+template <typename V>
+inline auto reduce_min(V v) {
 #if defined(PVKERNELS_SIMD_AVX512)
-  return _mm512_reduce_min_ps((__m512)v);
+  if constexpr (std::is_same<V, vfloat>::value) {
+    return _mm512_reduce_min_ps((__m512)v);
+  } else {
+    return _mm512_reduce_min_epi32((__m512i)v);
+  }
 #else
-  float m = v[0];
-  for (int l = 1; l < kLanes; ++l) m = v[l] < m ? v[l] : m;
-  return m;
-#endif
-}
-inline int32_t reduce_min(vint v) {
-#if defined(PVKERNELS_SIMD_AVX512)
-  return _mm512_reduce_min_epi32((__m512i)v);
-#else
-  int32_t m = v[0];
+  auto m = v[0];
   for (int l = 1; l < kLanes; ++l) m = v[l] < m ? v[l] : m;
   return m;
 #endif

@@ -69,34 +69,33 @@ struct RowMin {
   }
 };
 
-// Scans rows [0, bn) of a tile of dot products (row stride ld) into their running minima:
+// Scans rows [i0, i0 + R) of a tile of dot products (row stride ld) into their running minima:
 // scores bias[k] - 2 dots[k] for k in [0, n) of a tile starting at k0; n is a multiple of kLanes
-// (2 * dots is exact, so the fused multiply-add rounds as bias - 2 * dots does).
-void scan_tile(const float* dots, int64_t ld, int64_t bn, const float* bias, int32_t k0, int64_t n, RowMin* rows) {
-  // R rows at once: each bias vector is loaded once and R independent compare/blend chains
-  // hide each other's latency
-  constexpr int R = 4;
-  auto scan = [&](int64_t i, auto rows_now) {
-    constexpr int r_count = decltype(rows_now)::value;
-    vfloat v[r_count];
-    vint x[r_count];
-    for (int r = 0; r < r_count; ++r) v[r] = rows[i + r].value, x[r] = rows[i + r].index;
-    vint k = simd::iota(k0);
-    for (int64_t j = 0; j < n; j += kLanes) {
-      const vfloat b = simd::load(bias + j);
-      for (int r = 0; r < r_count; ++r) {
-        const vfloat s = b - 2.0f * simd::load(dots + (i + r) * ld + j);
-        const vint lt = s < v[r];
-        v[r] = lt ? s : v[r];
-        x[r] = lt ? k : x[r];
-      }
-      k += kLanes;
+// (2 * dots is exact, so the fused multiply-add rounds as bias - 2 * dots does). R rows at once:
+// each bias vector is loaded once and R independent compare/blend chains hide each other's latency.
+template <int R>
+void scan_rows(const float* dots, int64_t ld, int64_t i0, const float* bias, int32_t k0, int64_t n, RowMin* rows) {
+  vfloat v[R];
+  vint x[R];
+  for (int r = 0; r < R; ++r) v[r] = rows[i0 + r].value, x[r] = rows[i0 + r].index;
+  vint k = simd::iota(k0);
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const vfloat b = simd::load(bias + j);
+    for (int r = 0; r < R; ++r) {
+      const vfloat s = b - 2.0f * simd::load(dots + (i0 + r) * ld + j);
+      const vint lt = s < v[r];
+      v[r] = lt ? s : v[r];
+      x[r] = lt ? k : x[r];
     }
-    for (int r = 0; r < r_count; ++r) rows[i + r].value = v[r], rows[i + r].index = x[r];
-  };
+    k += kLanes;
+  }
+  for (int r = 0; r < R; ++r) rows[i0 + r].value = v[r], rows[i0 + r].index = x[r];
+}
+
+void scan_tile(const float* dots, int64_t ld, int64_t bn, const float* bias, int32_t k0, int64_t n, RowMin* rows) {
   int64_t i = 0;
-  for (; i + R <= bn; i += R) scan(i, std::integral_constant<int, R>{});
-  for (; i < bn; ++i) scan(i, std::integral_constant<int, 1>{});
+  for (; i + 4 <= bn; i += 4) scan_rows<4>(dots, ld, i, bias, k0, n, rows);
+  for (; i < bn; ++i) scan_rows<1>(dots, ld, i, bias, k0, n, rows);
 }
 
 template <typename scalar_t>
