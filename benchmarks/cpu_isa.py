@@ -115,7 +115,8 @@ def main() -> None:
         raise SystemExit("the C++ extension is unavailable")
     rows = []
     isa = _backend.cpp_isa()
-    print(f"isa: {isa}  march: {os.environ.get('PVKERNELS_MARCH', '-march=native')}  threads: {torch.get_num_threads()}")
+    march = os.environ.get("PVKERNELS_MARCH", "-march=native")
+    print(f"isa: {isa}  march: {march}  threads: {torch.get_num_threads()}")
     print(f"{'case':<48}{'reference ms':>13}{'cpp ms':>9}{'x ref':>8}")
     with torch.no_grad():
         cases = _class_cases() if args.classes else (*_pseudo_video_cases(), *_vq_cases(), *_attention_cases())

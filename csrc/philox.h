@@ -28,7 +28,8 @@ inline void sincos_2pi(simd::vfloat u, simd::vfloat* c, simd::vfloat* s) {
   const vint q = __builtin_convertvector(u * 4.0f + 0.5f, vint);  // truncation = round (u >= 0)
   const vfloat x = (u - __builtin_convertvector(q, vfloat) * 0.25f) * 6.28318530717958647f;
   const vfloat x2 = x * x;
-  const vfloat sn = x * (1.0f + x2 * (-1.6666667e-1f + x2 * (8.3333333e-3f + x2 * (-1.9841270e-4f + x2 * 2.7557319e-6f))));
+  const vfloat sn =
+      x * (1.0f + x2 * (-1.6666667e-1f + x2 * (8.3333333e-3f + x2 * (-1.9841270e-4f + x2 * 2.7557319e-6f))));
   const vfloat cs = 1.0f + x2 * (-0.5f + x2 * (4.1666667e-2f + x2 * (-1.3888889e-3f + x2 * (2.4801587e-5f -
                                                                                              x2 * 2.7557319e-7f))));
   const vint quadrant = q & 3;

@@ -2,9 +2,10 @@
 // it, for three targets chosen at compile time by the -march the extension is built with:
 //   AVX-512F                             kLanes = 16, 32 vector registers
 //   AVX2 + FMA (+F16C)                   kLanes = 8,  16 registers
-//   plain C++ (any other CPU, or -DPVKERNELS_SIMD_PLAIN): kLanes = 8, GCC/Clang vector extensions
-//     that every target lowers (to SSE2 or NEON register pairs, or scalar code)
-// Kernels read kLanes / kRegisters and never spell a width. The vector types are GCC vector
+//   plain C++ (any other CPU, or -DPVKERNELS_SIMD_PLAIN): kLanes = 8, GCC vector extensions (Clang
+//     has them too; built here with GCC 12 only) that every target lowers (SSE2/NEON pairs, scalar)
+// Kernels read kLanes / kRegisters and never spell a width (pvkernels/_backend.py's target_isa
+// mirrors the choice below for the build cache). The vector types are GCC vector
 // extensions (arithmetic, comparisons and ?: selects are plain operators); intrinsics appear
 // only here, where one instruction does what a generic expression would not (2^n scaling,
 // streaming stores, masked loads, 32x32->64 products, fp16 conversion, transposes).
@@ -32,15 +33,12 @@ namespace simd {
 #if defined(PVKERNELS_SIMD_AVX512)
 constexpr int kLanes = 16;
 constexpr int kRegisters = 32;
-constexpr const char* kIsa = "avx512";
 #elif defined(PVKERNELS_SIMD_AVX2)
 constexpr int kLanes = 8;
 constexpr int kRegisters = 16;
-constexpr const char* kIsa = "avx2";
 #else
 constexpr int kLanes = 8;  // the kernels' blocking assumes kLanes >= 8
 constexpr int kRegisters = 16;
-constexpr const char* kIsa = "plain";
 #endif
 
 typedef float vfloat __attribute__((vector_size(4 * kLanes)));
@@ -58,7 +56,6 @@ inline vfloat splat(float f) { return vfloat{} + f; }
 inline vfloat bitcast_f(vint x) { return reinterpret_cast<const vfloat&>(x); }
 inline vint bitcast_i(vfloat x) { return reinterpret_cast<const vint&>(x); }
 inline vfloat max(vfloat a, vfloat b) { return a > b ? a : b; }
-inline vfloat min(vfloat a, vfloat b) { return a < b ? a : b; }
 inline vint iota(int32_t base = 0) {  // base, base + 1, ...
   vint r;
   for (int l = 0; l < kLanes; ++l) r[l] = l;
@@ -179,13 +176,15 @@ template <typename T>
 inline void to_f32(const T* src, int64_t n, float* dst, float scale = 1.0f) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) store(dst + i, load_f32(src + i) * scale);
-  if (i < n) store_partial(dst + i, load_f32_partial(src + i, static_cast<int>(n - i)) * scale, static_cast<int>(n - i));
+  const int tail = static_cast<int>(n - i);
+  if (tail > 0) store_partial(dst + i, load_f32_partial(src + i, tail) * scale, tail);
 }
 template <typename T>
 inline void from_f32(const float* src, int64_t n, T* dst, float scale = 1.0f, bool stream = false) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) store_from_f32(dst + i, load(src + i) * scale, stream);
-  if (i < n) store_from_f32_partial(dst + i, load_partial(src + i, static_cast<int>(n - i)) * scale, static_cast<int>(n - i));
+  const int tail = static_cast<int>(n - i);
+  if (tail > 0) store_from_f32_partial(dst + i, load_partial(src + i, tail) * scale, tail);
 }
 
 // The one dtype switch of the kernels: fn(T{}) for the element type T of a float32, float16 or
