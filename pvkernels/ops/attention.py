@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_float, cpp_available, resolve_backend, triton, triton_interpret
+from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton, triton_interpret
 
 MAX_HEAD_DIM = 128
 
@@ -431,7 +431,8 @@ def _attention(name, q, k, v, bias, temporal, causal, backend, qkv=None):
     D = q.shape[-1]
     # the fused kernels keep a Dh <= 128 row on chip; "auto" falls back to the reference beyond
     unsupported = f"head dim Dh = {D} > {MAX_HEAD_DIM}" if D > MAX_HEAD_DIM else None
-    chosen = resolve_backend(name, backend, q.device, q.dtype, unsupported=unsupported)
+    slower = cpp_slower(name, dtype=q.dtype, n=q.shape[1 if temporal else 2])
+    chosen = resolve_backend(name, backend, q.device, q.dtype, unsupported=unsupported, slower=slower)
     if chosen == "reference":
         return attention_reference(q, k, v, bias, temporal, causal)
     if qkv is not None:

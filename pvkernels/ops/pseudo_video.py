@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_float, cpp_available, resolve_backend, triton
+from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton
 from .rng import philox_normal_reference
 
 Params = Union[Sequence[float], torch.Tensor, None]
@@ -355,7 +355,8 @@ def pseudo_video(x: torch.Tensor, blur_sigma: Params = None, noise_std: Params =
     if noise is not None and not any(std):
         noise = None  # no frame reads it
     first_order = order == "first"
-    chosen = resolve_backend("pseudo_video", backend, x.device, x.dtype)
+    slower = cpp_slower("pseudo_video", dtype=x.dtype, blur=any(sigma), noise=any(std))
+    chosen = resolve_backend("pseudo_video", backend, x.device, x.dtype, slower=slower)
     if chosen == "cpp":
         return torch.ops.pvkernels_cpp.pseudo_video(x, sigma, std, scale, first_order, seed, noise, truncate)
     if chosen == "triton":

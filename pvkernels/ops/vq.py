@@ -13,7 +13,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_float, cpp_available, resolve_backend, triton
+from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton
 
 METRICS = ("l2", "cosine")
 
@@ -194,7 +194,8 @@ def vq_lookup(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2",
         (torch.Size([8, 16, 16]), torch.Size([8, 16, 16, 64]))
     """
     _check_args(z, codebook, metric)
-    chosen = resolve_backend("vq_lookup", backend, z.device, z.dtype)
+    slower = cpp_slower("vq_lookup", dtype=z.dtype, k=codebook.shape[0], d=z.shape[-1])
+    chosen = resolve_backend("vq_lookup", backend, z.device, z.dtype, slower=slower)
     lead, D = z.shape[:-1], z.shape[-1]
     rows = z.detach().reshape(-1, D)
     cosine = metric == "cosine"
