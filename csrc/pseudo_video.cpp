@@ -122,8 +122,11 @@ inline void horizontal_rows(const float* tmp, float* rows, int64_t row_len, cons
 // noise_std == 0). src and dst (row stride Wp) may alias: the vertical pass reads src
 // completely into tmp first. If out (fp32, W == Wp, vector aligned) is given, the frame is
 // also streamed there (written once, not read again here: no read-for-ownership).
-void blur_frame(const Frame& f, const float* src, float* dst, const float* eps, int64_t H, int64_t W,
-                Scratch& s, float* out) {
+// noinline, noclone: one compiled copy for every dtype (GCC would otherwise specialise it per
+// caller and contract its products into FMAs differently), so a 16-bit frame is the fp32 frame
+// rounded once, bit for bit.
+__attribute__((noinline, noclone)) void blur_frame(const Frame& f, const float* src, float* dst, const float* eps,
+                                                   int64_t H, int64_t W, Scratch& s, float* out) {
   const int64_t r = f.radius, Wp = s.Wp;
   const float* g = f.taps.data();
   const float scale = f.scale, sd = f.noise_std;
