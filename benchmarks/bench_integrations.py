@@ -30,7 +30,8 @@ PROVIDERS = ["reference", "patched"]
 
 
 def _time(benchmark, case, provider, fn, rounds):
-    run(benchmark, fn, op="integrations", case=case, provider=provider, bytes_moved=0, rounds=rounds)
+    run(benchmark, fn, op="integrations", case=case, provider=provider, bytes_moved=0, rounds=rounds,
+        in_context=False)
 
 
 def _maybe_patched(provider, model, patch_fn):

@@ -157,11 +157,14 @@ def speedups(op: str, case: str, provider: str, median: float) -> dict:
 
 
 def run(benchmark, fn, op: str, case: str, provider: str, bytes_moved: int, device: str = DEVICE,
-        flops: float | None = None, extra: dict | None = None) -> None:
+        flops: float | None = None, extra: dict | None = None, rounds: int = ROUNDS,
+        in_context: bool = True) -> None:
     """Times fn in a hot loop (pytest-benchmark) and in context, records both, and puts GB/s,
     the roofline, page faults and speedups in extra_info.
 
     ``extra``: more fields for extra_info and the saved rows (e.g. a GEMM roofline, peak memory).
+    ``rounds``: the same for every provider of a case; ``in_context=False`` for whole training
+    steps of other people's models, which are their own context.
     """
     def call():
         out = fn()
@@ -169,16 +172,17 @@ def run(benchmark, fn, op: str, case: str, provider: str, bytes_moved: int, devi
         return out
 
     call()  # warm-up outside the timing (compiles, first-touch allocations)
-    benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
     median = benchmark.stats.stats.median
     _, hot_faults = time_calls(call, 1, device)
-    context, context_faults = time_calls(call, ROUNDS, device,
-                                         before=lambda: (foreign_op(bytes_moved, device), flush_caches(device)))
+    context, context_faults = (time_calls(call, rounds, device,
+                                          before=lambda: (foreign_op(bytes_moved, device), flush_caches(device)))
+                               if in_context else (float("nan"), float("nan")))
     _medians[(op, case, provider)] = median
     _medians[(op, case + "/in_context", provider)] = context
     bw = copy_bandwidth(device)
     info = {
-        "op": op, "case": case, "provider": provider, "device": device, "rounds": ROUNDS,
+        "op": op, "case": case, "provider": provider, "device": device, "rounds": rounds,
         "median_ms": median * 1e3, "in_context_ms": context * 1e3,
         "GB/s": bytes_moved / median / 1e9,
         "roofline_ms": bytes_moved / bw * 1e3,
