@@ -17,11 +17,10 @@ import torch
 
 import pvkernels
 from pvkernels import schedules
-from pvkernels.ops.attention import attention_math
 from pvkernels.ops.pseudo_video import pseudo_video_reference
 from pvkernels.ops.rng import philox_normal_reference
 
-from .utils import assert_close, tolerance
+from .utils import assert_close, attention_math, tolerance
 
 ON_GPU = torch.cuda.is_available()
 ON_CPU = not ON_GPU and os.environ.get("PVKERNELS_CUDA_TESTS_ON_CPU") == "1" and os.environ.get("TRITON_INTERPRET") == "1"

@@ -72,10 +72,10 @@ if triton is not None:
 
     @triton.jit
     def _mm(a, b, PRECISION: tl.constexpr):
-        """a @ b with fp32 sums. fp16/bf16 operands: the tensor cores. fp32 ones: PRECISION, "bf16x6"
-        on a GPU (each operand split into three bf16 parts, six tensor-core products: fp32
-        accuracy; CUDA-core "ieee" dots hold whole K rows per thread and spill), "ieee" in the
-        interpreter."""
+        """a @ b with fp32 sums. fp16/bf16 operands: the tensor cores. fp32 ones: PRECISION, "tf32x3"
+        on a GPU (each operand split into a TF32 high and low part, three tensor-core products:
+        fp32 accuracy; CUDA-core "ieee" dots hold whole K rows per thread and spill, "bf16x6"
+        holds three parts and spills at head dim 128), "ieee" in the interpreter."""
         if a.dtype == tl.float32:
             return tl.dot(a, b, input_precision=PRECISION)
         else:
@@ -357,9 +357,9 @@ def _configs(N: int, D: int, dtype: torch.dtype) -> dict:
     (tests/test_triton_compile.py, table in the README). fp16/bf16: a sequence of <= 32 (temporal
     attention) is one block loaded once, and its backward is the one fused launch; longer ones
     stream 32-key blocks (3-stage cp.async pipeline forward, 2 backward; the three-kernel
-    backward). fp32 operands are split in three bf16 parts for the tensor cores (three times the
-    operand registers), so fp32 streams 16-key blocks and always takes the three-kernel backward
-    with 16-row steps. The interpreter computes in fp32 (its bf16 dot is wrong) with one block per
+    backward). fp32 operands are split in two TF32 parts for the tensor cores (twice the operand
+    registers), so fp32 streams 16-key blocks and always takes the three-kernel backward with
+    16-row steps. The interpreter computes in fp32 (its bf16 dot is wrong) with one block per
     sequence where it fits (it pays per program).
     """
     BLOCK_D = max(16, triton.next_power_of_2(D))
@@ -369,17 +369,17 @@ def _configs(N: int, D: int, dtype: torch.dtype) -> dict:
         t = dict(_tile(min(block, 64), min(block, 64), 4, 1), BLOCK_D=BLOCK_D, UPCAST=True, PRECISION="ieee")
         return dict(fwd=t, delta=t, dkdv=t, dq=t, fused=block <= 64)
     if dtype == torch.float32:
-        fwd = _tile(16, 32, 4, 2) if wide else _tile(min(block, 32), 16, 8, 2)
-        tiles = dict(fwd=fwd, delta=_tile(64, 16, 4, 1), dkdv=_tile(16, 32 if wide else 16, 8, 2),
-                     dq=_tile(16, 32, 8, 2), fused=False)
+        tiles = dict(fwd=_tile(16, 32, 8, 2) if wide else _tile(min(block, 32), 16, 4, 2), delta=_tile(64, 16, 4, 1),
+                     dkdv=_tile(16, 16, 8, 3 if wide else 2), dq=_tile(16, 16, 8, 2), fused=False)
     elif block <= 32:
         one = _tile(block, block, 2 if block * BLOCK_D <= 32 * 32 or block == 16 else (8 if wide else 4), 1)
         tiles = dict(fwd=one, delta=one, dkdv=_tile(block, block, 8 if wide else 4, 1), dq=one, fused=True)
     else:
-        tiles = dict(fwd=_tile(64, 64, 8, 3) if wide else _tile(128, 32, 8, 3), delta=_tile(64, 32, 4, 2),
-                     dkdv=_tile(64, 32, 8, 2), dq=_tile(32, 32, 4, 2), fused=False)
-    gpu = dict(BLOCK_D=BLOCK_D, UPCAST=False, PRECISION="bf16x6")
-    return {k: (dict(v, **gpu) if k != "fused" else v) for k, v in tiles.items()}
+        tiles = dict(fwd=_tile(64, 32, 8, 3) if wide else _tile(128, 32, 8, 3), delta=_tile(64, 32, 4, 2),
+                     dkdv=_tile(32, 32, 8 if wide else 4, 2),
+                     dq=_tile(32, 32, 8, 2) if wide else _tile(32, 32, 4, 2), fused=False)
+    gpu = dict(BLOCK_D=BLOCK_D, UPCAST=False, PRECISION="tf32x3")
+    return {k: (dict(gpu, **v) if k != "fused" else v) for k, v in tiles.items()}
 
 
 def _bias_strides(bias, N: int) -> tuple:

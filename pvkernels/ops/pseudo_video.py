@@ -157,8 +157,9 @@ if triton is not None:
         plane_size = n_rows * n_cols
         pixel = rows * n_cols + cols
         center = rows * src_stride_h + cols * src_stride_w
-        a_off = tl.arange(0, BLOCK_H)[:, None] * HALO_H + tl.arange(0, HALO_H)[None, :]
-        b_off = tl.arange(0, HALO_W)[:, None] * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+        # RESIDENT: the halo is the block (HALO_H == BLOCK_H, HALO_W == BLOCK_W)
+        a_off = tl.arange(0, BLOCK_H)[:, None] * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+        b_off = tl.arange(0, BLOCK_W)[:, None] * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
         if RESIDENT:
             x = tl.load(src + _reflect(rows, n_rows) * src_stride_h + _reflect(cols, n_cols) * src_stride_w)
         else:
@@ -204,7 +205,8 @@ if triton is not None:
 # 3. launchers -------------------------------------------------------------------------------
 
 _FULL = 32  # an axis up to this long is one block: taps folded with the reflect boundary
-_TILE = 32  # longer axes: 32-pixel output tiles, their halo read in 32-pixel chunks
+_TILE = 32  # longer axes: 32-pixel output tiles
+_CHUNK = 16  # their halo read in 16-pixel chunks (32-pixel chunks: 255 registers and spills)
 
 
 def _axis_plan(n: int, r_max: int) -> tuple:
@@ -212,7 +214,7 @@ def _axis_plan(n: int, r_max: int) -> tuple:
     if n <= _FULL:
         block = max(16, triton.next_power_of_2(n))
         return block, block, 0, min(block, _TILE)
-    return _TILE, triton.cdiv(_TILE + 2 * r_max, _TILE) * _TILE, r_max, _TILE
+    return _TILE, triton.cdiv(_TILE + 2 * r_max, _CHUNK) * _CHUNK, r_max, _CHUNK
 
 
 def _blur_matrix(sigma: float, truncate: float, H: int, W: int, n: int, block: int, halo: int, pad: int) -> list:
@@ -264,7 +266,7 @@ def _pseudo_video_launches(x, out, noise, blur_sigma, noise_std, signal_scale, f
     noise_args = (noise, *noise.stride()) if noise is not None else (scale, 0, 0, 0, 0, 0)
     interpret = triton_interpret()
     meta = dict(tiles, RESIDENT=resident, VEC4=W % 4 == 0, PRECISION="ieee" if interpret else "bf16x6",
-                num_warps=8 if resident and tiles["BLOCK_H"] * tiles["BLOCK_W"] >= 32 * 32 else 4, num_stages=1)
+                num_warps=8 if tiles["BLOCK_H"] * tiles["BLOCK_W"] >= 32 * 32 else 4, num_stages=1)
 
     def launch(src, state, frame_lo, frame_hi, chain, write_last, write_state):
         flags = (int(write_last), int(write_state), int(noise is not None))

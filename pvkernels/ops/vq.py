@@ -114,7 +114,7 @@ if triton is not None:
     # their tiles are half as tall.
     _TUNED = {
         dot_fp32: triton.autotune(configs, key=["n_codes", "dim"])(_vq_lookup_fwd_kernel)
-        for dot_fp32, configs in ((False, [_tile(128, 64, 8, 3), _tile(64, 128, 8, 3), _tile(64, 64, 4, 3)]),
+        for dot_fp32, configs in ((False, [_tile(128, 64, 8, 3), _tile(64, 128, 8, 3), _tile(64, 64, 8, 3)]),
                                   (True, [_tile(64, 64, 8, 3), _tile(64, 32, 4, 3), _tile(32, 64, 4, 3)]))
     }
 
