@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton, triton_interpret
+from ._triton import Launch, run
 
 MAX_HEAD_DIM = 128
 
@@ -48,9 +49,37 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
 
 
 # 2. triton kernels --------------------------------------------------------------------------
+# Forward: one program per (sequence, BLOCK_M queries), online softmax over BLOCK_N key blocks.
+# Backward in the shape of Triton's tutorial 06: a delta kernel, a dK/dV kernel (one key block,
+# loop over queries) and a dQ kernel (one query block, loop over keys). A fp16/bf16 sequence that
+# fits one block (temporal attention, T <= 32) takes a single fused launch instead: its dK/dV
+# program sees every query, so it also forms delta = rowsum(P * dP), dQ and dbias.
 
 if triton is not None:
     import triton.language as tl
+
+    # plain runtime arguments, never specialised (a size of 1 would otherwise be a new binary).
+    # The causal mask and the dbias atomics are runtime flags; the bias is a constexpr: a
+    # conditional tile load inside the pipelined key loop costs ~100 registers (spills).
+    _RUNTIME = ["bias_stride_h", "bias_stride_m", "n_other", "n_seq", "n_heads", "head_dim", "causal"]
+
+    @triton.jit
+    def _sequence(row, n_other, n_heads):
+        # int64 offsets: B * T * S * H * Dh passes 2**31 in real runs
+        h = (row % n_heads).to(tl.int64)
+        ba = row // n_heads
+        return (ba // n_other).to(tl.int64), (ba % n_other).to(tl.int64), h
+
+    @triton.jit
+    def _mm(a, b, PRECISION: tl.constexpr):
+        """a @ b with fp32 sums. fp16/bf16 operands: the tensor cores. fp32 ones: PRECISION, "tf32x3"
+        on a GPU (each operand split into a TF32 high and low part, three tensor-core products:
+        fp32 accuracy; CUDA-core "ieee" dots hold whole K rows per thread and spill, "bf16x6"
+        holds three parts and spills at head dim 128), "ieee" in the interpreter."""
+        if a.dtype == tl.float32:
+            return tl.dot(a, b, input_precision=PRECISION)
+        else:
+            return tl.dot(a, b)
 
     @triton.jit
     def _load_rows(base, offs_n, stride_n, offs_d, stride_d, mask, UPCAST: tl.constexpr):
@@ -62,9 +91,9 @@ if triton is not None:
 
     @triton.jit
     def _scores(q, k, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n, mask_m,
-                mask_n, HAS_BIAS: tl.constexpr):
+                mask_n, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
         """q k^T * scale (+ bias[h]) in fp32, (BLOCK_M, BLOCK_N)."""
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        s = _mm(q, tl.trans(k), PRECISION) * scale
         if HAS_BIAS:
             s += tl.load(bias_ptr + h * bias_stride_h + offs_m[:, None] * bias_stride_m
                          + offs_n[None, :] * bias_stride_n, mask=mask_m[:, None] & mask_n[None, :],
@@ -72,6 +101,15 @@ if triton is not None:
         return s
 
     @triton.jit
+    def _probs(q, k, lse, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n, mask_m,
+               mask_n, causal, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+        """P = exp(scores - lse) in fp32, (BLOCK_M, BLOCK_N), zero outside the sequence / the causal mask."""
+        s = _scores(q, k, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n, mask_m,
+                    mask_n, HAS_BIAS, PRECISION)
+        valid = mask_m[:, None] & mask_n[None, :] & ((causal == 0) | (offs_n[None, :] <= offs_m[:, None]))
+        return tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+
+    @triton.jit(do_not_specialize=_RUNTIME)
     def _attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr,
         q_stride_b, q_stride_a, q_stride_n, q_stride_h, q_stride_d,
@@ -81,17 +119,12 @@ if triton is not None:
         lse_stride_b, lse_stride_a, lse_stride_n, lse_stride_h,
         bias_stride_h, bias_stride_m, bias_stride_n,
         n_other, n_seq, n_heads, head_dim, scale,
-        CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+        causal, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One (b, a, h) sequence x BLOCK_M queries; online softmax over BLOCK_N key blocks."""
-        row = tl.program_id(0)
+        b, a, h = _sequence(tl.program_id(0), n_other, n_heads)
         start_m = tl.program_id(1) * BLOCK_M
-        # int64 offsets: B * T * S * H * Dh passes 2**31 in real runs
-        h = (row % n_heads).to(tl.int64)
-        ba = row // n_heads
-        a = (ba % n_other).to(tl.int64)
-        b = (ba // n_other).to(tl.int64)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < n_seq
@@ -104,7 +137,7 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         end_n = n_seq
-        if CAUSAL:
+        if causal:
             end_n = tl.minimum(n_seq, start_m + BLOCK_M)
         for start_n in range(0, end_n, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -112,18 +145,16 @@ if triton is not None:
             kv_mask = mask_n[:, None] & mask_d[None, :]
             k = _load_rows(k_base, offs_n, k_stride_n, offs_d, k_stride_d, kv_mask, UPCAST)
             v = _load_rows(v_base, offs_n, v_stride_n, offs_d, v_stride_d, kv_mask, UPCAST)
-            s = _scores(q, k, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n,
-                        mask_m, mask_n, HAS_BIAS)
-            valid = mask_n[None, :] & (offs_m[:, None] >= 0)
-            if CAUSAL:
-                # padded query rows (offs_m >= n_seq) still see key 0: no all -inf row, no NaN
-                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            s = _scores(q, k, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n, mask_m,
+                        mask_n, HAS_BIAS, PRECISION)
+            # padded query rows (offs_m >= n_seq) still see key 0: no all -inf row, no NaN
+            valid = mask_n[None, :] & ((causal == 0) | (offs_n[None, :] <= offs_m[:, None]))
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
             m_i = m_new
         acc = acc / l_i[:, None]
         tl.store(o_ptr + b * o_stride_b + a * o_stride_a + h * o_stride_h + offs_m[:, None].to(tl.int64) * o_stride_n
@@ -132,8 +163,57 @@ if triton is not None:
         tl.store(lse_ptr + b * lse_stride_b + a * lse_stride_a + h * lse_stride_h + offs_m.to(tl.int64) * lse_stride_n,
                  m_i + tl.log(l_i), mask=mask_m)
 
-    @triton.jit
-    def _attention_bwd_kernel(
+    @triton.jit(do_not_specialize=_RUNTIME)
+    def _attention_bwd_delta_kernel(
+        do_ptr, o_ptr, q_ptr, k_ptr, v_ptr, bias_ptr, lse_ptr, delta_ptr,
+        do_stride_b, do_stride_a, do_stride_n, do_stride_h, do_stride_d,
+        o_stride_b, o_stride_a, o_stride_n, o_stride_h, o_stride_d,
+        q_stride_b, q_stride_a, q_stride_n, q_stride_h, q_stride_d,
+        k_stride_b, k_stride_a, k_stride_n, k_stride_h, k_stride_d,
+        v_stride_b, v_stride_a, v_stride_n, v_stride_h, v_stride_d,
+        lse_stride_b, lse_stride_a, lse_stride_n, lse_stride_h,
+        bias_stride_h, bias_stride_m, bias_stride_n,
+        n_other, n_seq, n_heads, head_dim, scale,
+        causal, HAS_BIAS: tl.constexpr, RECOMPUTE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """delta = rowsum(dO * O) = rowsum(P * dP) of BLOCK_M queries, in fp32. RECOMPUTE (fp16/bf16,
+        whose stored O is rounded): rowsum(P * dP) with P recomputed from lse, over the key blocks."""
+        b, a, h = _sequence(tl.program_id(0), n_other, n_heads)
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < n_seq
+        qd_mask = mask_m[:, None] & (offs_d < head_dim)[None, :]
+        do = _load_rows(do_ptr + b * do_stride_b + a * do_stride_a + h * do_stride_h, offs_m, do_stride_n, offs_d,
+                        do_stride_d, qd_mask, UPCAST)
+        lse_off = b * lse_stride_b + a * lse_stride_a + h * lse_stride_h + offs_m.to(tl.int64) * lse_stride_n
+        if RECOMPUTE:
+            q = _load_rows(q_ptr + b * q_stride_b + a * q_stride_a + h * q_stride_h, offs_m, q_stride_n, offs_d,
+                           q_stride_d, qd_mask, UPCAST)
+            lse = tl.load(lse_ptr + lse_off, mask=mask_m, other=0.0)
+            k_base = k_ptr + b * k_stride_b + a * k_stride_a + h * k_stride_h
+            v_base = v_ptr + b * v_stride_b + a * v_stride_a + h * v_stride_h
+            delta = tl.zeros([BLOCK_M], tl.float32)
+            end_n = n_seq
+            if causal:
+                end_n = tl.minimum(n_seq, tl.program_id(1) * BLOCK_M + BLOCK_M)
+            for start_n in range(0, end_n, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < n_seq
+                kv_mask = mask_n[:, None] & (offs_d < head_dim)[None, :]
+                k = _load_rows(k_base, offs_n, k_stride_n, offs_d, k_stride_d, kv_mask, UPCAST)
+                v = _load_rows(v_base, offs_n, v_stride_n, offs_d, v_stride_d, kv_mask, UPCAST)
+                p = _probs(q, k, lse, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n,
+                           mask_m, mask_n, causal, HAS_BIAS, PRECISION)
+                delta += tl.sum(p * _mm(do, tl.trans(v), PRECISION), 1)
+        else:
+            o = _load_rows(o_ptr + b * o_stride_b + a * o_stride_a + h * o_stride_h, offs_m, o_stride_n, offs_d,
+                           o_stride_d, qd_mask, UPCAST)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(delta_ptr + lse_off, delta, mask=mask_m)
+
+    @triton.jit(do_not_specialize=_RUNTIME + ["bias_grad"])
+    def _attention_bwd_dkdv_kernel(
         do_ptr, q_ptr, k_ptr, v_ptr, bias_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, dbias_ptr,
         do_stride_b, do_stride_a, do_stride_n, do_stride_h, do_stride_d,
         q_stride_b, q_stride_a, q_stride_n, q_stride_h, q_stride_d,
@@ -143,100 +223,119 @@ if triton is not None:
         lse_stride_b, lse_stride_a, lse_stride_n, lse_stride_h,
         bias_stride_h, bias_stride_m, bias_stride_n,
         n_other, n_seq, n_heads, head_dim, scale,
-        CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, MODE: tl.constexpr,
-        UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        causal, bias_grad, HAS_BIAS: tl.constexpr,
+        SINGLE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """MODE 0: one key block, loop over query blocks -> dK, dV. MODE 1: one query block, loop
-        over key blocks -> dQ (and dbias, atomically summed over (b, a)). MODE 2: like 1 but only
-        delta = rowsum(P * dP) (fp16/bf16: dO . O would read the rounded O). P is recomputed from
-        lse. dq/dk/dv are contiguous outputs sharing the g_stride_* strides."""
-        row = tl.program_id(0)
-        start = tl.program_id(1) * BLOCK_M  # BLOCK_M == BLOCK_N
-        h = (row % n_heads).to(tl.int64)
-        ba = row // n_heads
-        a = (ba % n_other).to(tl.int64)
-        b = (ba // n_other).to(tl.int64)
+        """One key block, loop over the query blocks -> dK, dV (P recomputed from lse). SINGLE: the
+        sequence is this one block, so delta, dQ and dbias are formed here too. dq/dk/dv are
+        outputs sharing the g_stride_* strides; dbias (H, N, N) fp32 is summed over (b, a) atomically."""
+        b, a, h = _sequence(tl.program_id(0), n_other, n_heads)
+        start_n = tl.program_id(1) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
+        mask_n = offs_n < n_seq
         mask_d = offs_d < head_dim
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = _load_rows(k_ptr + b * k_stride_b + a * k_stride_a + h * k_stride_h, offs_n, k_stride_n, offs_d, k_stride_d,
+                       kv_mask, UPCAST)
+        v = _load_rows(v_ptr + b * v_stride_b + a * v_stride_a + h * v_stride_h, offs_n, v_stride_n, offs_d, v_stride_d,
+                       kv_mask, UPCAST)
         q_base = q_ptr + b * q_stride_b + a * q_stride_a + h * q_stride_h
-        k_base = k_ptr + b * k_stride_b + a * k_stride_a + h * k_stride_h
-        v_base = v_ptr + b * v_stride_b + a * v_stride_a + h * v_stride_h
         do_base = do_ptr + b * do_stride_b + a * do_stride_a + h * do_stride_h
-        lse_base = lse_ptr + b * lse_stride_b + a * lse_stride_a + h * lse_stride_h
-        delta_base = delta_ptr + b * lse_stride_b + a * lse_stride_a + h * lse_stride_h
+        lse_base = b * lse_stride_b + a * lse_stride_a + h * lse_stride_h
         g_base = b * g_stride_b + a * g_stride_a + h * g_stride_h
-        if MODE == 0:
-            offs_n = start + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < n_seq
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = _load_rows(k_base, offs_n, k_stride_n, offs_d, k_stride_d, kv_mask, UPCAST)
-            v = _load_rows(v_base, offs_n, v_stride_n, offs_d, v_stride_d, kv_mask, UPCAST)
+        if SINGLE:
+            offs_m = offs_n
+            mask_m = mask_n
+            q = _load_rows(q_base, offs_m, q_stride_n, offs_d, q_stride_d, kv_mask, UPCAST)
+            do = _load_rows(do_base, offs_m, do_stride_n, offs_d, do_stride_d, kv_mask, UPCAST)
+            lse = tl.load(lse_ptr + lse_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
+            p = _probs(q, k, lse, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n,
+                       mask_m, mask_n, causal, HAS_BIAS, PRECISION)
+            dp = _mm(do, tl.trans(v), PRECISION)
+            ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+            dv = _mm(tl.trans(p.to(do.dtype)), do, PRECISION)
+            dk = _mm(tl.trans(ds.to(q.dtype)), q, PRECISION)
+            dq = _mm(ds.to(k.dtype), k, PRECISION)
+            tl.store(dq_ptr + g_base + offs_m[:, None].to(tl.int64) * g_stride_n + offs_d[None, :] * g_stride_d,
+                     (dq * scale).to(dq_ptr.dtype.element_ty), mask=kv_mask)
+            if bias_grad:
+                tl.atomic_add(dbias_ptr + h * n_seq * n_seq + offs_m[:, None] * n_seq + offs_n[None, :], ds,
+                              mask=mask_m[:, None] & mask_n[None, :])
+        else:
             dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
             lo = 0
-            if CAUSAL:
-                lo = start
+            if causal:
+                lo = start_n // BLOCK_M * BLOCK_M  # earlier queries see none of these keys
             for start_m in range(lo, n_seq, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 mask_m = offs_m < n_seq
                 qd_mask = mask_m[:, None] & mask_d[None, :]
                 q = _load_rows(q_base, offs_m, q_stride_n, offs_d, q_stride_d, qd_mask, UPCAST)
                 do = _load_rows(do_base, offs_m, do_stride_n, offs_d, do_stride_d, qd_mask, UPCAST)
-                lse = tl.load(lse_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
-                delta = tl.load(delta_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
-                s = _scores(q, k, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n,
-                            mask_m, mask_n, HAS_BIAS)
-                valid = mask_m[:, None] & mask_n[None, :]
-                if CAUSAL:
-                    valid = valid & (offs_n[None, :] <= offs_m[:, None])
-                p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-            out_off = g_base + offs_n[:, None].to(tl.int64) * g_stride_n + offs_d[None, :] * g_stride_d
-            tl.store(dk_ptr + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-            tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
-        else:
-            offs_m = start + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < n_seq
-            qd_mask = mask_m[:, None] & mask_d[None, :]
-            q = _load_rows(q_base, offs_m, q_stride_n, offs_d, q_stride_d, qd_mask, UPCAST)
-            do = _load_rows(do_base, offs_m, do_stride_n, offs_d, do_stride_d, qd_mask, UPCAST)
-            lse = tl.load(lse_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
-            delta = tl.zeros([BLOCK_M], tl.float32)
-            if MODE == 1:
-                delta = tl.load(delta_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
-            dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            end_n = n_seq
-            if CAUSAL:
-                end_n = tl.minimum(n_seq, start + BLOCK_M)
-            for start_n in range(0, end_n, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                mask_n = offs_n < n_seq
-                kv_mask = mask_n[:, None] & mask_d[None, :]
-                k = _load_rows(k_base, offs_n, k_stride_n, offs_d, k_stride_d, kv_mask, UPCAST)
-                v = _load_rows(v_base, offs_n, v_stride_n, offs_d, v_stride_d, kv_mask, UPCAST)
-                s = _scores(q, k, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n,
-                            mask_m, mask_n, HAS_BIAS)
-                valid = mask_m[:, None] & mask_n[None, :]
-                if CAUSAL:
-                    valid = valid & (offs_n[None, :] <= offs_m[:, None])
-                p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-                if MODE == 2:
-                    delta += tl.sum(p * dp, 1)
-                else:
-                    ds = p * (dp - delta[:, None])
-                    dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-                    if BIAS_GRAD:
-                        tl.atomic_add(dbias_ptr + h * n_seq * n_seq + offs_m[:, None] * n_seq + offs_n[None, :], ds,
-                                      mask=mask_m[:, None] & mask_n[None, :])
-            if MODE == 2:
-                tl.store(delta_base + offs_m.to(tl.int64) * lse_stride_n, delta, mask=mask_m)
-            else:
-                out_off = g_base + offs_m[:, None].to(tl.int64) * g_stride_n + offs_d[None, :] * g_stride_d
-                tl.store(dq_ptr + out_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
+                lse = tl.load(lse_ptr + lse_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
+                delta = tl.load(delta_ptr + lse_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
+                p = _probs(q, k, lse, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n,
+                           mask_m, mask_n, causal, HAS_BIAS, PRECISION)
+                dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION)
+                ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
+                dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION)
+        out_off = g_base + offs_n[:, None].to(tl.int64) * g_stride_n + offs_d[None, :] * g_stride_d
+        tl.store(dk_ptr + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit(do_not_specialize=_RUNTIME + ["bias_grad"])
+    def _attention_bwd_dq_kernel(
+        do_ptr, q_ptr, k_ptr, v_ptr, bias_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr,
+        do_stride_b, do_stride_a, do_stride_n, do_stride_h, do_stride_d,
+        q_stride_b, q_stride_a, q_stride_n, q_stride_h, q_stride_d,
+        k_stride_b, k_stride_a, k_stride_n, k_stride_h, k_stride_d,
+        v_stride_b, v_stride_a, v_stride_n, v_stride_h, v_stride_d,
+        g_stride_b, g_stride_a, g_stride_n, g_stride_h, g_stride_d,
+        lse_stride_b, lse_stride_a, lse_stride_n, lse_stride_h,
+        bias_stride_h, bias_stride_m, bias_stride_n,
+        n_other, n_seq, n_heads, head_dim, scale,
+        causal, bias_grad, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One query block, loop over the key blocks -> dQ, and dbias (summed over (b, a) atomically)."""
+        b, a, h = _sequence(tl.program_id(0), n_other, n_heads)
+        start_m = tl.program_id(1) * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < n_seq
+        mask_d = offs_d < head_dim
+        qd_mask = mask_m[:, None] & mask_d[None, :]
+        q = _load_rows(q_ptr + b * q_stride_b + a * q_stride_a + h * q_stride_h, offs_m, q_stride_n, offs_d, q_stride_d,
+                       qd_mask, UPCAST)
+        do = _load_rows(do_ptr + b * do_stride_b + a * do_stride_a + h * do_stride_h, offs_m, do_stride_n, offs_d,
+                        do_stride_d, qd_mask, UPCAST)
+        lse_off = b * lse_stride_b + a * lse_stride_a + h * lse_stride_h + offs_m.to(tl.int64) * lse_stride_n
+        lse = tl.load(lse_ptr + lse_off, mask=mask_m, other=0.0)
+        delta = tl.load(delta_ptr + lse_off, mask=mask_m, other=0.0)
+        k_base = k_ptr + b * k_stride_b + a * k_stride_a + h * k_stride_h
+        v_base = v_ptr + b * v_stride_b + a * v_stride_a + h * v_stride_h
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        end_n = n_seq
+        if causal:
+            end_n = tl.minimum(n_seq, start_m + BLOCK_M)
+        for start_n in range(0, end_n, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < n_seq
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = _load_rows(k_base, offs_n, k_stride_n, offs_d, k_stride_d, kv_mask, UPCAST)
+            v = _load_rows(v_base, offs_n, v_stride_n, offs_d, v_stride_d, kv_mask, UPCAST)
+            p = _probs(q, k, lse, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n,
+                       mask_m, mask_n, causal, HAS_BIAS, PRECISION)
+            ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
+            dq += _mm(ds.to(k.dtype), k, PRECISION)
+            if bias_grad:
+                tl.atomic_add(dbias_ptr + h * n_seq * n_seq + offs_m[:, None] * n_seq + offs_n[None, :], ds,
+                              mask=mask_m[:, None] & mask_n[None, :])
+        tl.store(dq_ptr + b * g_stride_b + a * g_stride_a + h * g_stride_h + offs_m[:, None].to(tl.int64) * g_stride_n
+                 + offs_d[None, :] * g_stride_d, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
 
 
 # 3. launchers -------------------------------------------------------------------------------
@@ -247,32 +346,95 @@ def _view(x: torch.Tensor, temporal: bool) -> tuple:
     return (s[0], s[2], s[1]) + tuple(s[3:]) if temporal else tuple(s)
 
 
-def _blocks(N: int, D: int) -> tuple:
-    # temporal (N <= 64): the whole N x N tile in one block; longer sequences stream 64-key blocks
-    block = max(16, triton.next_power_of_2(N)) if N <= 64 else (64 if D <= 64 else 32)
-    return block, max(16, triton.next_power_of_2(D))
+def _tile(block_m: int, block_n: int, warps: int, stages: int) -> dict:
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
-def _bias_args(bias):
-    return (bias, *bias.stride()) if bias is not None else (None, 0, 0, 0)
+def _configs(N: int, D: int, dtype: torch.dtype) -> dict:
+    """Tiles, warps and pipeline stages of each kernel for one (sequence length, head dim, dtype).
+
+    Chosen from the registers / spills of every class compiled for sm_80 and sm_90
+    (tests/test_triton_compile.py, table in the README). fp16/bf16: a sequence of <= 32 (temporal
+    attention) is one block loaded once, and its backward is the one fused launch; longer ones
+    stream 32-key blocks (3-stage cp.async pipeline forward, 2 backward; the three-kernel
+    backward). fp32 operands are split in two TF32 parts for the tensor cores (twice the operand
+    registers), so fp32 streams 16-key blocks and always takes the three-kernel backward with
+    16-row steps. The interpreter computes in fp32 (its bf16 dot is wrong) with one block per
+    sequence where it fits (it pays per program).
+    """
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    block = max(16, triton.next_power_of_2(N))
+    wide = BLOCK_D > 64
+    if triton_interpret():
+        t = dict(_tile(min(block, 64), min(block, 64), 4, 1), BLOCK_D=BLOCK_D, UPCAST=True, PRECISION="ieee")
+        return dict(fwd=t, delta=t, dkdv=t, dq=t, fused=block <= 64)
+    if dtype == torch.float32:
+        tiles = dict(fwd=_tile(16, 32, 8, 2) if wide else _tile(min(block, 32), 16, 4, 2), delta=_tile(64, 16, 4, 1),
+                     dkdv=_tile(16, 16, 8, 3 if wide else 2), dq=_tile(16, 16, 8, 2), fused=False)
+    elif block <= 32:
+        one = _tile(block, block, 2 if block * BLOCK_D <= 32 * 32 or block == 16 else (8 if wide else 4), 1)
+        tiles = dict(fwd=one, delta=one, dkdv=_tile(block, block, 8 if wide else 4, 1), dq=one, fused=True)
+    else:
+        tiles = dict(fwd=_tile(64, 32, 8, 3) if wide else _tile(128, 32, 8, 3), delta=_tile(64, 32, 4, 2),
+                     dkdv=_tile(32, 32, 8 if wide else 4, 2),
+                     dq=_tile(32, 32, 8, 2) if wide else _tile(32, 32, 4, 2), fused=False)
+    gpu = dict(BLOCK_D=BLOCK_D, UPCAST=False, PRECISION="tf32x3")
+    return {k: (dict(gpu, **v) if k != "fused" else v) for k, v in tiles.items()}
+
+
+def _bias_strides(bias, N: int) -> tuple:
+    # without a bias: the strides of a contiguous one, so that both calls share one binary
+    return tuple(bias.stride()) if bias is not None else (N * N, N, 1)
+
+
+def _attention_fwd_launches(q, k, v, bias, out, lse, temporal, causal) -> list:
+    B, T, S, H, D = q.shape
+    N, A = (T, S) if temporal else (S, T)
+    cfg = _configs(N, D, q.dtype)["fwd"]
+    grid = (B * A * H, triton.cdiv(N, cfg["BLOCK_M"]))
+    args = (q, k, v, bias if bias is not None else q, out, lse, *_view(q, temporal), *_view(k, temporal),
+            *_view(v, temporal), *_view(out, temporal), *_view(lse, temporal), *_bias_strides(bias, N),
+            A, N, H, D, 1.0 / math.sqrt(D), int(causal))
+    return [Launch(_attention_fwd_kernel, grid, args, dict(cfg, HAS_BIAS=bias is not None))]
+
+
+def _attention_bwd_launches(grad_out, q, k, v, bias, out, lse, delta, dq, dk, dv, dbias, temporal, causal,
+                            bias_grad) -> list:
+    """The backward's launches: one fused kernel when a sequence is one block, else the delta,
+    dK/dV and dQ kernels. ``delta`` (like lse, fp32) is scratch for the multi-block path."""
+    B, T, S, H, D = q.shape
+    N, A = (T, S) if temporal else (S, T)
+    cfg = _configs(N, D, q.dtype)
+    bias_arg = bias if bias is not None else q
+    dbias_arg = dbias if bias_grad else lse  # fp32 either way: one binary
+    common = (*_bias_strides(bias, N), A, N, H, D, 1.0 / math.sqrt(D), int(causal))
+    has_bias = bias is not None
+    inputs = (*_view(grad_out, temporal), *_view(q, temporal), *_view(k, temporal), *_view(v, temporal))
+    outputs = (*_view(dq, temporal), *_view(lse, temporal))
+    rows = B * A * H
+    dkdv = Launch(_attention_bwd_dkdv_kernel, (rows, triton.cdiv(N, cfg["dkdv"]["BLOCK_N"])),
+                  (grad_out, q, k, v, bias_arg, lse, delta, dq, dk, dv, dbias_arg, *inputs, *outputs, *common,
+                   int(bias_grad)), dict(cfg["dkdv"], HAS_BIAS=has_bias, SINGLE=cfg["fused"]))
+    if cfg["fused"]:
+        return [dkdv]
+    # fp32: delta = dO . O; fp16/bf16: recomputed as rowsum(P * dP), since the stored O is rounded
+    recompute = q.dtype != torch.float32
+    delta_launch = Launch(_attention_bwd_delta_kernel, (rows, triton.cdiv(N, cfg["delta"]["BLOCK_M"])),
+                          (grad_out, out, q, k, v, bias_arg, lse, delta, *_view(grad_out, temporal),
+                           *_view(out, temporal), *inputs[5:], *_view(lse, temporal), *common),
+                          dict(cfg["delta"], HAS_BIAS=has_bias and recompute, RECOMPUTE=recompute))
+    dq_launch = Launch(_attention_bwd_dq_kernel, (rows, triton.cdiv(N, cfg["dq"]["BLOCK_M"])),
+                       (grad_out, q, k, v, bias_arg, lse, delta, dq, dbias_arg, *inputs, *outputs, *common,
+                        int(bias_grad)), dict(cfg["dq"], HAS_BIAS=has_bias))
+    return [delta_launch, dkdv, dq_launch]
 
 
 def _attention_fwd_triton_impl(q, k, v, bias, temporal, causal):
     B, T, S, H, D = q.shape
     out = torch.empty((B, T, S, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, T, S, H), dtype=torch.float32, device=q.device)
-    if q.numel() == 0:
-        return out, lse
-    N, A = (T, S) if temporal else (S, T)
-    BLOCK, BLOCK_D = _blocks(N, D)
-    bias_ptr, *bias_strides = _bias_args(bias)
-    grid = (B * A * H, triton.cdiv(N, BLOCK))
-    _attention_fwd_kernel[grid](
-        q, k, v, bias_ptr if bias is not None else q, out, lse,
-        *_view(q, temporal), *_view(k, temporal), *_view(v, temporal), *_view(out, temporal), *_view(lse, temporal),
-        *bias_strides, A, N, H, D, 1.0 / math.sqrt(D),
-        CAUSAL=causal, HAS_BIAS=bias is not None, UPCAST=triton_interpret(),
-        BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=BLOCK_D)
+    if q.numel() > 0:
+        run(_attention_fwd_launches(q, k, v, bias, out, lse, temporal, causal))
     return out, lse
 
 
@@ -283,25 +445,12 @@ def _attention_bwd_triton_impl(grad_out, q, k, v, bias, out, lse, temporal, caus
         dq, dk, dv = packed.unbind(3)
     else:
         dq, dk, dv = (torch.empty((B, T, S, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
-    N, A = (T, S) if temporal else (S, T)
+    N = T if temporal else S
     dbias = (torch.zeros((H, N, N), dtype=torch.float32, device=q.device) if bias_grad
              else torch.empty(0, dtype=q.dtype, device=q.device))
     if q.numel() > 0:
-        BLOCK, BLOCK_D = _blocks(N, D)
-        bias_ptr, *bias_strides = _bias_args(bias)
-        # delta = rowsum(P * dP) = dO . O: read from O in fp32, recomputed from P in fp16/bf16
-        if q.dtype == torch.float32:
-            delta, modes = (grad_out * out).sum(-1).contiguous(), (0, 1)
-        else:
-            delta, modes = torch.empty_like(lse), (2, 0, 1)
-        for mode in modes:
-            _attention_bwd_kernel[(B * A * H, triton.cdiv(N, BLOCK))](
-                grad_out, q, k, v, bias_ptr if bias is not None else q, lse, delta, dq, dk, dv,
-                dbias if bias_grad else q,
-                *_view(grad_out, temporal), *_view(q, temporal), *_view(k, temporal), *_view(v, temporal),
-                *_view(dq, temporal), *_view(lse, temporal), *bias_strides, A, N, H, D, 1.0 / math.sqrt(D),
-                CAUSAL=causal, HAS_BIAS=bias is not None, BIAS_GRAD=bias_grad, MODE=mode,
-                UPCAST=triton_interpret(), BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=BLOCK_D)
+        run(_attention_bwd_launches(grad_out, q, k, v, bias, out, lse, torch.empty_like(lse), dq, dk, dv, dbias,
+                                    temporal, causal, bias_grad))
     if bias_grad:
         dbias = dbias.to(bias.dtype)
     if packed_grad:

@@ -17,7 +17,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton
+from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton, triton_interpret
+from ._triton import Launch, run
 from .rng import philox_normal_reference
 
 Params = Union[Sequence[float], torch.Tensor, None]
@@ -84,102 +85,211 @@ def pseudo_video_reference(x: torch.Tensor, blur_sigma: Sequence[float], noise_s
 
 
 # 2. triton kernels --------------------------------------------------------------------------
+# One kernel writes every frame. A program owns one output tile of one image plane and reads its
+# input tile once, with the blur halo, reflect-mapped at the image edge. Each frame's separable
+# blur is two small matrix products on that tile, Y = A_t X B_t: A_t (rows) and B_t (columns)
+# hold the Gaussian taps with the reflect boundary folded in (an axis that fits one block, <= 64)
+# or as a band over the reflect-mapped halo (longer axes). Scale and Philox noise are fused, and
+# the first-order chain stays in registers when the whole plane is one tile.
 
 if triton is not None:
     import triton.language as tl
 
-    from .rng import philox_normal
+    from .rng import philox_normal, philox_normal4
 
     @triton.jit
     def _reflect(i, n):
-        # mirror without repeating the edge; valid because radius <= n - 1
+        # mirror without repeating the edge (valid because the radius is <= n - 1); the clamp only
+        # keeps the loads of padded rows / columns in bounds
         i = tl.where(i < 0, -i, i)
-        return tl.where(i >= n, 2 * (n - 1) - i, i)
+        i = tl.where(i >= n, 2 * (n - 1) - i, i)
+        return tl.minimum(tl.maximum(i, 0), n - 1)
 
     @triton.jit
-    def _pseudo_video_vblur_kernel(
-        src_ptr, tmp_ptr, radius_ptr, taps_ptr,
+    def _blur_tiled(src, a_t, b_t, row0, col0, pad_h, pad_w, n_rows, n_cols, src_stride_h, src_stride_w,
+                    PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr,
+                    HALO_W: tl.constexpr, CHUNK_H: tl.constexpr, CHUNK_W: tl.constexpr):
+        """A_t X B_t for one output tile of a plane too large to hold: the halo X is read in
+        (CHUNK_H, CHUNK_W) blocks, each once, and both products accumulate over them."""
+        y = tl.zeros([BLOCK_H, BLOCK_W], tl.float32)
+        for c0 in range(0, HALO_W, CHUNK_W):
+            cols = _reflect(col0 - pad_w + c0 + tl.arange(0, CHUNK_W), n_cols)
+            v = tl.zeros([BLOCK_H, CHUNK_W], tl.float32)
+            for r0 in range(0, HALO_H, CHUNK_H):
+                rows = _reflect(row0 - pad_h + r0 + tl.arange(0, CHUNK_H), n_rows)
+                x = tl.load(src + rows[:, None] * src_stride_h + cols[None, :] * src_stride_w).to(tl.float32)
+                a = tl.load(a_t + tl.arange(0, BLOCK_H)[:, None] * HALO_H + r0 + tl.arange(0, CHUNK_H)[None, :])
+                v = tl.dot(a, x, v, input_precision=PRECISION)
+            bm = tl.load(b_t + (c0 + tl.arange(0, CHUNK_W))[:, None] * BLOCK_W + tl.arange(0, BLOCK_W)[None, :])
+            y = tl.dot(v, bm, y, input_precision=PRECISION)
+        return y
+
+    @triton.jit(do_not_specialize=["seed", "frame_lo", "frame_hi", "n_frames", "n_channels", "pad_h", "pad_w",
+                                   "write_last", "write_state", "has_noise"])
+    def _pseudo_video_kernel(
+        src_ptr, out_ptr, state_ptr, noise_ptr, a_ptr, b_ptr, radius_ptr, scale_ptr, std_ptr,
         src_stride_b, src_stride_c, src_stride_h, src_stride_w,
-        first_frame, n_channels, n_rows, n_cols, n_planes, taps_stride,
-        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    ):
-        """Vertical pass of frame `first_frame + item // n_planes`, plane `item % n_planes`, into fp32 scratch."""
-        item = tl.program_id(0)
-        frame = first_frame + item // n_planes
-        plane = item % n_planes
-        b = plane // n_channels
-        c = plane % n_channels
-        rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-        cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
-        mask = (rows < n_rows) & (cols < n_cols)
-        # int64 offsets: B * C * H * W can pass 2**31
-        base = src_ptr + b.to(tl.int64) * src_stride_b + c.to(tl.int64) * src_stride_c
-        col_off = cols.to(tl.int64) * src_stride_w
-        radius = tl.load(radius_ptr + frame)
-        taps = taps_ptr + frame * taps_stride
-        acc = tl.load(taps) * tl.load(base + rows.to(tl.int64) * src_stride_h + col_off, mask=mask).to(tl.float32)
-        for i in range(1, radius + 1):
-            above = _reflect(rows - i, n_rows).to(tl.int64) * src_stride_h
-            below = _reflect(rows + i, n_rows).to(tl.int64) * src_stride_h
-            pair = (tl.load(base + above + col_off, mask=mask).to(tl.float32)
-                    + tl.load(base + below + col_off, mask=mask).to(tl.float32))
-            acc += tl.load(taps + i) * pair
-        out = tmp_ptr + item.to(tl.int64) * n_rows * n_cols + rows * n_cols + cols
-        tl.store(out, acc, mask=mask)
-
-    @triton.jit
-    def _pseudo_video_hblur_kernel(
-        tmp_ptr, out_ptr, state_ptr, noise_ptr, radius_ptr, taps_ptr, scale_ptr, std_ptr,
         noise_stride_b, noise_stride_t, noise_stride_c, noise_stride_h, noise_stride_w,
-        seed, first_frame, n_frames, n_channels, n_rows, n_cols, n_planes, taps_stride,
-        HAS_NOISE: tl.constexpr, WRITE_STATE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+        seed: tl.int64, frame_lo, frame_hi, n_frames, n_channels, n_rows, n_cols, pad_h, pad_w,
+        write_last, write_state, has_noise,
+        FIRST_ORDER: tl.constexpr, RESIDENT: tl.constexpr, VEC4: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+        CHUNK_H: tl.constexpr, CHUNK_W: tl.constexpr,
     ):
-        """Horizontal pass + scale + noise of one frame tile; writes the output frame."""
-        item = tl.program_id(0)
-        frame = first_frame + item // n_planes
-        plane = item % n_planes
-        b = plane // n_channels
-        c = plane % n_channels
-        rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-        cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+        """Frames frame_hi - 1 down to frame_lo of one (BLOCK_H, BLOCK_W) tile of plane program_id(0).
+
+        src is the clean image (or, for a first-order step of a tiled plane, the previous frame in
+        fp32). RESIDENT: the tile is the whole plane, loaded once and kept in registers (a sigma-0
+        frame is the tile itself; the first-order chain runs there too). VEC4 (W % 4 == 0): each
+        Philox counter's four normals land in four adjacent pixels of one row. The flags are
+        runtime arguments (uniform branches): one binary per tile shape and dtype.
+        """
+        plane = tl.program_id(0)
+        b = (plane // n_channels).to(tl.int64)
+        c = (plane % n_channels).to(tl.int64)
+        row0 = tl.program_id(1) * BLOCK_H
+        col0 = tl.program_id(2) * BLOCK_W
+        rows = row0 + tl.arange(0, BLOCK_H)[:, None]
+        cols = col0 + tl.arange(0, BLOCK_W)[None, :]
         mask = (rows < n_rows) & (cols < n_cols)
-        src = tmp_ptr + item.to(tl.int64) * n_rows * n_cols + rows * n_cols
-        radius = tl.load(radius_ptr + frame)
-        taps = taps_ptr + frame * taps_stride
-        acc = tl.load(taps) * tl.load(src + cols, mask=mask)
-        for i in range(1, radius + 1):
-            pair = (tl.load(src + _reflect(cols - i, n_cols), mask=mask)
-                    + tl.load(src + _reflect(cols + i, n_cols), mask=mask))
-            acc += tl.load(taps + i) * pair
-        acc = acc * tl.load(scale_ptr + frame)
-        std = tl.load(std_ptr + frame)
+        # int64 plane / frame bases (B * T * C * H * W passes 2**31), int32 offsets within a plane
+        src = src_ptr + b * src_stride_b + c * src_stride_c
         plane_size = n_rows * n_cols
-        index = ((b.to(tl.int64) * n_frames + frame) * n_channels + c) * plane_size + rows * n_cols + cols
-        if std != 0.0:
-            if HAS_NOISE:
-                eps = tl.load(noise_ptr + b.to(tl.int64) * noise_stride_b + frame.to(tl.int64) * noise_stride_t
-                              + c.to(tl.int64) * noise_stride_c + rows.to(tl.int64) * noise_stride_h
-                              + cols.to(tl.int64) * noise_stride_w, mask=mask).to(tl.float32)
+        pixel = rows * n_cols + cols
+        center = rows * src_stride_h + cols * src_stride_w
+        # RESIDENT: the halo is the block (HALO_H == BLOCK_H, HALO_W == BLOCK_W)
+        a_off = tl.arange(0, BLOCK_H)[:, None] * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+        b_off = tl.arange(0, BLOCK_W)[:, None] * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+        if RESIDENT:
+            x = tl.load(src + _reflect(rows, n_rows) * src_stride_h + _reflect(cols, n_cols) * src_stride_w)
+        else:
+            x = tl.load(src + center, mask=mask)
+        if write_last:  # frame T-1 is x itself, bit for bit
+            tl.store(out_ptr + ((b * n_frames + n_frames - 1) * n_channels + c) * plane_size + pixel,
+                     x.to(out_ptr.dtype.element_ty), mask=mask)
+        x = x.to(tl.float32)
+        for i in range(frame_hi - frame_lo):
+            t = frame_hi - 1 - i
+            a_t = a_ptr + t * (BLOCK_H * HALO_H)
+            b_t = b_ptr + t * (HALO_W * BLOCK_W)
+            if tl.load(radius_ptr + t) > 0:
+                if RESIDENT:
+                    y = tl.dot(tl.dot(tl.load(a_t + a_off), x, input_precision=PRECISION), tl.load(b_t + b_off),
+                               input_precision=PRECISION)
+                else:
+                    y = _blur_tiled(src, a_t, b_t, row0, col0, pad_h, pad_w, n_rows, n_cols, src_stride_h,
+                                    src_stride_w, PRECISION, BLOCK_H, BLOCK_W, HALO_H, HALO_W, CHUNK_H, CHUNK_W)
             else:
-                eps = philox_normal(seed, index)
-            acc += std * eps
-        tl.store(out_ptr + index, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        if WRITE_STATE:
-            tl.store(state_ptr + plane.to(tl.int64) * plane_size + rows * n_cols + cols, acc, mask=mask)
+                y = x
+            y = y * tl.load(scale_ptr + t)
+            std = tl.load(std_ptr + t)
+            frame_base = ((b * n_frames + t) * n_channels + c) * plane_size
+            if std != 0.0:
+                if has_noise:
+                    eps = tl.load(noise_ptr + (b * noise_stride_b + t.to(tl.int64) * noise_stride_t + c * noise_stride_c)
+                                  + rows * noise_stride_h + cols * noise_stride_w, mask=mask).to(tl.float32)
+                elif VEC4:
+                    first = (frame_base + row0 * n_cols + col0) // 4
+                    eps = philox_normal4(seed, first + tl.arange(0, BLOCK_H)[:, None] * (n_cols // 4)
+                                         + tl.arange(0, BLOCK_W // 4)[None, :])
+                else:
+                    eps = philox_normal(seed, frame_base + pixel)
+                y += std * eps
+            tl.store(out_ptr + frame_base + pixel, y.to(out_ptr.dtype.element_ty), mask=mask)
+            if write_state:
+                tl.store(state_ptr + (b * n_channels + c) * plane_size + pixel, y, mask=mask)
+            if FIRST_ORDER:
+                x = y
 
 
 # 3. launchers -------------------------------------------------------------------------------
 
+_FULL = 32  # an axis up to this long is one block: taps folded with the reflect boundary
+_TILE = 32  # longer axes: 32-pixel output tiles
+_CHUNK = 16  # their halo read in 16-pixel chunks (32-pixel chunks: 255 registers and spills)
+
+
+def _axis_plan(n: int, r_max: int) -> tuple:
+    """(block, halo, pad, chunk) of one image axis."""
+    if n <= _FULL:
+        block = max(16, triton.next_power_of_2(n))
+        return block, block, 0, min(block, _TILE)
+    return _TILE, triton.cdiv(_TILE + 2 * r_max, _CHUNK) * _CHUNK, r_max, _CHUNK
+
+
+def _blur_matrix(sigma: float, truncate: float, H: int, W: int, n: int, block: int, halo: int, pad: int) -> list:
+    """(block, halo) weights of axis length n: output i takes halo position j (reflect folded in
+    when pad == 0, else a band over the reflect-mapped halo rows i .. i + 2 * pad)."""
+    r = _radius(sigma, truncate, H, W)
+    half = _gaussian_taps(sigma, r)
+    m = [[0.0] * halo for _ in range(block)]
+    for i in range(min(block, n) if pad == 0 else block):
+        for k in range(-r, r + 1):
+            if pad:
+                m[i][i + pad + k] += half[abs(k)]
+            else:
+                j = abs(i + k)
+                m[i][j if j < n else 2 * (n - 1) - j] += half[abs(k)]
+    return m
+
+
+_tables: dict = {}
+
+
 def _frame_tables(blur_sigma, noise_std, signal_scale, truncate, H, W, device):
-    """Per-frame radius, padded half-kernel taps, scale and std as device tensors (one copy each)."""
-    frames = range(len(blur_sigma) - 1)
-    radii = [_radius(blur_sigma[t], truncate, H, W) for t in frames]
-    width = max(radii) + 1
-    taps = [_gaussian_taps(blur_sigma[t], radii[t]) for t in frames]
-    taps = [g + [0.0] * (width - len(g)) for g in taps]
-    as_dev = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
-    return (as_dev(radii, torch.int32), as_dev(taps, torch.float32), width,
-            as_dev(list(signal_scale[:-1]), torch.float32), as_dev(list(noise_std[:-1]), torch.float32))
+    """Per-frame blur matrices (rows, columns), radius, scale and std as device tensors, cached:
+    one host-to-device copy per schedule and image size, not per call."""
+    key = (tuple(blur_sigma), tuple(noise_std), tuple(signal_scale), truncate, H, W, str(device))
+    if key not in _tables:
+        frames = range(len(blur_sigma) - 1)
+        radii = [_radius(blur_sigma[t], truncate, H, W) for t in frames]
+        (bh, hh, ph, ch), (bw, hw, pw, cw) = _axis_plan(H, max(radii)), _axis_plan(W, max(radii))
+        rows = [_blur_matrix(blur_sigma[t], truncate, H, W, H, bh, hh, ph) for t in frames]
+        cols = [[list(c) for c in zip(*_blur_matrix(blur_sigma[t], truncate, H, W, W, bw, hw, pw))] for t in frames]
+        as_dev = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
+        if len(_tables) > 64:
+            _tables.clear()
+        _tables[key] = (as_dev(rows, torch.float32), as_dev(cols, torch.float32), as_dev(radii, torch.int32),
+                        as_dev(list(signal_scale[:-1]), torch.float32), as_dev(list(noise_std[:-1]), torch.float32),
+                        dict(BLOCK_H=bh, HALO_H=hh, CHUNK_H=ch, BLOCK_W=bw, HALO_W=hw, CHUNK_W=cw), (ph, pw))
+    return _tables[key]
+
+
+def _pseudo_video_launches(x, out, noise, blur_sigma, noise_std, signal_scale, first_order, seed, truncate) -> list:
+    B, C, H, W = x.shape
+    T = len(blur_sigma)
+    rows, cols, radii, scale, std, tiles, (ph, pw) = _frame_tables(blur_sigma, noise_std, signal_scale, truncate,
+                                                                   H, W, x.device)
+    resident = H <= _FULL and W <= _FULL
+    grid = (B * C, triton.cdiv(H, tiles["BLOCK_H"]), triton.cdiv(W, tiles["BLOCK_W"]))
+    # fp32 stand-ins for the pointers a launch does not use: one binary whatever the flags
+    noise_args = (noise, *noise.stride()) if noise is not None else (scale, 0, 0, 0, 0, 0)
+    interpret = triton_interpret()
+    meta = dict(tiles, RESIDENT=resident, VEC4=W % 4 == 0, PRECISION="ieee" if interpret else "bf16x6",
+                num_warps=8 if tiles["BLOCK_H"] * tiles["BLOCK_W"] >= 32 * 32 else 4, num_stages=1)
+
+    def launch(src, state, frame_lo, frame_hi, chain, write_last, write_state):
+        flags = (int(write_last), int(write_state), int(noise is not None))
+        return Launch(_pseudo_video_kernel, grid,
+                      (src, out, state, *noise_args[:1], rows, cols, radii, scale, std, *src.stride(),
+                       *noise_args[1:], seed, frame_lo, frame_hi, T, C, H, W, ph, pw, *flags),
+                      dict(meta, FIRST_ORDER=chain))
+
+    if not first_order or resident:  # every frame in one launch
+        return [launch(x, scale, 0, T - 1, first_order, True, False)]
+    # a first-order chain over a tiled plane: one launch per step, the previous frame read in fp32
+    # (from the output itself when it is fp32, else from two alternating fp32 planes)
+    steps = []
+    states = ([torch.empty((B, C, H, W), dtype=torch.float32, device=x.device) for _ in range(2)]
+              if x.dtype != torch.float32 else None)
+    for t in range(T - 2, -1, -1):
+        if t == T - 2:
+            src = x
+        else:
+            src = out[:, t + 1] if states is None else states[t % 2 ^ 1]
+        dst = scale if states is None else states[t % 2]
+        steps.append(launch(src, dst, t, t + 1, False, t == T - 2, states is not None and t > 0))
+    return steps
 
 
 def _pseudo_video_triton_impl(x, blur_sigma, noise_std, signal_scale, first_order, seed, noise, truncate):
@@ -188,34 +298,10 @@ def _pseudo_video_triton_impl(x, blur_sigma, noise_std, signal_scale, first_orde
     out = torch.empty((B, T, C, H, W), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    out[:, T - 1] = x
     if T == 1:
+        out[:, 0] = x
         return out
-    P = B * C
-    BLOCK_W = min(triton.next_power_of_2(W), 128)
-    BLOCK_H = max(1, min(triton.next_power_of_2(H), 4096 // BLOCK_W))
-    noise_arg = noise if noise is not None else out
-    noise_strides = noise.stride() if noise is not None else (0,) * 5
-    # the chain is carried in fp32, in a fresh buffer (never x itself: it is overwritten)
-    state = torch.empty((B, C, H, W), dtype=torch.float32, device=x.device).copy_(x) if first_order else out
-
-    radii, taps, width, scale, std = _frame_tables(blur_sigma, noise_std, signal_scale, truncate, H, W, x.device)
-
-    def run(src, first_frame, n_frames):
-        tmp = torch.empty((n_frames * P, H, W), dtype=torch.float32, device=x.device)
-        grid = (n_frames * P, triton.cdiv(H, BLOCK_H), triton.cdiv(W, BLOCK_W))
-        _pseudo_video_vblur_kernel[grid](src, tmp, radii, taps, *src.stride(), first_frame, C, H, W, P, width,
-                                         BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)
-        _pseudo_video_hblur_kernel[grid](tmp, out, state, noise_arg, radii, taps, scale, std, *noise_strides,
-                                         seed, first_frame, T, C, H, W, P, width,
-                                         HAS_NOISE=noise is not None, WRITE_STATE=first_order,
-                                         BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)
-
-    if first_order:  # one step at a time; the fp32 state is read by vblur and rewritten by hblur
-        for t in range(T - 2, -1, -1):
-            run(state, t, 1)
-    else:  # every corrupted frame in one launch pair (fp32 scratch of T-1 frames)
-        run(x, 0, T - 1)
+    run(_pseudo_video_launches(x, out, noise, blur_sigma, noise_std, signal_scale, first_order, seed, truncate))
     return out
 
 

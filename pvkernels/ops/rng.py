@@ -4,7 +4,7 @@ Element ``n`` of a tensor takes lane ``n % 4`` of Philox4x32-10 at counter ``n /
 (low word ``c0``, high word ``c1``), keyed by the 64-bit seed (``k0`` low, ``k1`` high);
 lanes (0, 1) and (2, 3) go through Box-Muller with ``u1 = (2 * (c >> 9) + 1) * 2**-24`` and
 ``u2 = (c >> 8) * 2**-24``. This module holds the torch version (the oracle) and the Triton
-device function.
+device functions: one normal per element, or all four of a counter's (the fast path).
 """
 from __future__ import annotations
 
@@ -57,6 +57,32 @@ def philox_normal_reference(seed: int, index: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _sincos_2pi(u):
+        """cos(2 pi u), sin(2 pi u) for u in [0, 1), as Taylor polynomials on [-pi/2, pi/2] (error
+        < 1e-9 before rounding). libdevice's cosf / sinf would carry their large-argument
+        reduction, whose table lives in local memory: a stack frame in every kernel using them."""
+        y = 2.0 * u - 1.0  # 2 pi u = pi (y + 1): cos(2 pi u) = -cos(pi y), sin(2 pi u) = -sin(pi y)
+        far = tl.abs(y) > 0.5
+        y = tl.where(far, tl.where(y > 0.0, 1.0, -1.0) - y, y)  # sin(pi y) kept, cos(pi y) negated
+        t = y * 3.141592653589793
+        t2 = t * t
+        s = t * (1.0 + t2 * (-1.6666666666666666e-01 + t2 * (8.333333333333333e-03 + t2 * (
+            -1.984126984126984e-04 + t2 * (2.7557319223985893e-06 + t2 * (-2.505210838544172e-08
+                                                                            + t2 * 1.6059043836821613e-10))))))
+        c = 1.0 + t2 * (-0.5 + t2 * (4.1666666666666664e-02 + t2 * (-1.388888888888889e-03 + t2 * (
+            2.48015873015873e-05 + t2 * (-2.755731922398589e-07 + t2 * (2.08767569878681e-09
+                                                                         - t2 * 1.1470745597729725e-11))))))
+        return tl.where(far, c, -c), -s
+
+    @triton.jit
+    def _box_muller(a, b):
+        u1 = (((a >> 9) << 1) | 1).to(tl.int32).to(tl.float32) * 5.9604644775390625e-08
+        u2 = (b >> 8).to(tl.int32).to(tl.float32) * 5.9604644775390625e-08
+        radius = tl.sqrt(-2.0 * tl.log(u1))
+        cos, sin = _sincos_2pi(u2)
+        return radius * cos, radius * sin
+
+    @triton.jit
     def philox_normal(seed, index):
         """Triton twin of ``philox_normal_reference`` (float32); ``index`` is an int64 block."""
         counter = index >> 2
@@ -66,10 +92,16 @@ if triton is not None:
         c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
         r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
         first_pair = lane < 2
-        a = tl.where(first_pair, r0, r2)
-        b = tl.where(first_pair, r1, r3)
-        u1 = (((a >> 9) << 1) | 1).to(tl.int32).to(tl.float32) * 5.9604644775390625e-08
-        u2 = (b >> 8).to(tl.int32).to(tl.float32) * 5.9604644775390625e-08
-        radius = tl.sqrt(-2.0 * tl.log(u1))
-        angle = 6.283185307179586 * u2
-        return radius * tl.where((lane & 1) == 0, tl.cos(angle), tl.sin(angle))
+        even, odd = _box_muller(tl.where(first_pair, r0, r2), tl.where(first_pair, r1, r3))
+        return tl.where((lane & 1) == 0, even, odd)
+
+    @triton.jit
+    def philox_normal4(seed, counter):
+        """Elements 4c .. 4c+3 of the stream for an int64 block of counters c, interleaved along
+        the last axis (shape (..., 4 * n)): all four Philox outputs and both Box-Muller values used."""
+        zero = tl.zeros(counter.shape, tl.uint32)
+        r0, r1, r2, r3 = tl.philox(seed, (counter & 0xFFFFFFFF).to(tl.uint32),
+                                   ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32), zero, zero)
+        n0, n1 = _box_muller(r0, r1)
+        n2, n3 = _box_muller(r2, r3)
+        return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))

@@ -13,7 +13,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton
+from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton, triton_interpret
+from ._triton import Launch, run
 
 METRICS = ("l2", "cosine")
 
@@ -48,74 +49,108 @@ def vq_lookup_reference(z: torch.Tensor, codebook: torch.Tensor, cosine: bool) -
 if triton is not None:
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows", "n_codes"])
     def _vq_lookup_fwd_kernel(
-        z_ptr, e_ptr, codebook_ptr, bias_ptr, idx_ptr, zq_ptr,
+        z_ptr, e_ptr, codebook_ptr, half_ptr, idx_ptr, zq_ptr,
         z_stride_n, z_stride_d, e_stride_k, codebook_stride_k,
         n_rows, n_codes, dim,
-        DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One block of rows: running (min, argmin) over codebook blocks, then the gather."""
+        """One block of rows: a running (max, argmax) of <z, e_k> - ||e_k||^2 / 2 over codebook
+        blocks (the same order as argmin ||z - e_k||^2), then the gather of the winners."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < n_rows
         z_rows = z_ptr + rows.to(tl.int64)[:, None] * z_stride_n  # int64: N * D can pass 2**31
-        best = tl.full([BLOCK_N], float("inf"), tl.float32)
+        best = tl.full([BLOCK_N], float("-inf"), tl.float32)
         best_idx = tl.zeros([BLOCK_N], tl.int32)
+        ds = tl.arange(0, BLOCK_D)
+        if ONE_CHUNK:  # BLOCK_D >= dim: the rows' tile is loaded once, outside the codebook loop
+            z_tile = tl.load(z_rows + ds[None, :] * z_stride_d, mask=row_mask[:, None] & (ds < dim)[None, :], other=0.0)
+            if DOT_FP32:
+                z_tile = z_tile.to(tl.float32)
         for k0 in range(0, n_codes, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_mask = cols < n_codes
-            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+            # the score starts at -||e||^2 / 2 (padded codes at -inf: they never win); the dots add <z, e>
+            acc = tl.broadcast_to(-tl.load(half_ptr + cols, mask=col_mask, other=float("inf"))[None, :],
+                                  [BLOCK_N, BLOCK_K])
             for d0 in range(0, dim, BLOCK_D):
-                ds = d0 + tl.arange(0, BLOCK_D)
-                d_mask = ds < dim
-                zt = tl.load(z_rows + ds[None, :] * z_stride_d, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-                et = tl.load(e_ptr + cols.to(tl.int64)[None, :] * e_stride_k + ds[:, None],
-                             mask=col_mask[None, :] & d_mask[:, None], other=0.0)
-                if DOT_FP32:  # fp32 inputs (no TF32: it would change the argmin), cosine, interpreter
-                    acc += tl.dot(zt.to(tl.float32), et.to(tl.float32), input_precision="ieee")
+                d_mask = (d0 + ds) < dim
+                if ONE_CHUNK:
+                    zt = z_tile
                 else:
-                    acc += tl.dot(zt, et)
-            # padded codes score +inf and never win
-            bias = tl.load(bias_ptr + cols, mask=col_mask, other=float("inf"))
-            score = bias[None, :] - 2.0 * acc
-            block_min = tl.min(score, axis=1)
-            # smallest index reaching the block minimum; strict < across blocks keeps the first
-            block_idx = tl.min(tl.where(score == block_min[:, None], cols[None, :], n_codes), axis=1)
-            better = block_min < best
-            best = tl.where(better, block_min, best)
-            best_idx = tl.where(better, block_idx, best_idx)
+                    zt = tl.load(z_rows + (d0 + ds)[None, :] * z_stride_d, mask=row_mask[:, None] & d_mask[None, :],
+                                 other=0.0)
+                et = tl.load(e_ptr + cols.to(tl.int64)[None, :] * e_stride_k + (d0 + ds)[:, None],
+                             mask=col_mask[None, :] & d_mask[:, None], other=0.0)
+                if DOT_FP32:  # fp32 products: bf16x6 on a GPU (fp32 accuracy; plain TF32 would move the argmin)
+                    acc = tl.dot(zt.to(tl.float32), et.to(tl.float32), acc, input_precision=PRECISION)
+                else:  # fp16/bf16 l2: exact products of the stored values, fp32 sums (tensor cores)
+                    acc = tl.dot(zt, et, acc)
+            # the first index reaching the block maximum; strict > across blocks keeps the first
+            block_max, block_idx = tl.max(acc, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            better = block_max > best
+            best = tl.where(better, block_max, best)
+            best_idx = tl.where(better, k0 + block_idx, best_idx)
         tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_mask)
         src = codebook_ptr + best_idx.to(tl.int64)[:, None] * codebook_stride_k
         dst = zq_ptr + rows.to(tl.int64)[:, None] * dim
         for d0 in range(0, dim, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            mask = row_mask[:, None] & (ds < dim)[None, :]
-            tl.store(dst + ds[None, :], tl.load(src + ds[None, :], mask=mask), mask=mask)
+            mask = row_mask[:, None] & ((d0 + ds) < dim)[None, :]
+            tl.store(dst + (d0 + ds)[None, :], tl.load(src + (d0 + ds)[None, :], mask=mask), mask=mask)
 
 
 # 3. launchers -------------------------------------------------------------------------------
 
+def _tile(block_n: int, block_k: int, warps: int, stages: int):
+    return triton.Config(dict(BLOCK_N=block_n, BLOCK_K=block_k), num_warps=warps, num_stages=stages)
+
+
+if triton is not None:
+    # (rows, codes) tiles, autotuned on a GPU per (codebook size, dim): a GEMM-shaped product whose
+    # best tile depends on the part; every one of them compiles without spilling for sm_80 / sm_90
+    # (tests/test_triton_compile.py). fp32 operands are split in three for the tensor cores, so
+    # their tiles are half as tall.
+    _TUNED = {
+        dot_fp32: triton.autotune(configs, key=["n_codes", "dim"])(_vq_lookup_fwd_kernel)
+        for dot_fp32, configs in ((False, [_tile(128, 64, 8, 3), _tile(64, 128, 8, 3), _tile(64, 64, 8, 3)]),
+                                  (True, [_tile(64, 64, 8, 3), _tile(64, 32, 4, 3), _tile(32, 64, 4, 3)]))
+    }
+
+
+def _config(D: int, dot_fp32: bool) -> dict:
+    """The feature chunk (a whole row up to 64 features, then 64 wide; 32 for fp32 operands) and
+    the dot settings. The interpreter takes one fixed tile, few and large blocks (it pays per
+    program and per loop step, not per element)."""
+    BLOCK_D = min(32 if dot_fp32 and not triton_interpret() else 64, max(16, triton.next_power_of_2(D)))
+    cfg = dict(BLOCK_D=BLOCK_D, ONE_CHUNK=BLOCK_D >= D, DOT_FP32=dot_fp32)
+    if triton_interpret():
+        return dict(cfg, BLOCK_N=64, BLOCK_K=256, PRECISION="ieee")
+    return dict(cfg, PRECISION="bf16x6")
+
+
+def _vq_lookup_launches(z, codebook, e, half, idx, zq, dot_fp32) -> list:
+    N, D = z.shape
+    kernel = _vq_lookup_fwd_kernel if triton_interpret() else _TUNED[dot_fp32]
+    return [Launch(kernel, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),),
+                   (z, e, codebook, half, idx, zq, z.stride(0), z.stride(1), e.stride(0), codebook.stride(0),
+                    N, codebook.shape[0], D), _config(D, dot_fp32))]
+
+
 def _vq_lookup_triton_impl(z: torch.Tensor, codebook: torch.Tensor, cosine: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     N, D = z.shape
-    K = codebook.shape[0]
     idx = torch.empty(N, dtype=torch.int64, device=z.device)
     zq = torch.empty((N, D), dtype=codebook.dtype, device=z.device)
     if N == 0:
         return idx, zq
     codebook = codebook.contiguous()
     e, bias = _codebook_scores(codebook, cosine, torch.float32)
-    interpret = z.device.type != "cuda"
-    # fp16/bf16 l2 on a GPU: tensor-core dots on the codebook as stored; otherwise fp32 dots
-    # (the interpreter's bf16 dot is wrong, TF32 would change the argmin, cosine codes are fp32)
-    dot_fp32 = interpret or cosine or z.dtype == torch.float32
+    # fp16/bf16 l2 on a GPU: tensor-core dots on the codebook as stored; otherwise fp32 products
+    # (the interpreter's bf16 dot is wrong, cosine codes are normalised in fp32)
+    dot_fp32 = triton_interpret() or cosine or z.dtype == torch.float32
     e = e.contiguous() if dot_fp32 else codebook
-    BLOCK_D = min(64, max(16, triton.next_power_of_2(D)))
-    # the interpreter pays per program and per loop step, not per element: fewer, larger blocks
-    BLOCK_N, BLOCK_K = (64, 256) if interpret else (64, 64 if D > 64 else 128)
-    grid = (triton.cdiv(N, BLOCK_N),)
-    _vq_lookup_fwd_kernel[grid](z, e, codebook, bias, idx, zq, z.stride(0), z.stride(1), e.stride(0),
-                                codebook.stride(0), N, K, D, DOT_FP32=dot_fp32, BLOCK_N=BLOCK_N,
-                                BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, num_warps=4)
+    run(_vq_lookup_launches(z, codebook, e, bias * 0.5, idx, zq, dot_fp32))
     return idx, zq
 
 

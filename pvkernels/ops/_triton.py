@@ -1,0 +1,23 @@
+"""Triton launches as data: each launcher plans its launches (kernel, grid, arguments, meta),
+then runs them. tests/test_triton_compile.py calls the same planning functions on meta tensors
+and compiles every planned launch for sm_80 and sm_90, so what is compiled there is what the
+dispatch launches on a GPU.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Launch(NamedTuple):
+    kernel: object  # a @triton.jit function
+    grid: tuple
+    args: tuple
+    meta: dict  # constexpr arguments, num_warps, num_stages
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.meta)
+
+
+def run(launches) -> None:
+    for launch in launches:
+        launch()
