@@ -102,7 +102,7 @@ class Arm:
     order: Optional[str]
     argv: tuple
     baseline: bool = False
-    flops_of: Optional[str] = None  # a DDPM whose steps match this arm's training FLOPs
+    flops_of: Optional[str] = None  # the key of the arm whose training FLOPs this DDPM's steps match
 
     @property
     def key(self) -> str:
@@ -111,8 +111,7 @@ class Arm:
 
     @property
     def label(self) -> str:
-        return self.series if self.baseline else self.series.replace(" (", f" T={self.frames} (", 1) \
-            if "(" in self.series else f"{self.series}, T={self.frames}"
+        return self.series if self.baseline else f"{self.series}, T={self.frames}"
 
     @property
     def series(self) -> str:
@@ -264,10 +263,10 @@ def run(experiments: list, budget: Budget, out: Path, extra: dict, seeds: int) -
     arms = [arm for e in experiments for arm in grid(e, budget)]
     common = ["--data", budget.data, "--eval-samples", str(budget.eval_samples), *budget.recipe]
     argvs = {arm.key: [*arm.argv, *common, *extra[arm.experiment]] for arm in arms}
+    flops = {arm.key: step_flops(argvs[arm.key]) for arm in arms}
     for arm in arms:  # the FLOP-matched DDPMs: steps for the video arm's training FLOPs
         if arm.flops_of:
-            ratio = step_flops(argvs[arm.flops_of]) / step_flops(argvs[arm.key])
-            argvs[arm.key] += ["--steps", str(round(budget.diff_steps * ratio))]
+            argvs[arm.key] += ["--steps", str(round(budget.diff_steps * flops[arm.flops_of] / flops[arm.key]))]
     results = Results(arms)
     total, start = len(arms) * seeds, time.perf_counter()
     for i, arm in enumerate(arms):
@@ -275,13 +274,24 @@ def run(experiments: list, budget: Budget, out: Path, extra: dict, seeds: int) -
             _progress(i * seeds + seed, total, start, f"{arm.label}, seed {seed}")
             argv = [*argvs[arm.key], "--seed", str(seed)]
             result = run_one(argv, out / "runs" / f"{arm.key}-seed{seed}")
-            results.runs.append({"arm": arm.key, "label": arm.label, "seed": seed, "argv": argv, **result})
+            steps = int(argv[argv.index("--steps") + 1])  # one --steps per run
+            results.runs.append({"arm": arm.key, "label": arm.label, "seed": seed, "argv": argv, "steps": steps,
+                                 "train_gflop": steps * flops[arm.key] / 1e9, **result})
             for metric, value in result.items():
                 if metric in METRICS:
                     results.values.setdefault((arm.key, metric), []).append(value)
     _progress(total, total, start, "done")
     print(file=sys.stderr)
     return results
+
+
+def print_costs(runs: list) -> None:
+    """Training compute (FLOPs counted as in ``step_flops``) and seconds per arm, means over seeds."""
+    print(f"\n{'training cost per run':<52} {'steps':>6} {'GFLOP':>9} {'train s':>8} {'eval s':>7}")
+    for key in dict.fromkeys(r["arm"] for r in runs):
+        mine = [r for r in runs if r["arm"] == key]
+        print(f"{mine[0]['label']:<52} {mine[0]['steps']:>6} {mine[0]['train_gflop']:>9.0f} "
+              f"{statistics.fmean(r['train_sec'] for r in mine):>8.1f} {statistics.fmean(r['eval_sec'] for r in mine):>7.1f}")
 
 
 def print_table(rows: list, comparisons: list) -> None:
@@ -373,6 +383,7 @@ def main(argv=None) -> int:
          "wall_sec": wall}, indent=1))
     print(f"\nexperiments ({args.budget} budget: {budget.note}); {seeds} seeds, {wall / 60:.1f} min")
     print_table(rows, comparisons)
+    print_costs(results.runs)
     figures = draw(results, out)
     print(f"\nwrote {out / 'experiments.json'} and " + ", ".join(str(f) for f in figures))
     return 0

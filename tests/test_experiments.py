@@ -50,8 +50,9 @@ def test_experiments_all_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     # the FLOP-matched DDPM trains for the video arm's FLOPs: more steps than the video arm
     steps = {run["arm"]: int(run["argv"][run["argv"].index("--steps") + 1]) for run in result["runs"]}
     assert steps["ddpm-flops-matched-T2"] > steps["video-diffusion-T2-noise-high"] == 2
-    assert {c["b"] for c in result["comparisons"]} >= {"DDPM, FLOPs of T=2 (control)",
-                                                       "VideoDiffusion T=2, identity (control)"}
+    assert {c["b"] for c in result["comparisons"]} >= {"DDPM with the FLOPs of T frames (control), T=2",
+                                                       "VideoDiffusion, identity (control), T=2"}
+    assert {r["train_gflop"] > 0 for r in result["runs"]} == {True}
     out = capsys.readouterr().out
     assert "p vs base" in out and "ddpm-flops-matched" in out and "against the controls" in out
     for name in ("tokenizer_psnr_last_frame", "diffusion_offline_fid", "diffusion_offline_kid",
