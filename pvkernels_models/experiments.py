@@ -81,14 +81,14 @@ BUDGETS = {
                     lambda_one_frames=(4,), recipe=("--warmup", "2"),
                     note="a check that every arm runs end to end; the numbers mean nothing"),
     "cpu": Budget("digits", seeds=3, eval_samples=256, tok_size=16, tok_steps=300, tok_batch=64, tok_frames=(4, 8),
-                  diff_size=8, diff_steps=400, diff_batch=32, diff_frames=(4, 8), timesteps=50,
+                  diff_size=8, diff_steps=250, diff_batch=32, diff_frames=(4, 8), timesteps=30,
                   lambda_one_frames=(4,), recipe=("--warmup", "50", "--ema-decay", "0.99"),
                   note="scikit-learn digits at 8x8 (diffusion) and 16x16 (tokenizer), 3 seeds"),
-    "gpu": Budget("cifar10", seeds=3, eval_samples=10000, tok_size=32, tok_steps=20000, tok_batch=128,
-                  tok_frames=(4, 8, 18), diff_size=32, diff_steps=100000, diff_batch=128, diff_frames=(4, 8),
+    "gpu": Budget("cifar10", seeds=3, eval_samples=5000, tok_size=32, tok_steps=20000, tok_batch=128,
+                  tok_frames=(4, 8, 18), diff_size=32, diff_steps=50000, diff_batch=128, diff_frames=(4, 8),
                   timesteps=1000, width=128, lambda_one_frames=(4, 8),
                   recipe=("--warmup", "1000", "--ema-decay", "0.9999", "--lr", "2e-4"),
-                  note="CIFAR-10 32x32 (needs --data-dir); not run in this project"),
+                  note="CIFAR-10 32x32 (needs --data-dir); written down, never run here (days on one GPU)"),
 }
 
 
