@@ -2,12 +2,12 @@
 
     python -m pvkernels_models.demo [--steps 300] [--seeds 1] [--out runs/demo] [--quick]
 
-Trains VQVAE vs CViViT and DDPM vs VideoDiffusion on the offline digits data with the same
-steps, batch size and recipe, prints a table (last-frame PSNR; the offline FID and KID of 256
-samples; FID on InceptionV3 features too when pytorch-fid's weights are found; seconds per
-step for each backend) and writes OUT/demo.png: per model a titled grid with labelled rows
-(pseudo-video frames, reconstructions, samples). Runs on a 2-core CPU in a few minutes. The
-comparisons with controls, seeds and p-values are ``python -m pvkernels_models.experiments``.
+Trains VQVAE vs CViViT (16x16 digits) and DDPM vs VideoDiffusion (the digits' native 8x8) on
+the offline digits data with the same steps, batch size and recipe, prints a table (last-frame
+PSNR; the offline FID and KID of 256 samples; FID on InceptionV3 features too when pytorch-fid's
+weights are found; seconds per step for each backend) and writes OUT/demo.png: per model a titled
+grid with labelled rows (pseudo-video frames, reconstructions, samples). Runs on a 2-core CPU in a
+few minutes. The comparisons with controls, seeds and p-values are ``python -m pvkernels_models.experiments``.
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ import pvkernels
 from .train import NAMES, Trainer, parse_args
 
 PAIRS = (("vqvae", "cvivit"), ("ddpm", "video-diffusion"))
+# the tokenizers on 16x16 digits (16 codes per frame), the diffusion models on the digits' own 8x8
+SIZES = {"vqvae": 16, "cvivit": 16, "ddpm": 8, "video-diffusion": 8}
 METRICS = {"psnr_last_frame": "last-frame PSNR, dB (higher is better)",
            "offline_fid": "Frechet distance on a small digits classifier's features, against all 1797 digits "
                           "(not Inception FID); lower is better",
@@ -35,7 +37,7 @@ def run(model: str, seed: int, steps: int, out: Path, frames: int, extra: list) 
     args = parse_args([
         "--model", model, "--frames", str(frames), "--steps", str(steps), "--seed", str(seed),
         "--out", str(out / f"{model}-seed{seed}"), "--log-every", str(max(steps // 5, 1)), "--ckpt-every",
-        str(steps), "--no-progress", *extra])
+        str(steps), "--image-size", str(SIZES[model]), "--no-progress", *extra])
     trainer = Trainer(args)
     start = time.perf_counter()
     trainer.train()
@@ -47,7 +49,8 @@ def run(model: str, seed: int, steps: int, out: Path, frames: int, extra: list) 
 def step_time(model: str, backend: str, frames: int, repeats: int = 5) -> float:
     """Seconds per training step of `model` with every pvkernels op on `backend`."""
     args = parse_args(["--model", model, "--frames", str(frames), "--steps", "1", "--out",
-                       "/tmp/pvkernels-demo-timing", "--backend", backend, "--no-progress"])
+                       "/tmp/pvkernels-demo-timing", "--backend", backend, "--image-size", str(SIZES[model]),
+                       "--no-progress"])
     trainer = Trainer(args)
     x = trainer.images[:args.batch_size]
     times = []
@@ -83,8 +86,8 @@ def main(argv=None) -> int:
     backends = ["reference"] + (["cpp"] if pvkernels.cpp_available() else [])
     timing = {m: {b: step_time(m, b, args.frames, 2 if args.quick else 5) for b in backends}
               for m in ("cvivit", "video-diffusion")}
-    print(f"\npseudo-video demo: digits 16x16, {steps} steps, batch 64, {args.frames} frames, "
-          f"{args.seeds} seed(s)")
+    setting = f"digits (tokenizers 16x16, diffusion 8x8), {steps} steps, batch 64, {args.frames}-frame blur"
+    print(f"\npseudo-video demo: {setting}, {args.seeds} seed(s)")
     print(f"{'model':<17}{'metric':<17}{'mean':>9}{'std':>8}{'train s':>9}   (std: sample std over seeds)")
     for r in rows:
         std = "" if r["std"] is None else f"{r['std']:.3g}"
@@ -95,8 +98,7 @@ def main(argv=None) -> int:
     for m, per in timing.items():
         print(f"{m:<17}" + "  ".join(f"{b} {t * 1e3:.1f} ms" for b, t in per.items()))
     (out / "demo.json").write_text(json.dumps({"rows": rows, "step_time": timing}, indent=1))
-    _collage(out, f"pseudo-video demo: digits 16x16, {steps} steps, batch 64, {args.frames}-frame blur "
-                  "pseudo videos, seed 0")
+    _collage(out, f"pseudo-video demo: {setting} pseudo videos, seed 0")
     print(f"\nwrote {out / 'demo.png'} and {out / 'demo.json'}")
     return 0
 

@@ -174,12 +174,6 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, steps: int = 30
 
 
 @torch.no_grad()
-def offline_fid(real: torch.Tensor, fake: torch.Tensor, classifier: SmallClassifier) -> float:
-    """Frechet distance on SmallClassifier features ("offline FID", not the paper's FID)."""
-    return frechet_distance(classifier.features(real), classifier.features(fake))
-
-
-@torch.no_grad()
 def offline_scores(real_features: torch.Tensor, fake: torch.Tensor, classifier: SmallClassifier) -> dict:
     """Offline FID and KID (with its standard error) of ``fake`` images on SmallClassifier
     features, against precomputed features of the reals (e.g. the whole dataset)."""
