@@ -39,7 +39,10 @@ setup(
         "triton": ["triton>=3.0,<3.9"],  # 3.9 removed APIs the ecosystem still uses; 3.8 pairs with torch 2.13
         "models": ["scikit-learn", "scipy", "pillow"],  # scipy: the experiments' Welch t-tests
         "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "scipy", "scikit-learn", "pillow", "triton>=3.0,<3.9"],
-        "bench": ["pytest-benchmark>=4", "opencv-python-headless", "matplotlib", "faiss-cpu"],
+        "bench": ["pytest-benchmark>=4", "opencv-python-headless", "matplotlib", "faiss-cpu", "kornia"],
+        # the peers pvkernels.integrations is tested against; they import torchvision, so install
+        # torch==2.14.1 torchvision==0.29.1 first (README "Use with other repos")
+        "integrations": ["vector-quantize-pytorch==1.32.0", "phenaki-pytorch==0.5.0", "video-diffusion-pytorch==0.7.0"],
     },
     entry_points={"console_scripts": ["pvkernels-train=pvkernels_models.train:main",
                                       "pvkernels-demo=pvkernels_models.demo:main"]},

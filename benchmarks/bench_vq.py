@@ -1,10 +1,12 @@
-"""vq_lookup: cdist + argmin + gather (reference), torch.compile of the matmul-expansion form
-(compiled), the eager matmul expansion, FAISS's exact IndexFlatL2 k=1 search, cpp, triton.
+"""vq_lookup: cdist + argmin + gather (reference), the eager matmul expansion (matmul), torch.compile
+of it (compiled), FAISS's exact IndexFlatL2 k=1 search (CPU), cpp (CPU), triton (CUDA).
 
-extra_info carries the GEMM roofline (2*N*K*D flops at the machine's fp32 matmul rate, the
-floor of every exact method) and the growth of the process's peak resident memory during one
-call (Linux VmHWM, reset through /proc/self/clear_refs). The large-N memory check, where the
-reference needs a 2.1 GB distance matrix, is benchmarks/vq_memory.py (one subprocess each).
+Every provider runs on ``DEVICE`` at the same shape and dtype, with TF32 off (TF32 would change
+the argmin). extra_info carries the GEMM floor (2*N*K*D flops at the device's matmul rate in
+that dtype, measured in this session: every exact method pays it), the fraction of that rate
+reached, and the growth of the peak memory during one call (CPU: Linux VmHWM, reset through
+/proc/self/clear_refs; CUDA: the caching allocator's peak). The large-N memory check, where
+the reference needs a 2.1 GB distance matrix, is benchmarks/memory.py.
 """
 from __future__ import annotations
 
@@ -13,17 +15,28 @@ import torch
 
 from pvkernels import vq_lookup
 
-from .harness import HAS_CUDA, QUICK, run
+from .harness import DEVICE, QUICK, case_key, gemm_rate, run, tf32_off
 
 try:
     import faiss
 except ImportError:
     faiss = None
 
-GEMM_FLOPS = 340e9  # fp32 matmul rate of the 2-core CPU here (DESIGN.md); a floor for CPU rows
-SHAPES = [(512, 64, 16)] if QUICK else [(16384, K, D) for K in (1024, 8192) for D in (64, 256)]
-PROVIDERS = (["reference", "compiled", "matmul"] + (["faiss"] if faiss is not None else []) + ["cpp"]
-             + (["triton"] if HAS_CUDA else []))
+
+def shapes(device: str = DEVICE, quick: bool = QUICK) -> list:
+    """(N, K, D, dtype) cases."""
+    if quick:
+        return [(512, 64, 16, "float32")]
+    if device == "cuda":
+        return [(65536, 8192, D, dt) for D in (64, 256) for dt in ("float32", "bfloat16")]
+    return [(16384, K, D, "float32") for K in (1024, 8192) for D in (64, 256)]
+
+
+def providers(dtype: str, device: str = DEVICE) -> list:
+    names = ["reference", "matmul", "compiled"]
+    if device == "cpu":
+        return names + (["faiss"] if faiss is not None and dtype == "float32" else []) + ["cpp"]
+    return names + ["triton"]
 
 
 def cdist_argmin(z, e):
@@ -50,8 +63,15 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def peak_rss_growth_mb(fn) -> float | None:
-    """Growth of the peak resident set during one call of fn, in MB (None where unsupported)."""
+def peak_memory_growth_mb(fn, device: str = DEVICE) -> float | None:
+    """Growth of the peak resident set (CPU) or allocated memory (CUDA) during one call, in MB."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
@@ -63,35 +83,36 @@ def peak_rss_growth_mb(fn) -> float | None:
     return None if before is None or peak is None else (peak - before) / 1024
 
 
-@pytest.mark.parametrize("shape, provider", [(s, p) for s in SHAPES for p in PROVIDERS])
-def bench_vq_lookup(benchmark, shape, provider):
-    N, K, D = shape
-    device = "cuda" if provider == "triton" else "cpu"
-    z = torch.randn(N, D, device=device)
-    e = torch.randn(K, D, device=device)
+def provider_fn(provider, z, e):
     if provider == "faiss":
-        index = faiss.IndexFlatL2(D)
+        index = faiss.IndexFlatL2(z.shape[1])
         index.add(e.numpy())
         zn = z.numpy()
-        fn = lambda: index.search(zn, 1)  # noqa: E731  (k=1: distances and ids; no gather)
-    else:
-        fn = {
-            "reference": lambda: cdist_argmin(z, e),
-            "compiled": lambda: _compiled(z, e),
-            "matmul": lambda: matmul_expansion(z, e),
-            "cpp": lambda: vq_lookup(z, e, backend="cpp"),
-            "triton": lambda: vq_lookup(z, e, backend="triton"),
-        }[provider]
-    fn()  # warm-up (compiles) before the memory reading
-    flops = 2.0 * N * K * D
-    extra = {"gemm_roofline_ms": flops / GEMM_FLOPS * 1e3 if device == "cpu" else None,
-             "peak_rss_growth_MB": peak_rss_growth_mb(fn) if device == "cpu" else None,
-             "distance_matrix_MB": N * K * 4 / 2**20}
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        extra["peak_cuda_growth_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    bytes_moved = (N * D + K * D) * 4 + N * (D * 4 + 8)  # read z and the codebook, write zq and idx
-    run(benchmark, fn, "vq_lookup", f"N={N}/K={K}/D={D}", provider, bytes_moved, device, flops=flops,
-        rounds=3 if provider in ("reference", "matmul") else None, extra=extra)
+        return lambda: index.search(zn, 1)  # k=1: distances and ids; no gather
+    return {
+        "reference": lambda: cdist_argmin(z, e),
+        "matmul": lambda: matmul_expansion(z, e),
+        "compiled": lambda: _compiled(z, e),
+    }.get(provider, lambda: vq_lookup(z, e, backend=provider))
+
+
+@pytest.mark.parametrize("shape, provider", [(s, p) for s in shapes() for p in providers(s[3])])
+def bench_vq_lookup(benchmark, shape, provider):
+    N, K, D, dtype = shape
+    dt = getattr(torch, dtype)
+    z = torch.randn(N, D, device=DEVICE, dtype=dt)
+    e = torch.randn(K, D, device=DEVICE, dtype=dt)
+    fn = provider_fn(provider, z, e)
+    with tf32_off():
+        try:
+            fn()  # warm-up (compiles) before the memory reading
+        except RuntimeError as exc:  # e.g. cdist without a kernel for this dtype on this device
+            pytest.skip(f"{provider} cannot run {dtype} on {DEVICE}: {str(exc).splitlines()[0]}")
+        flops = 2.0 * N * K * D
+        rate = gemm_rate(dt)
+        extra = {"gemm_rate_GFLOP/s": rate / 1e9, "gemm_roofline_ms": flops / rate * 1e3,
+                 "peak_memory_growth_MB": peak_memory_growth_mb(fn), "distance_matrix_MB": N * K * 4 / 2**20}
+        size = z.element_size()
+        bytes_moved = (N * D + K * D) * size + N * (D * size + 8)  # read z and the codebook, write zq and idx
+        run(benchmark, fn, "vq_lookup", case_key(f"N={N}", f"K={K}", f"D={D}", dtype), provider, bytes_moved,
+            flops=flops, extra=extra)

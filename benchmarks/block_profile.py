@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import pvkernels
 
-from .bench_attention import BLOCK_SHAPES
+from .bench_attention import block_shapes
 
 
 def measure(shape, backend):
@@ -49,7 +49,7 @@ def measure(shape, backend):
 
 def main():
     print(f"{'block (B, T, S, dim, heads)':<28}{'backend':<11}{'ms':>7}{'GEMM ms':>9}{'attn ms':>9}")
-    for shape in BLOCK_SHAPES:
+    for shape in block_shapes():
         rows = {backend: measure(shape, backend) for backend in ("reference", "cpp")}
         for backend, (ms, gemm, attention) in rows.items():
             print(f"{str(shape):<28}{backend:<11}{ms:>7.1f}{gemm:>9.1f}{attention:>9.1f}")

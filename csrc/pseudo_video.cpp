@@ -3,7 +3,6 @@
 // horizontal, symmetric taps), the signal scale and the in-register Philox noise, writing
 // the frame straight into the (B, T, C, H, W) output. Math in fp32; parallel over planes
 // (order "first") or plane x frame pairs (order "high").
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,6 +16,7 @@
 #include <vector>
 
 #include "philox.h"
+#include "simd.h"
 
 namespace pvkernels {
 namespace {
@@ -55,42 +55,18 @@ std::vector<Frame> make_frames(const std::vector<double>& sigma, const std::vect
 
 inline int64_t reflect(int64_t i, int64_t n) { return i < 0 ? -i : (i >= n ? 2 * (n - 1) - i : i); }
 
-inline f32x16 loadu(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void storeu(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
-
-// Output frames are written once and not read again here: stream them past the cache (no
-// read-for-ownership), which saves a third of the memory traffic. p must be 64-byte aligned.
-inline void store_stream(float* p, f32x16 v) {
-#if defined(__AVX512F__)
-  _mm512_stream_ps(p, reinterpret_cast<__m512&>(v));
-#else
-  storeu(p, v);
-#endif
-}
-
-inline void stream_fence() {
-#if defined(__AVX512F__)
-  _mm_sfence();
-#endif
-}
-
-constexpr int64_t kLanes = 16;
+using simd::kLanes, simd::vfloat, simd::load, simd::store;
 
 constexpr int64_t kRows = 4;  // rows per step: independent accumulators hide the FMA latency
 
-// Scratch of one worker. Planes are stored with rows padded to a multiple of 16 floats
+// Scratch of one worker. Planes are stored with rows padded to a multiple of kLanes floats
 // (stride Wp) so both passes run on whole vectors with the accumulators in registers; the
 // padding lanes hold finite junk that never reaches a valid lane or the output.
 struct Scratch {
   int64_t Wp, row_len;
   std::vector<float> src, tmp, state, eps, rows;
   Scratch(int64_t H, int64_t W, int64_t max_radius)
-      : Wp((W + kLanes - 1) / kLanes * kLanes),
+      : Wp(simd::round_up(W)),
         row_len(Wp + 2 * max_radius + kLanes),
         src(H * Wp),
         tmp(H * Wp),
@@ -104,14 +80,14 @@ template <int R>
 inline void vertical_rows(const float* src, float* tmp, const float* g, int64_t r, int64_t y0, int64_t H,
                           int64_t Wp) {
   for (int64_t xb = 0; xb < Wp; xb += kLanes) {
-    f32x16 acc[R];
-    for (int k = 0; k < R; ++k) acc[k] = g[0] * loadu(src + (y0 + k) * Wp + xb);
+    vfloat acc[R];
+    for (int k = 0; k < R; ++k) acc[k] = g[0] * load(src + (y0 + k) * Wp + xb);
     for (int64_t i = 1; i <= r; ++i) {
       for (int k = 0; k < R; ++k) {
-        acc[k] += g[i] * (loadu(src + reflect(y0 + k - i, H) * Wp + xb) + loadu(src + reflect(y0 + k + i, H) * Wp + xb));
+        acc[k] += g[i] * (load(src + reflect(y0 + k - i, H) * Wp + xb) + load(src + reflect(y0 + k + i, H) * Wp + xb));
       }
     }
-    for (int k = 0; k < R; ++k) storeu(tmp + (y0 + k) * Wp + xb, acc[k]);
+    for (int k = 0; k < R; ++k) store(tmp + (y0 + k) * Wp + xb, acc[k]);
   }
 }
 
@@ -123,19 +99,19 @@ inline void horizontal_rows(const float* tmp, float* rows, int64_t row_len, cons
   for (int k = 0; k < R; ++k) {
     const float* in = tmp + (y0 + k) * Wp;
     float* row = rows + k * row_len + r;
-    for (int64_t xb = 0; xb < Wp; xb += kLanes) storeu(row + xb, loadu(in + xb));
+    for (int64_t xb = 0; xb < Wp; xb += kLanes) store(row + xb, load(in + xb));
     for (int64_t i = 1; i <= r; ++i) {
       row[-i] = in[i];
       row[W - 1 + i] = in[W - 1 - i];
     }
   }
   for (int64_t xb = 0; xb < Wp; xb += kLanes) {
-    f32x16 acc[R];
-    for (int k = 0; k < R; ++k) acc[k] = g[0] * loadu(rows + k * row_len + r + xb);
+    vfloat acc[R];
+    for (int k = 0; k < R; ++k) acc[k] = g[0] * load(rows + k * row_len + r + xb);
     for (int64_t i = 1; i <= r; ++i) {
       for (int k = 0; k < R; ++k) {
         const float* c = rows + k * row_len + r + xb;
-        acc[k] += g[i] * (loadu(c - i) + loadu(c + i));
+        acc[k] += g[i] * (load(c - i) + load(c + i));
       }
     }
     for (int k = 0; k < R; ++k) finish(acc[k], y0 + k, xb);
@@ -144,22 +120,25 @@ inline void horizontal_rows(const float* tmp, float* rows, int64_t row_len, cons
 
 // dst = scale * G(f) src + noise_std * eps (eps has row stride W and may be null when
 // noise_std == 0). src and dst (row stride Wp) may alias: the vertical pass reads src
-// completely into tmp first. If out (fp32, W == Wp, 64-byte aligned) is given, the frame is
-// also streamed there.
-void blur_frame(const Frame& f, const float* src, float* dst, const float* eps, int64_t H, int64_t W,
-                Scratch& s, float* out) {
+// completely into tmp first. If out (fp32, W == Wp, vector aligned) is given, the frame is
+// also streamed there (written once, not read again here: no read-for-ownership).
+// noinline, noclone: one compiled copy for every dtype (GCC would otherwise specialise it per
+// caller and contract its products into FMAs differently), so a 16-bit frame is the fp32 frame
+// rounded once, bit for bit.
+__attribute__((noinline, noclone)) void blur_frame(const Frame& f, const float* src, float* dst, const float* eps,
+                                                   int64_t H, int64_t W, Scratch& s, float* out) {
   const int64_t r = f.radius, Wp = s.Wp;
   const float* g = f.taps.data();
   const float scale = f.scale, sd = f.noise_std;
-  auto finish = [&](f32x16 acc, int64_t y, int64_t xb) {
+  auto finish = [&](vfloat acc, int64_t y, int64_t xb) {
     acc *= scale;
-    if (eps) acc += sd * loadu(eps + y * W + xb);
-    storeu(dst + y * Wp + xb, acc);
-    if (out) store_stream(out + y * Wp + xb, acc);
+    if (eps) acc += sd * load(eps + y * W + xb);
+    store(dst + y * Wp + xb, acc);
+    if (out) simd::store_stream(out + y * Wp + xb, acc);
   };
   if (r == 0) {
     for (int64_t y = 0; y < H; ++y)
-      for (int64_t xb = 0; xb < Wp; xb += kLanes) finish(loadu(src + y * Wp + xb), y, xb);
+      for (int64_t xb = 0; xb < Wp; xb += kLanes) finish(load(src + y * Wp + xb), y, xb);
     return;
   }
   float* tmp = s.tmp.data();
@@ -177,7 +156,7 @@ void load_plane(const scalar_t* base, int64_t sh, int64_t sw, int64_t H, int64_t
     const scalar_t* p = base + y * sh;
     float* d = dst + y * dst_stride;
     if (sw == 1) {
-      for (int64_t x = 0; x < W; ++x) d[x] = static_cast<float>(p[x]);
+      simd::to_f32(p, W, d);
     } else {
       for (int64_t x = 0; x < W; ++x) d[x] = static_cast<float>(p[x * sw]);
     }
@@ -186,11 +165,7 @@ void load_plane(const scalar_t* base, int64_t sh, int64_t sw, int64_t H, int64_t
 
 template <typename scalar_t>
 void store_plane(const float* src, int64_t src_stride, int64_t H, int64_t W, scalar_t* dst) {
-  for (int64_t y = 0; y < H; ++y) {
-    const float* p = src + y * src_stride;
-    scalar_t* d = dst + y * W;
-    for (int64_t x = 0; x < W; ++x) d[x] = static_cast<scalar_t>(p[x]);
-  }
+  for (int64_t y = 0; y < H; ++y) simd::from_f32(src + y * src_stride, W, dst + y * W);
 }
 
 template <typename scalar_t>
@@ -223,7 +198,7 @@ void pseudo_video_kernel(const at::Tensor& x, const std::vector<Frame>& frames, 
   auto out_frame = [&](int64_t b, int64_t t, int64_t c) { return op + ((b * T + t) * C + c) * HW; };
   // fp32 frames whose rows are whole vectors are streamed straight from the kernel.
   const bool direct = std::is_same<scalar_t, float>::value && W % kLanes == 0 &&
-                      reinterpret_cast<uintptr_t>(op) % 64 == 0;
+                      simd::stream_aligned(op);
   auto direct_out = [&](int64_t b, int64_t t, int64_t c) {
     return direct ? reinterpret_cast<float*>(out_frame(b, t, c)) : nullptr;
   };
@@ -246,7 +221,7 @@ void pseudo_video_kernel(const at::Tensor& x, const std::vector<Frame>& frames, 
         blur_frame(frames[t], s.src.data(), s.state.data(), make_eps(b, t, c, s), H, W, s, direct_out(b, t, c));
         if (!direct) store_plane<scalar_t>(s.state.data(), s.Wp, H, W, out_frame(b, t, c));
       }
-      stream_fence();
+      simd::stream_fence();
     });
   } else {
     at::parallel_for(0, P, std::max<int64_t>(1, 65536 / (HW * T)), [&](int64_t begin, int64_t end) {
@@ -261,7 +236,7 @@ void pseudo_video_kernel(const at::Tensor& x, const std::vector<Frame>& frames, 
           if (!direct) store_plane<scalar_t>(state, s.Wp, H, W, out_frame(b, t, c));
         }
       }
-      stream_fence();
+      simd::stream_fence();
     });
   }
 }
@@ -299,8 +274,8 @@ at::Tensor pseudo_video_cpp(const at::Tensor& x, c10::ArrayRef<double> blur_sigm
   const auto frames = make_frames(std::vector<double>(blur_sigma.begin(), blur_sigma.end()),
                                   std::vector<double>(noise_std.begin(), noise_std.end()),
                                   std::vector<double>(signal_scale.begin(), signal_scale.end()), truncate, H, W);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pseudo_video_cpp", [&] {
-    pseudo_video_kernel<scalar_t>(x, frames, first_order, static_cast<uint64_t>(seed), noise_f, out);
+  simd::with_element_type(x.scalar_type(), [&](auto tag) {
+    pseudo_video_kernel<decltype(tag)>(x, frames, first_order, static_cast<uint64_t>(seed), noise_f, out);
   });
   return out;
 }

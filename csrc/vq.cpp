@@ -2,9 +2,8 @@
 // (||z_i||^2 is constant per row, so it is dropped) plus the gather zq_i = e_{idx_i}, without
 // the N x K distance matrix. Rows are split into tiles of BN, the codebook into tiles of BK;
 // each (BN x BK) block of dot products is one small single-threaded GEMM (ATen's BLAS) into a
-// reused scratch, scanned at once by a 16-lane running min/argmin. Parallel over row tiles;
+// reused scratch, scanned at once by a kLanes-wide running min/argmin (simd.h). Parallel over row tiles;
 // extra memory O(threads * BN * BK) plus a fp32 copy of the codebook. Math in fp32.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -14,14 +13,13 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 #include <cstring>
 #include <limits>
 #include <tuple>
 #include <utility>
 #include <vector>
+
+#include "simd.h"
 
 namespace pvkernels {
 namespace {
@@ -30,19 +28,16 @@ namespace {
 // it and the scan that reads it. BN amortises the packing of each codebook tile by the BLAS.
 constexpr int64_t BN = 256;
 constexpr int64_t BK = 512;
-constexpr int64_t LANES = 16;  // one AVX-512 register of floats; BK is a multiple of it
+using simd::kLanes, simd::vfloat, simd::vint;  // BK is a multiple of kLanes
 
 // The codebook as fp32, contiguous; for the cosine metric rows are normalised (as
 // F.normalize, eps 1e-12) and the bias is 0, so the same argmin of bias - 2 <z, e> serves both.
+template <typename scalar_t>
 std::tuple<at::Tensor, std::vector<float>> prepare_codebook(const at::Tensor& codebook, bool cosine) {
   const int64_t K = codebook.size(0), D = codebook.size(1);
   at::Tensor cb = at::empty({K, D}, codebook.options().dtype(at::kFloat));
   float* cp = cb.mutable_data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, codebook.scalar_type(), "vq_prepare", [&] {
-    const at::Tensor src = codebook.contiguous();
-    const scalar_t* sp = src.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < K * D; ++i) cp[i] = static_cast<float>(sp[i]);
-  });
+  simd::to_f32(codebook.const_data_ptr<scalar_t>(), K * D, cp);  // codebook is contiguous
   std::vector<float> bias(K, 0.0f);
   for (int64_t k = 0; k < K; ++k) {
     float* row = cp + k * D;
@@ -58,87 +53,56 @@ std::tuple<at::Tensor, std::vector<float>> prepare_codebook(const at::Tensor& co
   return {cb, bias};
 }
 
-// Running (value, index) of one row, lane by lane: lane l sees k = l, l + 16, ... in ascending
-// order and keeps the first strict minimum, so the smallest index wins exact ties once the
-// lanes are merged by (value, index).
+// Running (value, index) of one row, lane by lane: lane l sees k = l, l + kLanes, ... in
+// ascending order and keeps the first strict minimum, so the smallest index wins exact ties once
+// the lanes are merged by (value, index).
 struct RowMin {
-  alignas(64) float value[LANES];
-  alignas(64) int32_t index[LANES];
+  vfloat value;
+  vint index;
   void reset() {
-    for (int l = 0; l < LANES; ++l) {
-      value[l] = std::numeric_limits<float>::infinity();
-      index[l] = 0;
-    }
-  }
-  // scores bias[k] - 2 dots[k] for k in [0, n) of a tile starting at k0; n is a multiple of LANES
-  // (2 * dots is exact, so the fused multiply-add below rounds the same as this scalar form)
-  inline void scan(const float* __restrict dots, const float* __restrict bias, int32_t k0, int64_t n) {
-    for (int64_t j = 0; j < n; j += LANES) {
-      for (int l = 0; l < LANES; ++l) {
-        const float s = bias[j + l] - 2.0f * dots[j + l];
-        const bool lt = s < value[l];
-        value[l] = lt ? s : value[l];
-        index[l] = lt ? static_cast<int32_t>(k0 + j + l) : index[l];
-      }
-    }
+    value = simd::splat(std::numeric_limits<float>::infinity());
+    index = vint{};
   }
   std::pair<float, int32_t> best() const {
-    float v = value[0];
-    int32_t i = index[0];
-    for (int l = 1; l < LANES; ++l) {
-      if (value[l] < v || (value[l] == v && index[l] < i)) {
-        v = value[l];
-        i = index[l];
-      }
-    }
-    return {v, i};
+    const float v = simd::reduce_min(value);
+    return {v, simd::reduce_min(value == v ? index : vint{} + std::numeric_limits<int32_t>::max())};
   }
 };
 
-// Scans rows [0, bn) of a tile of dot products (row stride ld) into their running minima.
+// Scans rows [i0, i0 + R) of a tile of dot products (row stride ld) into their running minima:
+// scores bias[k] - 2 dots[k] for k in [0, n) of a tile starting at k0; n is a multiple of kLanes
+// (2 * dots is exact, so the fused multiply-add rounds as bias - 2 * dots does). R rows at once:
+// each bias vector is loaded once and R independent compare/blend chains hide each other's latency.
+template <int R>
+void scan_rows(const float* dots, int64_t ld, int64_t i0, const float* bias, int32_t k0, int64_t n, RowMin* rows) {
+  vfloat v[R];
+  vint x[R];
+  for (int r = 0; r < R; ++r) v[r] = rows[i0 + r].value, x[r] = rows[i0 + r].index;
+  vint k = simd::iota(k0);
+  for (int64_t j = 0; j < n; j += kLanes) {
+    const vfloat b = simd::load(bias + j);
+    for (int r = 0; r < R; ++r) {
+      const vfloat s = b - 2.0f * simd::load(dots + (i0 + r) * ld + j);
+      const vint lt = s < v[r];
+      v[r] = lt ? s : v[r];
+      x[r] = lt ? k : x[r];
+    }
+    k += kLanes;
+  }
+  for (int r = 0; r < R; ++r) rows[i0 + r].value = v[r], rows[i0 + r].index = x[r];
+}
+
 void scan_tile(const float* dots, int64_t ld, int64_t bn, const float* bias, int32_t k0, int64_t n, RowMin* rows) {
   int64_t i = 0;
-#ifdef __AVX512F__
-  // four rows at once: the bias vector is loaded once and four independent compare/blend
-  // chains hide each other's latency
-  const __m512 minus_two = _mm512_set1_ps(-2.0f);
-  const __m512i step = _mm512_set1_epi32(LANES);
-  const __m512i first = _mm512_add_epi32(_mm512_set1_epi32(k0),
-                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  for (; i + 4 <= bn; i += 4) {
-    __m512 v[4];
-    __m512i x[4];
-    const float* d[4];
-    for (int r = 0; r < 4; ++r) {
-      v[r] = _mm512_load_ps(rows[i + r].value);
-      x[r] = _mm512_load_si512(rows[i + r].index);
-      d[r] = dots + (i + r) * ld;
-    }
-    __m512i k = first;
-    for (int64_t j = 0; j < n; j += LANES) {
-      const __m512 b = _mm512_loadu_ps(bias + j);
-      for (int r = 0; r < 4; ++r) {
-        const __m512 s = _mm512_fmadd_ps(minus_two, _mm512_loadu_ps(d[r] + j), b);
-        const __mmask16 lt = _mm512_cmp_ps_mask(s, v[r], _CMP_LT_OQ);
-        v[r] = _mm512_mask_mov_ps(v[r], lt, s);
-        x[r] = _mm512_mask_mov_epi32(x[r], lt, k);
-      }
-      k = _mm512_add_epi32(k, step);
-    }
-    for (int r = 0; r < 4; ++r) {
-      _mm512_store_ps(rows[i + r].value, v[r]);
-      _mm512_store_si512(rows[i + r].index, x[r]);
-    }
-  }
-#endif
-  for (; i < bn; ++i) rows[i].scan(dots + i * ld, bias, k0, n);
+  for (; i + 4 <= bn; i += 4) scan_rows<4>(dots, ld, i, bias, k0, n, rows);
+  for (; i < bn; ++i) scan_rows<1>(dots, ld, i, bias, k0, n, rows);
 }
 
 template <typename scalar_t>
 void vq_lookup_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& cb,
                       const std::vector<float>& bias_in, at::Tensor& idx, at::Tensor& zq) {
   const int64_t N = z.size(0), D = z.size(1), K = cb.size(0);
-  const int64_t K_pad = (K + LANES - 1) / LANES * LANES;
+  const int64_t K_pad = simd::round_up(K);
   // padded columns score +inf - 2 * 0 = +inf and never win
   std::vector<float> bias(K_pad, std::numeric_limits<float>::infinity());
   std::copy(bias_in.begin(), bias_in.end(), bias.begin());
@@ -177,8 +141,7 @@ void vq_lookup_kernel(const at::Tensor& z, const at::Tensor& codebook, const at:
         if constexpr (std::is_same<scalar_t, float>::value) {
           zs = at::from_blob(const_cast<float*>(zp + n0 * D), {bn, D}, f32);
         } else {  // fp16/bf16 rows upcast once per tile
-          float* zf = zt.mutable_data_ptr<float>();
-          for (int64_t i = 0; i < bn * D; ++i) zf[i] = static_cast<float>(zp[n0 * D + i]);
+          simd::to_f32(zp + n0 * D, bn * D, zt.mutable_data_ptr<float>());
           zs = zt.narrow(0, 0, bn);
         }
         loaded = t;
@@ -243,8 +206,9 @@ std::tuple<at::Tensor, at::Tensor> vq_lookup_cpp(const at::Tensor& z, const at::
   at::Tensor zq = at::empty({N, D}, codebook.options());
   if (N == 0) return {idx, zq};
   const at::Tensor zc = z.contiguous(), ec = codebook.contiguous();
-  auto [cb, bias] = prepare_codebook(ec, cosine);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "vq_lookup_cpp", [&] {
+  simd::with_element_type(z.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const auto [cb, bias] = prepare_codebook<scalar_t>(ec, cosine);
     vq_lookup_kernel<scalar_t>(zc, ec, cb, bias, idx, zq);
   });
   return {idx, zq};

@@ -2,21 +2,30 @@
 
 The C++ extension is compiled with ninja through ``torch.utils.cpp_extension`` against the
 torch that is imported at run time (so it can never be built against a different torch than
-the one that loads it), once per torch version, and cached. A failed build leaves the
-reference and Triton backends working and is reported once.
+the one that loads it), and cached per torch version and target ISA: the ``-march`` used
+(``PVKERNELS_MARCH``, default ``-march=native``) and the CPU features the compiler says it
+implies. A build targeting a feature this CPU lacks is never loaded (a cached one is rebuilt).
+A failed build leaves the reference and Triton backends working and is reported once.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shlex
+import shutil
+import subprocess
 import sys
 import warnings
+from functools import lru_cache
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
 
-_cpp_state: dict = {"loaded": False, "error": None}
+_cpp_state: dict = {"loaded": False, "error": None, "isa": None}
 
 
 def _csrc_dir() -> Path:
@@ -27,17 +36,105 @@ def _csrc_dir() -> Path:
     raise FileNotFoundError(f"pvkernels: C++ sources not found next to {here}")
 
 
-def build_dir() -> Path:
-    """Where the compiled extension is cached (``PVKERNELS_BUILD_DIR`` overrides)."""
-    tag = "torch" + torch.__version__.replace("+", "_").replace(".", "_")
+# Compiler macros of target features -> the CPU flag names of /proc/cpuinfo (x86). A feature
+# missing here is not checked; every feature here that -march=native enables must be listed by
+# the CPU (tests/test_build.py), so a name mismatch would show up as a native build refused.
+_FEATURE_MACROS = {
+    "__SSE3__": "pni", "__SSSE3__": "ssse3", "__SSE4_1__": "sse4_1", "__SSE4_2__": "sse4_2",
+    "__POPCNT__": "popcnt", "__AVX__": "avx", "__AVX2__": "avx2", "__FMA__": "fma", "__F16C__": "f16c",
+    "__BMI__": "bmi1", "__BMI2__": "bmi2", "__LZCNT__": "abm", "__MOVBE__": "movbe",
+    "__AVX512F__": "avx512f", "__AVX512CD__": "avx512cd", "__AVX512BW__": "avx512bw",
+    "__AVX512DQ__": "avx512dq", "__AVX512VL__": "avx512vl", "__AVX512IFMA__": "avx512ifma",
+    "__AVX512VBMI__": "avx512vbmi", "__AVX512VBMI2__": "avx512_vbmi2", "__AVX512VNNI__": "avx512_vnni",
+    "__AVX512BITALG__": "avx512_bitalg", "__AVX512VPOPCNTDQ__": "avx512_vpopcntdq",
+    "__AVX512BF16__": "avx512_bf16", "__AVX512FP16__": "avx512_fp16", "__AVXVNNI__": "avx_vnni",
+    "__AMX_TILE__": "amx_tile", "__AMX_BF16__": "amx_bf16", "__AMX_INT8__": "amx_int8",
+}
+
+
+def _march() -> list[str]:
+    """The target flags: ``PVKERNELS_MARCH`` (shell words, e.g. "-march=x86-64-v3"), default -march=native."""
+    return shlex.split(os.environ.get("PVKERNELS_MARCH", "-march=native"))
+
+
+@lru_cache(maxsize=None)
+def _target_macros(march: tuple) -> frozenset:
+    """The macros the compiler predefines for these target flags (what simd.h branches on)."""
+    cxx = os.environ.get("CXX", "c++")
+    out = subprocess.run([cxx, *march, "-dM", "-E", "-x", "c++", "-"], input="", capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    return frozenset(line.split()[1] for line in out.splitlines() if line.startswith("#define "))
+
+
+def target_isa(march: Optional[list] = None) -> dict:
+    """The ISA of a build with these flags: ``{"march", "simd", "features"}``.
+
+    ``simd`` is the kernels' vector path as csrc/simd.h picks it ("avx512", "avx2" or "plain");
+    ``features`` the CPU flags (as /proc/cpuinfo names them) the compiler may use.
+    """
+    march = _march() if march is None else list(march)
+    macros = _target_macros(tuple(march))
+    if "PVKERNELS_SIMD_PLAIN" not in macros and "__AVX512F__" in macros:
+        simd = "avx512"
+    elif "PVKERNELS_SIMD_PLAIN" not in macros and {"__AVX2__", "__FMA__"} <= macros:
+        simd = "avx2"
+    else:
+        simd = "plain"
+    features = sorted(flag for macro, flag in _FEATURE_MACROS.items() if macro in macros)
+    return {"march": " ".join(march), "simd": simd, "features": features}
+
+
+def cpu_features() -> Optional[frozenset]:
+    """This CPU's feature flags (Linux /proc/cpuinfo), None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def missing_features(isa: dict) -> list:
+    """The features of ``isa`` this CPU lacks (none where the CPU's flags are unknown)."""
+    cpu = cpu_features()
+    return [] if cpu is None else [f for f in isa["features"] if f not in cpu]
+
+
+def build_dir(isa: Optional[dict] = None) -> Path:
+    """Where the compiled extension is cached (``PVKERNELS_BUILD_DIR`` overrides the root):
+    one folder per torch version and target ISA (the -march and the features it implies)."""
+    isa = target_isa() if isa is None else isa
+    march = "".join(c if c.isalnum() or c in "-_." else "_" for c in isa["march"].replace("-march=", ""))[:40]
+    digest = hashlib.sha1(json.dumps(isa, sort_keys=True).encode()).hexdigest()[:10]
+    tag = "torch" + torch.__version__.replace("+", "_").replace(".", "_") + f"-{march}-{isa['simd']}-{digest}"
     root = os.environ.get("PVKERNELS_BUILD_DIR") or Path.home() / ".cache" / "pvkernels"
-    path = Path(root) / tag
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(root) / tag
+
+
+_ISA_RECORD = "isa.json"  # written beside the .so after a build: the ISA it was built for
+
+
+def _refuse_stale_build(path: Path) -> None:
+    """Empties a cached build whose recorded ISA this CPU lacks (or that has no record), so that it
+    is rebuilt instead of loaded (SIGILL)."""
+    if not any(path.glob("pvkernels_cpp*.so")):
+        return
+    try:
+        recorded = json.loads((path / _ISA_RECORD).read_text())
+        missing = missing_features(recorded)
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded, missing = None, ["(no ISA record)"]
+    if missing:
+        print(f"pvkernels: the cached build in {path} targets {', '.join(missing)}, which this CPU lacks: "
+              "rebuilding it", file=sys.stderr, flush=True)
+        shutil.rmtree(path)
+        path.mkdir(parents=True)
 
 
 def load_cpp(verbose: bool = False) -> bool:
-    """Builds (first time) and loads the C++ extension; returns whether it is available."""
+    """Builds (first time for this torch and ISA) and loads the C++ extension; returns whether it is available."""
     if _cpp_state["loaded"] or _cpp_state["error"] is not None:
         return _cpp_state["loaded"]
     if os.environ.get("PVKERNELS_NO_CPP") == "1":
@@ -47,22 +144,33 @@ def load_cpp(verbose: bool = False) -> bool:
         from torch.utils import cpp_extension
 
         src = _csrc_dir()
-        if not any(build_dir().glob("pvkernels_cpp*.so")):
-            print(f"pvkernels: compiling the C++ extension for torch {torch.__version__} into {build_dir()} "
-                  "(first import only, ~20 s)", file=sys.stderr, flush=True)
+        isa = target_isa()
+        missing = missing_features(isa)
+        if missing:
+            raise RuntimeError(f"PVKERNELS_MARCH={isa['march']!r} targets {', '.join(missing)}, which this CPU "
+                               "lacks (a build for it would die with SIGILL here)")
+        path = build_dir(isa)
+        path.mkdir(parents=True, exist_ok=True)
+        _refuse_stale_build(path)
+        if not any(path.glob("pvkernels_cpp*.so")):
+            print(f"pvkernels: compiling the C++ extension for torch {torch.__version__}, {isa['march']} "
+                  f"({isa['simd']} kernels) into {path} (first import only, ~20 s)", file=sys.stderr, flush=True)
         sources = sorted(str(p) for p in src.glob("*.cpp"))
-        flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-mprefer-vector-width=512", os.environ.get("PVKERNELS_MARCH", "-march=native")]
+        flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", *_march()]
+        if "__x86_64__" in _target_macros(tuple(_march())):
+            flags.append("-mprefer-vector-width=512")  # loops the compiler vectorises: zmm on AVX-512
         cpp_extension.load(
             name="pvkernels_cpp",
             sources=sources,
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             extra_include_paths=[str(src)],
-            build_directory=str(build_dir()),
+            build_directory=str(path),
             is_python_module=False,
             verbose=verbose,
         )
-        _cpp_state["loaded"] = True
+        (path / _ISA_RECORD).write_text(json.dumps(isa, indent=1))
+        _cpp_state["loaded"], _cpp_state["isa"] = True, isa
     except Exception as exc:  # a failed build must never break the package
         _cpp_state["error"] = f"{type(exc).__name__}: {exc}"
         warnings.warn(
@@ -74,41 +182,98 @@ def load_cpp(verbose: bool = False) -> bool:
     return _cpp_state["loaded"]
 
 
+def cpp_isa() -> Optional[str]:
+    """The vector path of the loaded C++ build ("avx512", "avx2", "plain"), None when it is unavailable."""
+    return _cpp_state["isa"]["simd"] if load_cpp() else None
+
+
+# The measured crossovers of the cpp kernels: per (op, vector path of the loaded build), the shape
+# classes where cpp loses to the reference, so that "auto" takes the reference there. Shape-class
+# keys: see each op's cpp_slower call. Measured with `python -m benchmarks.cpu_isa --classes
+# --cpu-time` (AVX2 and plain, on an AMD EPYC Zen 3) and bench_attention.py (AVX-512); where a
+# class is not listed the cpp build was at least as fast as the reference (AVX2: all of them).
+_CPP_LOSES: dict = {
+    # bf16 spatial attention at S = 256 ran 0.84x (SDPA multiplies in bf16 on AMX; cpp in fp32)
+    ("spatial_attention", "avx512"): lambda dtype, n, **_: dtype == torch.bfloat16 and n >= 256,
+    # plain C++ (no AVX): only the shortest sequences win (T = 8: 1.4x; T = 18: 0.83x, S = 8 fp32:
+    # 0.82x, S = 64: 0.08x), VQ with small codebooks (K = 1024: 0.94x; K = 8192: 1.8x) and every
+    # pseudo video with blur (blur 2.7x, blur + noise 1.16x; noise alone 0.43x)
+    ("temporal_attention", "plain"): lambda n, **_: n > 8,
+    ("spatial_attention", "plain"): lambda dtype, n, **_: n > 8 or dtype == torch.float32,
+    ("vq_lookup", "plain"): lambda k, **_: k < 4096,
+    ("pseudo_video", "plain"): lambda blur, **_: not blur,
+}
+
+
+def cpp_slower(op: str, **shape_class) -> Callable[[str], bool]:
+    """``resolve_backend(..., slower=)`` from the measured crossovers of the loaded build's ISA."""
+    def slower(backend: str) -> bool:
+        rule = _CPP_LOSES.get((op, cpp_isa())) if backend == "cpp" else None
+        return rule is not None and bool(rule(**shape_class))
+    return slower
+
+
 def cpp_available() -> bool:
     return load_cpp()
 
 
+# The one place that imports triton: the ops (and ops/rng.py) take ``triton`` from here.
+try:
+    import triton
+except ImportError:  # the reference and cpp backends work without triton
+    triton = None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton is not None
 
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Maps ``backend`` ("auto" honours ``PVKERNELS_BACKEND``) to the one that will run.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_float(op: str, name: str, x: torch.Tensor) -> None:
+    """The dtype check of every op's floating inputs (float64 runs on the reference backend only)."""
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64 (float64 on the reference "
+                        f"backend only), got {x.dtype}")
+
+
+def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype,
+                    unsupported: Optional[str] = None, slower: Optional[Callable[[str], bool]] = None) -> str:
+    """Maps ``backend`` ("auto" honours ``PVKERNELS_BACKEND``) to the one that will run: every op's dispatch.
 
     An explicitly requested backend that cannot run raises; only "auto" chooses.
+
+    Args:
+        unsupported: why the fused (cpp/triton) kernels cannot take this input, e.g.
+            "head dim Dh = 160 > 128"; None when they can. "auto" (also when ``PVKERNELS_BACKEND``
+            names a fused backend) then takes the reference; an explicit request raises ValueError.
+        slower: the op's measured crossovers: called with the fused backend "auto" would take,
+            True when that backend is slower than the reference at this input's shape class, and
+            then "auto" takes the reference. Explicit requests (and ``PVKERNELS_BACKEND``) run as asked.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
+    auto = backend == "auto"
+    if auto:
         env = os.environ.get("PVKERNELS_BACKEND", "auto")
         if env not in BACKENDS:
             raise ValueError(f"{op}: PVKERNELS_BACKEND must be one of {BACKENDS}, got {env!r}")
         backend = env
     if backend == "auto":
-        if dtype == torch.float64:
+        fused = None
+        if device.type == "cuda" and triton is not None:
+            fused = "triton"
+        elif device.type == "cpu" and cpp_available():
+            fused = "cpp"
+        if fused is None or dtype == torch.float64 or unsupported is not None or (slower is not None and slower(fused)):
             return "reference"
-        if device.type == "cuda" and triton_available():
-            return "triton"
-        if device.type == "cpu" and cpp_available():
-            return "cpp"
+        return fused
+    if auto and unsupported is not None:
         return "reference"
     if backend in ("cpp", "triton") and dtype == torch.float64:
         raise TypeError(f"{op}: the {backend} backend computes in float32 and takes float32/float16/bfloat16 "
@@ -120,10 +285,13 @@ def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dt
             raise RuntimeError(f"{op}: backend='cpp' requested but the C++ extension is unavailable: "
                                f"{_cpp_state['error']}")
     if backend == "triton":
-        if not triton_available():
+        if triton is None:
             raise RuntimeError(f"{op}: backend='triton' requested but triton is not installed "
                                "(pip install 'pvkernels[triton]')")
         if device.type != "cuda" and not triton_interpret():
             raise ValueError(f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run "
                              f"the kernels on the CPU), got device {device}")
+    if backend != "reference" and unsupported is not None:
+        raise ValueError(f"{op}: {unsupported} is not supported by the {backend} kernels; use backend='reference' "
+                         "(backend='auto' does so)")
     return backend

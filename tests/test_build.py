@@ -1,9 +1,14 @@
-"""The package must import and work when the C++ extension cannot be built or is disabled."""
+"""The package must import and work when the C++ extension cannot be built or is disabled; the
+build cache is keyed by torch version and target ISA, and never loads a build this CPU cannot run."""
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
+
+from pvkernels import _backend
 
 SNIPPET = """
 import warnings, torch
@@ -22,12 +27,16 @@ except RuntimeError as e:
 """
 
 
-def run(env_extra, tmp_path):
-    env = dict(os.environ, PVKERNELS_BUILD_DIR=str(tmp_path), **env_extra)
+def run_code(code, env_extra):
+    env = dict(os.environ, **env_extra)
     env.pop("PVKERNELS_BACKEND", None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run([sys.executable, "-c", SNIPPET], env=env, cwd=root, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                           timeout=300)
+
+
+def run(env_extra, tmp_path):
+    return run_code(SNIPPET, {"PVKERNELS_BUILD_DIR": str(tmp_path), **env_extra})
 
 
 @pytest.mark.parametrize("env, reason", [({"CXX": "/bin/false"}, "could not be built"),
@@ -40,3 +49,98 @@ def test_import_survives_without_cpp(tmp_path, env, reason):
     assert "CPP-ERROR:" in out and "C++ extension is unavailable" in out and reason in out
     if "CXX" in env:  # a failed build is reported once, clearly
         assert out.count("could not be built") == 1, out
+
+
+# ---- the build cache is keyed by torch version and target ISA ---------------------------------
+LOAD = "import pvkernels, pvkernels._backend as b; print('CPP:', b.cpp_available(), b.cpp_isa())"
+
+
+def test_target_isa_of_the_x86_levels():
+    if "__x86_64__" not in _backend._target_macros(()):
+        pytest.skip("x86-64 levels only")
+    v3, v4, base = (_backend.target_isa([f"-march={m}"]) for m in ("x86-64-v3", "x86-64-v4", "x86-64"))
+    assert v3["simd"] == "avx2" and {"avx", "avx2", "fma", "f16c", "bmi2"} <= set(v3["features"])
+    assert "avx512f" not in v3["features"]
+    assert v4["simd"] == "avx512" and {"avx512f", "avx512bw", "avx512vl", "avx2"} <= set(v4["features"])
+    assert base["simd"] == "plain" and "avx" not in base["features"]
+    assert _backend.target_isa(["-march=x86-64-v4", "-DPVKERNELS_SIMD_PLAIN"])["simd"] == "plain"
+    # one cache folder per ISA (and per torch version), so builds for different CPUs never meet
+    dirs = {_backend.build_dir(isa) for isa in (v3, v4, base)}
+    tag = "torch" + torch.__version__.replace("+", "_").replace(".", "_")
+    assert len(dirs) == 3 and all(d.name.startswith(tag) for d in dirs)
+
+
+def test_native_build_is_loadable_here():
+    # every feature -march=native implies must be one this CPU lists (else the feature-name table
+    # of _backend is wrong and every native build would be refused)
+    native = _backend.target_isa(["-march=native"])
+    assert _backend.missing_features(native) == [], native
+
+
+def _loaded_build():
+    isa = _backend._cpp_state["isa"]
+    if isa is None:
+        pytest.skip(f"the C++ extension is unavailable: {_backend._cpp_state['error']}")
+    return isa, _backend.build_dir(isa)
+
+
+def test_cached_build_of_a_lacking_isa_is_rebuilt_not_loaded(tmp_path):
+    isa, built = _loaded_build()
+    env = {"PVKERNELS_MARCH": isa["march"]}
+    # a copy of this session's build in a fresh cache: loaded as it is (no compile)
+    target = tmp_path / built.name
+    subprocess.run(["cp", "-a", str(built), str(target)], check=True)
+    result = run_code(LOAD, {**env, "PVKERNELS_BUILD_DIR": str(tmp_path)})
+    assert f"CPP: True {isa['simd']}" in result.stdout, result.stderr
+    assert "compiling" not in result.stderr and "rebuilding" not in result.stderr, result.stderr
+    # the same build recorded as targeting a feature this CPU lacks: refused and rebuilt (the
+    # rebuild fails here on purpose, with a compiler that only preprocesses, so nothing is compiled)
+    cxx = tmp_path / "preprocess-only-cxx"
+    cxx.write_text('#!/bin/sh\ncase " $* " in *" -dM "*) exec c++ "$@";; esac\nexit 1\n')
+    cxx.chmod(0o755)
+    cpu = _backend.cpu_features() or frozenset()
+    lacking = next(f for f in [*_backend._FEATURE_MACROS.values(), "pvkernels_test_feature"] if f not in cpu)
+    record = json.loads((target / "isa.json").read_text())
+    (target / "isa.json").write_text(json.dumps({**record, "features": record["features"] + [lacking]}))
+    result = run_code(LOAD, {**env, "PVKERNELS_BUILD_DIR": str(tmp_path), "CXX": str(cxx)})
+    assert "CPP: False None" in result.stdout, result.stdout + result.stderr
+    assert f"targets {lacking}, which this CPU lacks: rebuilding" in result.stderr, result.stderr
+    assert "could not be built" in result.stderr
+    assert not any(target.glob("pvkernels_cpp*.so"))  # the old build is gone, not loaded
+
+
+def test_march_the_cpu_lacks_is_refused(tmp_path):
+    cpu = _backend.cpu_features()
+    if cpu is None:
+        pytest.skip("no /proc/cpuinfo flags")
+    march = next((m for m in ("-march=x86-64-v4", "-march=sapphirerapids", "-march=graniterapids")
+                  if _backend.missing_features(_backend.target_isa([m]))), None)
+    if march is None:
+        pytest.skip("this CPU has every feature of the targets tried")
+    result = run_code(LOAD, {"PVKERNELS_MARCH": march, "PVKERNELS_BUILD_DIR": str(tmp_path)})
+    assert "CPP: False None" in result.stdout, result.stdout + result.stderr
+    assert "which this CPU lacks" in result.stderr and "compiling" not in result.stderr
+
+
+def test_auto_takes_the_reference_where_the_loaded_build_loses(monkeypatch):
+    # a crossover of the loaded build's ISA vetoes "auto" at its shape class only; an explicit
+    # backend="cpp" still runs cpp
+    import pvkernels
+    from pvkernels.ops import attention
+
+    isa, _ = _loaded_build()
+    monkeypatch.delenv("PVKERNELS_BACKEND", raising=False)
+    monkeypatch.setitem(_backend._CPP_LOSES, ("spatial_attention", isa["simd"]),
+                        lambda dtype, n, **_: dtype == torch.float32 and n >= 20)
+    calls = []
+    reference = attention.attention_reference
+    monkeypatch.setattr(attention, "attention_reference", lambda *a: calls.append(a[0].shape[2]) or reference(*a))
+    for S in (19, 20):
+        q, k, v = (torch.randn(2, 3, S, 2, 8) for _ in range(3))
+        out = pvkernels.spatial_attention(q, k, v)
+        torch.testing.assert_close(out, reference(q, k, v, None, False, False), rtol=1e-4, atol=1e-5)
+        pvkernels.spatial_attention(q, k, v, backend="cpp")
+        pvkernels.spatial_attention(q.half(), k.half(), v.half())  # another dtype: another class
+    assert calls == [20]
+    assert all(op in ("pseudo_video", "vq_lookup", "spatial_attention", "temporal_attention")
+               and simd in ("avx512", "avx2", "plain") for op, simd in _backend._CPP_LOSES)

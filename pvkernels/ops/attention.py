@@ -17,8 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._backend import resolve_backend, triton_interpret
-from .rng import triton
+from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton, triton_interpret
 
 MAX_HEAD_DIM = 128
 
@@ -46,20 +45,6 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     o = o.reshape(B, q.shape[2] if temporal else T, H, N, D)
     inverse = (0, 3, 1, 2, 4) if temporal else (0, 1, 3, 2, 4)
     return o.permute(inverse).contiguous()
-
-
-def attention_math(q, k, v, bias, temporal, causal):
-    """Explicit softmax(q k^T / sqrt(Dh) + bias) v in the dtype of q (the fp64 test oracle)."""
-    eq = "btihd,btjhd->bthij" if not temporal else "bishd,bjshd->bshij"
-    scores = torch.einsum(eq, q, k) / math.sqrt(q.shape[-1])
-    if bias is not None:
-        scores = scores + bias.to(scores.dtype)
-    if causal:
-        N = scores.shape[-1]
-        scores = scores.masked_fill(torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    p = torch.softmax(scores, dim=-1)
-    out = "bthij,btjhd->btihd" if not temporal else "bshij,bjshd->bishd"
-    return torch.einsum(out, p, v)
 
 
 # 2. triton kernels --------------------------------------------------------------------------
@@ -352,8 +337,12 @@ if triton is not None:
 
 
 # 4. C++ ------------------------------------------------------------------------------------
-# torch.ops.pvkernels_cpp.attention_fwd / attention_bwd (csrc/attention.cpp); their fake kernels
-# are registered by pvkernels/__init__.py once the extension is loaded.
+# torch.ops.pvkernels_cpp.attention_fwd / attention_bwd (csrc/attention.cpp), same schemas and fakes.
+
+if cpp_available():
+    torch.library.register_fake("pvkernels_cpp::attention_fwd")(_attention_fwd_fake)
+    torch.library.register_fake("pvkernels_cpp::attention_bwd")(_attention_bwd_fake)
+
 
 def _ops(backend: str):
     if backend == "cpp":
@@ -417,8 +406,7 @@ def _check(name: str, q, k, v, bias, temporal: bool) -> None:
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"{name}: q, k and v must have the same shape (B, T, S, H, Dh), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"{name}: q must be float32, float16 or bfloat16, got {q.dtype}")
+    check_float(name, "q", q)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"{name}: q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
@@ -437,43 +425,52 @@ def _check(name: str, q, k, v, bias, temporal: bool) -> None:
             raise ValueError(f"{name}: bias is on {bias.device} but q is on {q.device}")
 
 
-def _attention(name, q, k, v, bias, temporal, causal, backend):
+def _attention(name, q, k, v, bias, temporal, causal, backend, qkv=None):
+    """Validates and dispatches; ``qkv``: the packed tensor q, k, v are views of (its gradient comes back packed)."""
     _check(name, q, k, v, bias, temporal)
     D = q.shape[-1]
-    if backend == "auto" and D > MAX_HEAD_DIM:
-        chosen = "reference"  # documented fallback: the fused kernels keep a Dh <= 128 row on chip
-    else:
-        chosen = resolve_backend(name, backend, q.device, q.dtype)
-    if chosen != "reference" and D > MAX_HEAD_DIM:
-        raise ValueError(f"{name}: head dim Dh = {D} > {MAX_HEAD_DIM} is not supported by the {chosen} kernels; "
-                         "use backend='reference' (backend='auto' does so)")
+    # the fused kernels keep a Dh <= 128 row on chip; "auto" falls back to the reference beyond
+    unsupported = f"head dim Dh = {D} > {MAX_HEAD_DIM}" if D > MAX_HEAD_DIM else None
+    slower = cpp_slower(name, dtype=q.dtype, n=q.shape[1 if temporal else 2])
+    chosen = resolve_backend(name, backend, q.device, q.dtype, unsupported=unsupported, slower=slower)
     if chosen == "reference":
         return attention_reference(q, k, v, bias, temporal, causal)
+    if qkv is not None:
+        return PackedAttentionFunction.apply(qkv, bias, temporal, causal, chosen)
     return AttentionFunction.apply(q, k, v, bias, temporal, causal, chosen)
 
 
 def packed_attention(qkv: torch.Tensor, temporal: bool, causal: bool = False, bias: Optional[torch.Tensor] = None,
                      backend: str = "auto") -> torch.Tensor:
-    """Spatial (temporal=False) or temporal attention of a packed (B, T, S, 3, H, Dh) qkv.
+    """Spatial (``temporal=False``) or temporal attention of a packed (B, T, S, 3, H, Dh) qkv.
 
-    Same result as ``spatial_attention(*qkv.unbind(3))`` / ``temporal_attention(...)``; on the
-    fused backends the gradient of qkv is produced packed, saving a copy (used by the modules).
+    The entry the attention modules call (DESIGN.md section 3): the same result, checks and
+    backend choice as ``spatial_attention(*qkv.unbind(3), bias=bias, backend=backend)`` /
+    ``temporal_attention(*qkv.unbind(3), causal=causal, bias=bias, backend=backend)``; on the
+    fused backends the gradient of ``qkv`` is written packed, without the stack copy that
+    autograd's ``unbind`` backward would make.
+
+    Args:
+        qkv: (B, T, S, 3, H, Dh): q, k, v along dim 3, any strides; fp32/fp16/bf16 (fp64 on
+            the reference backend).
+        temporal: attend over T (per (b, s, h)) instead of S (per (b, t, h)).
+        causal: position i of the attended axis attends to positions <= i only (the modules
+            set it for temporal attention).
+        bias: optional additive (H, N, N) bias, N = T or S.
+        backend: "auto", "triton", "cpp" or "reference" (env ``PVKERNELS_BACKEND`` overrides auto).
+
+    Returns:
+        o: (B, T, S, H, Dh), contiguous, dtype of qkv.
+
+    Example:
+        >>> qkv = torch.randn(2, 8, 64, 3, 4, 32, requires_grad=True)
+        >>> o = packed_attention(qkv, temporal=True, causal=True)
     """
     name = "temporal_attention" if temporal else "spatial_attention"
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 6 or qkv.shape[3] != 3:
         raise ValueError(f"{name}: qkv must be a (B, T, S, 3, H, Dh) tensor, got "
                          f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
-    q, k, v = qkv.unbind(3)
-    _check(name, q, k, v, bias, temporal)
-    D = q.shape[-1]
-    chosen = "reference" if backend == "auto" and D > MAX_HEAD_DIM else resolve_backend(name, backend, q.device,
-                                                                                      q.dtype)
-    if chosen != "reference" and D > MAX_HEAD_DIM:
-        raise ValueError(f"{name}: head dim Dh = {D} > {MAX_HEAD_DIM} is not supported by the {chosen} kernels; "
-                         "use backend='reference' (backend='auto' does so)")
-    if chosen == "reference":
-        return attention_reference(q, k, v, bias, temporal, causal)
-    return PackedAttentionFunction.apply(qkv, bias, temporal, causal, chosen)
+    return _attention(name, *qkv.unbind(3), bias, temporal, causal, backend, qkv=qkv)
 
 
 def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -17,8 +17,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .._backend import resolve_backend
-from .rng import philox_normal_reference, triton
+from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton
+from .rng import philox_normal_reference
 
 Params = Union[Sequence[float], torch.Tensor, None]
 _SEED_LIMIT = 2**63
@@ -233,8 +233,10 @@ if triton is not None:
 
 
 # 4. C++ ------------------------------------------------------------------------------------
-# torch.ops.pvkernels_cpp.pseudo_video (csrc/pseudo_video.cpp); its fake kernel is registered
-# by pvkernels/__init__.py once the extension is loaded.
+# torch.ops.pvkernels_cpp.pseudo_video (csrc/pseudo_video.cpp), same schema and fake kernel.
+
+if cpp_available():
+    torch.library.register_fake("pvkernels_cpp::pseudo_video")(_pseudo_video_fake)
 
 
 # 6. public function ------------------------------------------------------------------------
@@ -260,8 +262,7 @@ def _check_args(x, blur_sigma, noise_std, signal_scale, order, seed, noise, trun
         raise TypeError(f"pseudo_video: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"pseudo_video: x must be 4-D (B, C, H, W), got {x.dim()}-D with shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"pseudo_video: x must be float32, float16 or bfloat16, got {x.dtype}")
+    check_float("pseudo_video", "x", x)
     if order not in ("high", "first"):
         raise ValueError(f"pseudo_video: order must be 'high' or 'first', got {order!r}")
     given = {name: _as_list(name, value) for name, value in
@@ -354,7 +355,8 @@ def pseudo_video(x: torch.Tensor, blur_sigma: Params = None, noise_std: Params =
     if noise is not None and not any(std):
         noise = None  # no frame reads it
     first_order = order == "first"
-    chosen = resolve_backend("pseudo_video", backend, x.device, x.dtype)
+    slower = cpp_slower("pseudo_video", dtype=x.dtype, blur=any(sigma), noise=any(std))
+    chosen = resolve_backend("pseudo_video", backend, x.device, x.dtype, slower=slower)
     if chosen == "cpp":
         return torch.ops.pvkernels_cpp.pseudo_video(x, sigma, std, scale, first_order, seed, noise, truncate)
     if chosen == "triton":

@@ -12,11 +12,10 @@ import math
 
 import torch
 
-try:
-    import triton
+from .._backend import triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # the reference and cpp backends work without triton
-    triton = None
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57

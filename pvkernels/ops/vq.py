@@ -13,8 +13,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .._backend import resolve_backend
-from .rng import triton
+from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton
 
 METRICS = ("l2", "cosine")
 
@@ -133,8 +132,10 @@ if triton is not None:
 
 
 # 4. C++ ------------------------------------------------------------------------------------
-# torch.ops.pvkernels_cpp.vq_lookup (csrc/vq.cpp); its fake kernel is registered by
-# pvkernels/__init__.py once the extension is loaded.
+# torch.ops.pvkernels_cpp.vq_lookup (csrc/vq.cpp), same schema and fake kernel.
+
+if cpp_available():
+    torch.library.register_fake("pvkernels_cpp::vq_lookup")(_vq_lookup_fake)
 
 
 # 6. public function ------------------------------------------------------------------------
@@ -143,8 +144,7 @@ def _check_args(z, codebook, metric):
     for name, t in (("z", z), ("codebook", codebook)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"vq_lookup: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise TypeError(f"vq_lookup: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+        check_float("vq_lookup", name, t)
     if codebook.dim() != 2:
         raise ValueError(f"vq_lookup: codebook must be 2-D (K, D), got {codebook.dim()}-D with shape "
                          f"{tuple(codebook.shape)}")
@@ -194,7 +194,8 @@ def vq_lookup(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2",
         (torch.Size([8, 16, 16]), torch.Size([8, 16, 16, 64]))
     """
     _check_args(z, codebook, metric)
-    chosen = resolve_backend("vq_lookup", backend, z.device, z.dtype)
+    slower = cpp_slower("vq_lookup", dtype=z.dtype, k=codebook.shape[0], d=z.shape[-1])
+    chosen = resolve_backend("vq_lookup", backend, z.device, z.dtype, slower=slower)
     lead, D = z.shape[:-1], z.shape[-1]
     rows = z.detach().reshape(-1, D)
     cosine = metric == "cosine"

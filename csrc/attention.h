@@ -1,0 +1,109 @@
+// What the two attention kernel families share (attention_lanes.cpp: short sequences, one per
+// vector lane; attention_blocked.cpp: longer ones, blocked). Both read (B, T, S, H, Dh) in place
+// with any strides, seen as (b, a, n, h, d) with n the attended axis (T temporal, S spatial),
+// and both backwards recompute P from the saved log-sum-exp. attention.cpp is the entry.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "simd.h"
+
+namespace pvkernels {
+namespace attention {
+
+using simd::kLanes, simd::vfloat, simd::vint;
+
+// Strides of a (B, T, S, H, Dh) tensor in (b, a, n, h, d) order.
+struct View {
+  int64_t sb, sa, sn, sh, sd;
+};
+
+inline View view_of(const at::Tensor& x, bool temporal) {
+  if (temporal) return {x.stride(0), x.stride(2), x.stride(1), x.stride(3), x.stride(4)};
+  return {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
+}
+
+// lse (B, T, S, H) contiguous, seen in (b, a, n, h) order
+inline View lse_view(const at::Tensor& lse, bool temporal) {
+  return {lse.stride(0), temporal ? lse.stride(2) : lse.stride(1), temporal ? lse.stride(1) : lse.stride(2),
+          lse.stride(3), 0};
+}
+
+// The operands of a forward / backward call: typed pointers and (b, a, n, h, d) strides.
+template <typename T>
+struct FwdOperands {
+  const T *qp, *kp, *vp;
+  T* op;
+  float* lp;
+  View qv, kv, vv, ov, lv;
+};
+template <typename T>
+FwdOperands<T> fwd_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                            at::Tensor& lse, bool temporal) {
+  return {q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(), out.mutable_data_ptr<T>(),
+          lse.mutable_data_ptr<float>(), view_of(q, temporal), view_of(k, temporal), view_of(v, temporal),
+          view_of(out, temporal), lse_view(lse, temporal)};
+}
+template <typename T>
+struct BwdOperands {
+  const T *gp, *qp, *kp, *vp;
+  const float* lp;
+  T *dqp, *dkp, *dvp;
+  View gv, qv, kv, vv, lv, dqv, dkv, dvv;
+};
+template <typename T>
+BwdOperands<T> bwd_operands(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, bool temporal) {
+  return {grad_out.const_data_ptr<T>(), q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
+          lse.const_data_ptr<float>(), dq.mutable_data_ptr<T>(), dk.mutable_data_ptr<T>(), dv.mutable_data_ptr<T>(),
+          view_of(grad_out, temporal), view_of(q, temporal), view_of(k, temporal), view_of(v, temporal),
+          lse_view(lse, temporal), view_of(dq, temporal), view_of(dk, temporal), view_of(dv, temporal)};
+}
+
+struct Sizes {
+  int64_t B, A, N, H, D;
+};
+
+inline Sizes sizes_of(const at::Tensor& q, bool temporal) {
+  return {q.size(0), temporal ? q.size(2) : q.size(1), temporal ? q.size(1) : q.size(2), q.size(3), q.size(4)};
+}
+
+// Outputs past this size are written with non-temporal stores: they would not stay in L2
+// anyway, and streaming skips reading each line before it is overwritten.
+constexpr int64_t kStreamBytes = 4 << 20;
+inline bool streamed(const at::Tensor& out) { return out.numel() * out.element_size() >= kStreamBytes; }
+
+// vector-aligned start inside a buffer allocated kLanes floats longer: whole-line vector access
+inline float* aligned(float* p) {
+  constexpr uintptr_t mask = sizeof(vfloat) - 1;
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + mask) & ~mask);
+}
+
+// The kernels, instantiated for float, c10::Half and c10::BFloat16. bias: the kernel family's
+// own fp32 layout of the (H, N, N) bias (lane_bias / padded_bias) or nullptr; dbias_acc: per
+// thread sums of dS in that layout (reduced by lane_bias_grad / padded_bias_grad) or nullptr.
+template <typename T>
+void lanes_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* bias, at::Tensor& out,
+                   at::Tensor& lse, bool temporal, bool causal);
+template <typename T>
+void lanes_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const float* bias, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                    float* dbias_acc, bool temporal, bool causal);
+template <typename T>
+void blocked_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* bias,
+                     at::Tensor& out, at::Tensor& lse, bool temporal, bool causal);
+template <typename T>
+void blocked_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const float* bias, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                      float* dbias_acc, bool temporal, bool causal);
+
+at::Tensor lane_bias(const at::Tensor& bias);                     // [phase][N][N][lane]
+at::Tensor lane_bias_grad_acc(int64_t threads, int64_t H, int64_t N);
+at::Tensor lane_bias_grad(const at::Tensor& acc);
+at::Tensor padded_bias(const at::Tensor& bias);                   // [H][N keys][Np queries]
+at::Tensor padded_bias_grad_acc(int64_t threads, int64_t H, int64_t N);
+at::Tensor padded_bias_grad(const at::Tensor& acc);
+
+}  // namespace attention
+}  // namespace pvkernels

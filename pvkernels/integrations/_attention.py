@@ -1,0 +1,39 @@
+"""Peers' multi-head attention over one axis of n tokens, on pvkernels' fused attention.
+
+Peers hold q, k, v as (B, n, H, d) (after splitting heads off a projection). The fused ops take
+(B, T, S, H, Dh) and attend over T or S, reading strided views in place, so a (B, n, H, d) view
+becomes a (B, n, 1, H, d) temporal problem (short n, or causal) or a (B, 1, n, H, d) spatial one.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..ops.attention import MAX_HEAD_DIM, spatial_attention, temporal_attention
+
+# the cpp short-sequence kernel covers T <= 32 on the temporal op and only S <= 16 on the spatial one
+_TEMPORAL_UP_TO = 32
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def unsupported(q_dtype: torch.dtype, heads: int, head_dim: int, n: int, bias: Optional[torch.Tensor]) -> Optional[str]:
+    """Why a (B, n, heads, head_dim) attention with this bias is not run on the fused kernels."""
+    if q_dtype not in FUSED_DTYPES:
+        return f"dtype {q_dtype} (the fused attention takes float32/float16/bfloat16)"
+    if head_dim > MAX_HEAD_DIM:
+        return f"dim_head {head_dim} > {MAX_HEAD_DIM}"
+    if bias is not None and tuple(bias.shape) != (heads, n, n):
+        return f"attention bias of shape {tuple(bias.shape)}, not (heads, n, n) = {(heads, n, n)}"
+    return None
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+           causal: bool) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + bias [+ causal mask]) v`` for (B, n, H, d) views; returns
+    (B, n, H, d) contiguous. Differentiable in q, k, v and bias."""
+    n = q.shape[1]
+    if causal or n <= _TEMPORAL_UP_TO:
+        o = temporal_attention(q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), causal=causal, bias=bias)
+        return o.squeeze(2)
+    return spatial_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), bias=bias).squeeze(1)

@@ -1,0 +1,219 @@
+"""The mechanics every peer patch shares: replacing methods on a class or on module instances
+and restoring them exactly, counting fast calls and fallbacks, and checking the peer's version
+and structure before anything is touched.
+
+A replacement never decides on its own that it is "close enough": each peer module supplies a
+``reason(module, arguments) -> str | None`` check; None means the call is one pvkernels computes
+exactly, a string names why not, and the original method runs instead (``strict=True`` raises).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import inspect
+import os
+import types
+import warnings
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+from torch import nn
+
+MARK = "pvkernels"
+
+
+class PeerVersionError(RuntimeError):
+    """The installed peer library is not a version or structure this patch was tested against."""
+
+
+def _version_tuple(text: str) -> Tuple[int, ...]:
+    parts = []
+    for piece in text.split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+        if len(digits) != len(piece):  # "0rc1": stop after the numeric prefix
+            break
+    return tuple(parts)
+
+
+def untested_allowed() -> bool:
+    return os.environ.get("PVKERNELS_ALLOW_UNTESTED") == "1"
+
+
+def check_peer(distribution: str, tested: Iterable[Tuple[str, str]], problems: Iterable[str]) -> str:
+    """Raises PeerVersionError if ``distribution`` is outside every half-open ``[low, high)``
+    range of ``tested`` or if any structural problem was found (PVKERNELS_ALLOW_UNTESTED=1 warns
+    instead). Returns the installed version."""
+    try:
+        version = importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise PeerVersionError(f"{distribution} is not installed (pip install 'pvkernels[integrations]')") from exc
+    ranges = list(tested)
+    found = list(problems)
+    v = _version_tuple(version)
+    if not any(_version_tuple(lo) <= v < _version_tuple(hi) for lo, hi in ranges):
+        spans = " or ".join(f">={lo},<{hi}" for lo, hi in ranges)
+        found.insert(0, f"{distribution} {version} is outside the tested versions ({spans})")
+    if found:
+        message = "; ".join(found)
+        if not untested_allowed():
+            raise PeerVersionError(f"pvkernels.integrations: {message}. "
+                                   "Set PVKERNELS_ALLOW_UNTESTED=1 to patch anyway.")
+        warnings.warn(f"pvkernels.integrations: {message}; patching anyway (PVKERNELS_ALLOW_UNTESTED=1)",
+                      RuntimeWarning, stacklevel=3)
+    return version
+
+
+def import_peer(module: str, distribution: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise PeerVersionError(f"pvkernels.integrations: cannot import {module} ({distribution}): {exc}") from exc
+
+
+def missing(owner, names: Iterable[str], label: str) -> list:
+    """Structural problems: attributes of ``owner`` (a module or class) that are gone."""
+    return [f"{label}.{name} is gone" for name in names if not hasattr(owner, name)]
+
+
+def signature_problems(func, expected: Iterable[str], label: str) -> list:
+    """Parameters the patch relies on that ``func`` lost, and ones it gained that the patch does
+    not know (a new parameter may change what the call computes)."""
+    params = list(inspect.signature(func).parameters)[1:]  # without self
+    expected = list(expected)
+    gone = [p for p in params if p not in expected]
+    lost = [p for p in expected if p not in params and not p.startswith("?")]
+    problems = [f"{label} has a new parameter {p!r}" for p in gone if "?" + p not in expected]
+    problems += [f"{label} lost its parameter {p!r}" for p in lost]
+    return problems
+
+
+class Patch:
+    """A set of replaced methods, undone by :meth:`unpatch` (or leaving a ``with`` block).
+
+    ``stats`` is ``{"fast": calls that ran on pvkernels' kernels, "fallback": {reason: count}}``.
+    """
+
+    def __init__(self, name: str, strict: bool = False):
+        self.name, self.strict = name, strict
+        self.stats: Dict = {"fast": 0, "fallback": {}}
+        self._undo: list = []
+        self.modules = 0  # instances (or classes) patched
+
+    # bookkeeping used by the replacements ---------------------------------------------------
+
+    def fast(self) -> None:
+        self.stats["fast"] += 1
+
+    def fallback(self, reason: str) -> None:
+        if self.strict:
+            raise ValueError(f"pvkernels.integrations[{self.name}]: this call is not computed by pvkernels "
+                             f"(strict=True): {reason}")
+        counts = self.stats["fallback"]
+        counts[reason] = counts.get(reason, 0) + 1
+
+    # installing ----------------------------------------------------------------------------
+
+    def _set(self, owner, attr: str, value) -> None:
+        """Sets ``owner.attr`` (a class, or an instance's __dict__) and records how to undo it."""
+        store = owner.__dict__ if isinstance(owner, type) else vars(owner)
+        had = attr in store
+        self._undo.append((owner, attr, had, store.get(attr)))
+        if isinstance(owner, type):
+            setattr(owner, attr, value)
+        else:
+            store[attr] = value
+
+    def replace(self, owner, attr: str, make: Callable[[Callable], Callable]) -> None:
+        """Replaces method ``attr`` of ``owner`` (a class, or one nn.Module instance) by
+        ``make(original)``, where ``original(module, *args, **kwargs)`` calls what was there."""
+        if isinstance(owner, type):
+            original = getattr(owner, attr)
+            replacement = make(original)
+            functools.update_wrapper(replacement, original)
+            replacement.__pvkernels_patch__ = self
+            self._set(owner, attr, replacement)
+        else:
+            bound = getattr(owner, attr)
+            replacement = make(lambda module, *args, **kwargs: bound(*args, **kwargs))
+            functools.update_wrapper(replacement, getattr(type(owner), attr))
+            replacement.__pvkernels_patch__ = self
+            self._set(owner, attr, types.MethodType(replacement, owner))
+
+    def mark(self, owner) -> None:
+        """Makes ``print(model)`` say that ``owner`` (class or instance) is patched."""
+        tag = f"{MARK}: {self.name}"
+
+        def make(original):
+            def extra_repr(module):
+                text = original(module)
+                return f"{text}, [{tag}]" if text else f"[{tag}]"
+            return extra_repr
+        self.replace(owner, "extra_repr", make)
+        self.modules += 1
+
+    def unpatch(self) -> None:
+        """Restores every replaced method exactly (in reverse order of replacement)."""
+        while self._undo:
+            owner, attr, had, previous = self._undo.pop()
+            if isinstance(owner, type):
+                if had:
+                    setattr(owner, attr, previous)
+                else:
+                    delattr(owner, attr)
+            elif had:
+                vars(owner)[attr] = previous
+            else:
+                vars(owner).pop(attr, None)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._undo)
+
+    def __enter__(self) -> "Patch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unpatch()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "undone"
+        return f"Patch({self.name!r}, {state}, modules={self.modules}, stats={self.stats})"
+
+
+def dispatching(patch: Patch, reason: Callable, fast: Callable, signature_of) -> Callable[[Callable], Callable]:
+    """The usual replacement: bind the call's arguments, ask ``reason``; on None run
+    ``fast(module, arguments)`` and count it, otherwise count the reason and call the original."""
+    signature = inspect.signature(signature_of)
+
+    def make(original):
+        def forward(module, *args, **kwargs):
+            bound = signature.bind(module, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = bound.arguments
+            why = reason(module, arguments)
+            if why is None:
+                patch.fast()
+                return fast(module, arguments)
+            patch.fallback(why)
+            return original(module, *args, **kwargs)
+        return forward
+    return make
+
+
+def patch_modules(patch: Patch, model: Optional[nn.Module], cls: type, makers: Dict[str, Callable]) -> None:
+    """Replaces the methods named in ``makers`` (name -> ``make(original)``) on ``cls`` itself
+    (model=None) or on every instance of ``cls`` in ``model``, itself included; an instance of a
+    subclass with a forward of its own is left alone (its forward is not the one we reproduce)."""
+    if model is None:
+        owners = [cls]
+    elif isinstance(model, nn.Module):
+        owners = [m for m in model.modules() if isinstance(m, cls) and type(m).forward is cls.forward]
+    else:
+        raise TypeError(f"pvkernels.integrations: model must be an nn.Module or None, got {type(model).__name__}")
+    for owner in owners:
+        for attr, make in makers.items():
+            patch.replace(owner, attr, make)
+        patch.mark(owner)

@@ -1,0 +1,108 @@
+"""The benchmark plumbing, GPU paths included, on the CPU: provider lists, case keys, speedups
+that never cross devices, and the eager baselines computing what the op computes."""
+import pytest
+import torch
+
+from benchmarks import bench_attention, bench_pseudo_video, bench_vq, harness
+from pvkernels.ops.attention import attention_reference
+from pvkernels.ops.pseudo_video import pseudo_video_reference
+
+from .utils import assert_close
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_every_provider_runs_on_the_case_device(device):
+    fused = "cpp" if device == "cpu" else "triton"
+    for case in bench_pseudo_video.CASES:
+        names = bench_pseudo_video.providers(case, device)
+        assert names[0] == "reference" and fused in names and "compiled" in names
+        assert ("cpp" in names or "opencv" in names) == (device == "cpu")
+        assert "triton" not in names or device == "cuda"
+    for dtype in ("float32", "bfloat16"):
+        names = bench_vq.providers(dtype, device)
+        assert names[:3] == ["reference", "matmul", "compiled"] and names[-1] == fused
+        assert "faiss" not in names or (device == "cpu" and dtype == "float32")
+    names = bench_attention.providers(device)
+    assert names[0] == "reference" and names[-1] == fused
+    sdpa = {"sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "flex"}
+    assert sdpa <= set(names) if device == "cuda" else not sdpa & set(names)
+
+
+def test_gpu_shapes_of_issue_11():
+    assert bench_pseudo_video.shape("cuda", quick=False) == (1024, 3, 32, 32)
+    assert bench_pseudo_video.frames("cuda", quick=False) == (18,)
+    temporal = bench_attention.shapes("temporal", "cuda", quick=False)
+    assert (32, 18, 256, 8, 64) in temporal
+    assert any(B * S > 65535 for B, T, S, H, D in temporal)  # more sequences than a CUDA grid's y/z
+    assert {S for _, _, S, _, _ in bench_attention.shapes("spatial", "cuda", quick=False)} == {256, 1024}
+    assert bench_vq.shapes("cuda", quick=False) == [(65536, 8192, D, dt) for D in (64, 256)
+                                                   for dt in ("float32", "bfloat16")]
+
+
+def test_case_keys_carry_the_device_and_speedups_stay_on_one():
+    cpu, cuda = harness.case_key("blur", "T=18", device="cpu"), harness.case_key("blur", "T=18", device="cuda")
+    assert cpu == "blur/T=18/cpu" and cuda == "blur/T=18/cuda"
+    saved = dict(harness._medians)
+    try:
+        harness._medians.clear()
+        harness._medians.update({("op", cpu, "reference"): 8.0, ("op", cpu, "batched"): 2.0,
+                                 ("op", cpu, "compiled"): 4.0, ("op", cuda, "reference"): 0.5})
+        got = harness.speedups("op", cpu, "cpp", 1.0)
+        assert got == {"speedup_vs_reference": 8.0, "speedup_vs_compiled": 4.0, "fastest_eager": "batched",
+                       "speedup_vs_eager": 2.0}
+        assert harness.speedups("op", cuda, "triton", 0.25) == {"speedup_vs_reference": 2.0,
+                                                                "fastest_eager": "reference", "speedup_vs_eager": 2.0}
+        assert "speedup_vs_eager" not in harness.speedups("op", cpu, "batched", 2.0)  # eager forms are baselines
+    finally:
+        harness._medians.clear()
+        harness._medians.update(saved)
+
+
+@pytest.mark.parametrize("case", ["blur_high", "noise_high", "blur_noise"])
+def test_pseudo_video_batched_form_equals_the_oracle(case):
+    p = bench_pseudo_video.CASES[case](6)
+    x = torch.rand(3, 2, 17, 29)
+    tables = bench_pseudo_video.batched_tables(p, 17, 29, 2, "cpu")
+    torch.manual_seed(1)
+    got = bench_pseudo_video.batched(x, tables)
+    torch.manual_seed(1)
+    eps = torch.randn(3, 5, 2, 17, 29)  # the batched form's one draw, frames 0 .. T-2
+    noise = torch.cat([eps, torch.zeros(3, 1, 2, 17, 29)], 1)
+    expected = pseudo_video_reference(x, p["blur_sigma"], p["noise_std"], p["signal_scale"], False, 0, noise, 3.0)
+    assert_close(got, expected, torch.float32)
+
+
+@pytest.mark.skipif(bench_pseudo_video.kornia is None, reason="kornia not installed")
+def test_pseudo_video_kornia_form_is_the_same_blur():
+    # kornia blurs every frame with the window of the largest radius (normalised over it): the
+    # same Gaussian up to the tail mass past 3 sigma of the smaller frames
+    p = bench_pseudo_video.CASES["blur_high"](5)
+    x = torch.rand(3, 2, 17, 29)
+    expected = pseudo_video_reference(x, p["blur_sigma"], p["noise_std"], p["signal_scale"], False, 0, None, 3.0)
+    assert_close(bench_pseudo_video.kornia_blur(x, p), expected, torch.float32, rtol=0, atol=5e-3)
+
+
+@pytest.mark.parametrize("provider", ["sdpa_math", "sdpa_flash"])
+@pytest.mark.parametrize("kind", ["temporal", "spatial"])
+def test_attention_providers_compute_the_reference(provider, kind):
+    # the explicit SDPA backends (those the CPU has) with the reference's permutes
+    q, k, v = torch.randn(2, 5, 7, 3, 2, 16).unbind(3)
+    fn = bench_attention.attention_fn(kind, provider, 5 if kind == "temporal" else 7, "cpu")
+    temporal = kind == "temporal"
+    assert_close(fn(q, k, v), attention_reference(q, k, v, None, temporal, temporal), torch.float32)
+
+
+def test_vq_baselines_agree():
+    z, e = torch.randn(300, 16), torch.randn(50, 16)
+    idx, zq = bench_vq.cdist_argmin(z, e)
+    idx2, zq2 = bench_vq.matmul_expansion(z, e)
+    assert torch.equal(idx, idx2) and torch.equal(zq, e[idx])
+
+
+def test_harness_timing_and_the_in_context_preamble():
+    assert harness.last_level_cache_bytes() >= 2**20
+    harness.flush_caches("cpu")
+    harness.foreign_op(2**20, "cpu")
+    seconds, faults = harness.time_calls(lambda: torch.ones(2**18).sum(), 3, "cpu",
+                                         before=lambda: harness.flush_caches("cpu"))
+    assert seconds > 0 and faults >= 0
