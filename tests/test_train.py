@@ -20,11 +20,14 @@ def args_of(*argv):
 
 @pytest.mark.parametrize("argv, expected", [
     ([], schedules.linear_blur(4, 2.0, "high")),
+    (["--order", "first"], schedules.linear_blur(4, 2.0, "first")),
     (["--schedule", "geometric", "--order", "first"], schedules.geometric_blur(4, 2.0, order="first")),
     (["--aug", "noise"], schedules.ddpm_noise(4, "linear", "high")),
     (["--aug", "noise", "--schedule", "cosine", "--order", "first"], schedules.ddpm_noise(4, "cosine", "first")),
     (["--aug", "blur+noise", "--schedule", "cosine", "--sigma-max", "1.5"],
      schedules.combine(schedules.linear_blur(4, 1.5), schedules.ddpm_noise(4, "cosine"))),
+    (["--aug", "blur+noise", "--order", "first"],
+     schedules.combine(schedules.linear_blur(4, 2.0, "first"), schedules.ddpm_noise(4, "linear", "first"))),
     (["--aug", "identity"], None),
 ])
 def test_aug_order_schedule_give_the_schedules_parameters(argv, expected):
