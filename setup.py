@@ -37,7 +37,7 @@ setup(
     install_requires=["torch>=2.4", "ninja"],
     extras_require={
         "triton": ["triton>=3.0,<3.9"],  # 3.9 removed APIs the ecosystem still uses; 3.8 pairs with torch 2.13
-        "models": ["scikit-learn", "pillow"],
+        "models": ["scikit-learn", "scipy", "pillow"],  # scipy: the experiments' Welch t-tests
         "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "scipy", "scikit-learn", "pillow", "triton>=3.0,<3.9"],
         "bench": ["pytest-benchmark>=4", "opencv-python-headless", "matplotlib", "faiss-cpu", "kornia"],
         # the peers pvkernels.integrations is tested against; they import torchvision, so install

@@ -7,6 +7,7 @@ are built from these batches on the fly with ``pvkernels.pseudo_video``.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -42,6 +43,13 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def load_digits(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1797 8x8 digits (shipped with the package), resized to size x size."""
+    images, labels = _digits(size)
+    return images.clone(), labels.clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _digits(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # read and resized once per process and size (the experiments build dozens of runs)
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError as exc:

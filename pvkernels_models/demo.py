@@ -2,17 +2,17 @@
 
     python -m pvkernels_models.demo [--steps 300] [--seeds 1] [--out runs/demo] [--quick]
 
-Trains VQVAE vs CViViT and DDPM vs VideoDiffusion on the offline digits data with the same
-steps and batch size, prints a table (last-frame PSNR; FID on InceptionV3 features when
-pytorch-fid's weights are found, else the labelled offline FID; seconds per step for each
-backend) and writes OUT/demo.png (pseudo videos, reconstructions, samples). Runs on a 2-core
-CPU in a few minutes.
+Trains VQVAE vs CViViT (16x16 digits) and DDPM vs VideoDiffusion (the digits' native 8x8) on
+the offline digits data with the same steps, batch size and recipe, prints a table (last-frame
+PSNR; the offline FID and KID of 256 samples; FID on InceptionV3 features too when pytorch-fid's
+weights are found; seconds per step for each backend) and writes OUT/demo.png: per model a titled
+grid with labelled rows (pseudo-video frames, reconstructions, samples). Runs on a 2-core CPU in a
+few minutes. The comparisons with controls, seeds and p-values are ``python -m pvkernels_models.experiments``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -21,21 +21,23 @@ import torch
 
 import pvkernels
 
-from .train import Trainer, build_parser
+from .train import NAMES, Trainer, parse_args
 
 PAIRS = (("vqvae", "cvivit"), ("ddpm", "video-diffusion"))
-# the metric a run reports: FID on InceptionV3 features when pytorch-fid's weights were found
+# the tokenizers on 16x16 digits (16 codes per frame), the diffusion models on the digits' own 8x8
+SIZES = {"vqvae": 16, "cvivit": 16, "ddpm": 8, "video-diffusion": 8}
 METRICS = {"psnr_last_frame": "last-frame PSNR, dB (higher is better)",
-           "fid_inception": "FID (InceptionV3) on at most 64 samples: biased upwards, lower is better",
-           "offline_fid": "Frechet distance on a small digits classifier (not Inception FID); lower is better"}
+           "offline_fid": "Frechet distance on a small digits classifier's features, against all 1797 digits "
+                          "(not Inception FID); lower is better",
+           "offline_kid": "KID on the same features; lower is better",
+           "fid_inception": "FID (InceptionV3) on 256 samples: biased upwards, lower is better"}
 
 
 def run(model: str, seed: int, steps: int, out: Path, frames: int, extra: list) -> dict:
-    args = build_parser().parse_args([
-        "--model", model, "--frames", str(frames if model in ("cvivit", "video-diffusion") else 1),
-        "--steps", str(steps), "--seed", str(seed), "--out", str(out / f"{model}-seed{seed}"),
-        "--log-every", str(max(steps // 5, 1)), "--ckpt-every", str(steps), "--no-progress", *extra])
-    os.environ["PVKERNELS_BACKEND"] = args.backend
+    args = parse_args([
+        "--model", model, "--frames", str(frames), "--steps", str(steps), "--seed", str(seed),
+        "--out", str(out / f"{model}-seed{seed}"), "--log-every", str(max(steps // 5, 1)), "--ckpt-every",
+        str(steps), "--image-size", str(SIZES[model]), "--no-progress", *extra])
     trainer = Trainer(args)
     start = time.perf_counter()
     trainer.train()
@@ -46,15 +48,15 @@ def run(model: str, seed: int, steps: int, out: Path, frames: int, extra: list) 
 
 def step_time(model: str, backend: str, frames: int, repeats: int = 5) -> float:
     """Seconds per training step of `model` with every pvkernels op on `backend`."""
-    args = build_parser().parse_args(["--model", model, "--frames", str(frames), "--steps", "1", "--out",
-                                      "/tmp/pvkernels-demo-timing", "--backend", backend, "--no-progress"])
-    os.environ["PVKERNELS_BACKEND"] = backend
+    args = parse_args(["--model", model, "--frames", str(frames), "--steps", "1", "--out",
+                       "/tmp/pvkernels-demo-timing", "--backend", backend, "--image-size", str(SIZES[model]),
+                       "--no-progress"])
     trainer = Trainer(args)
     x = trainer.images[:args.batch_size]
     times = []
     for k in range(repeats + 1):
         start = time.perf_counter()
-        loss, _ = trainer.objective(trainer.make_input(x, k), trainer.gen)
+        loss, _ = trainer.objective(trainer.make_input(x, k), trainer.noise_gen)
         loss.backward()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
@@ -76,42 +78,46 @@ def main(argv=None) -> int:
     for pair in PAIRS:
         for model in pair:
             results = [run(model, seed, steps, out, args.frames, extra) for seed in range(args.seeds)]
-            key = next(k for k in METRICS if k in results[0])
-            values = [r[key] for r in results]
-            rows.append({"model": model, "metric": key, "mean": statistics.fmean(values),
-                         "std": statistics.pstdev(values), "seeds": len(values),
-                         "train_sec": statistics.fmean(r["train_sec"] for r in results)})
+            for key in (k for k in METRICS if k in results[0]):
+                values = [r[key] for r in results]
+                rows.append({"model": model, "metric": key, "mean": statistics.fmean(values),
+                             "std": statistics.stdev(values) if len(values) > 1 else None, "seeds": len(values),
+                             "train_sec": statistics.fmean(r["train_sec"] for r in results)})
     backends = ["reference"] + (["cpp"] if pvkernels.cpp_available() else [])
     timing = {m: {b: step_time(m, b, args.frames, 2 if args.quick else 5) for b in backends}
               for m in ("cvivit", "video-diffusion")}
-    print(f"\npseudo-video demo: digits 16x16, {steps} steps, batch 64, {args.frames} frames, "
-          f"{args.seeds} seed(s)")
-    print(f"{'model':<17}{'metric':<17}{'mean':>9}{'std':>8}{'train s':>9}")
+    setting = f"digits (tokenizers 16x16, diffusion 8x8), {steps} steps, batch 64, {args.frames}-frame blur"
+    print(f"\npseudo-video demo: {setting}, {args.seeds} seed(s)")
+    print(f"{'model':<17}{'metric':<17}{'mean':>9}{'std':>8}{'train s':>9}   (std: sample std over seeds)")
     for r in rows:
-        print(f"{r['model']:<17}{r['metric']:<17}{r['mean']:>9.3f}{r['std']:>8.3f}{r['train_sec']:>9.1f}")
+        std = "" if r["std"] is None else f"{r['std']:.3g}"
+        print(f"{r['model']:<17}{r['metric']:<17}{r['mean']:>9.4g}{std:>8}{r['train_sec']:>9.1f}")
     for key in dict.fromkeys(r["metric"] for r in rows):
         print(f"{key}: {METRICS[key]}")
     print("\nseconds per training step (forward + backward) by backend")
     for m, per in timing.items():
         print(f"{m:<17}" + "  ".join(f"{b} {t * 1e3:.1f} ms" for b, t in per.items()))
     (out / "demo.json").write_text(json.dumps({"rows": rows, "step_time": timing}, indent=1))
-    _collage(out, args.seeds)
+    _collage(out, f"pseudo-video demo: {setting} pseudo videos, seed 0")
     print(f"\nwrote {out / 'demo.png'} and {out / 'demo.json'}")
     return 0
 
 
-def _collage(out: Path, seeds: int) -> None:
-    """Stacks the per-run sample grids (seed 0) into OUT/demo.png."""
-    from PIL import Image
+def _collage(out: Path, title: str) -> None:
+    """Stacks the per-run labelled grids (seed 0) under a title into OUT/demo.png."""
+    from PIL import Image, ImageDraw
 
-    grids = [Image.open(p) for m in ("vqvae", "cvivit", "ddpm", "video-diffusion")
-             if (p := out / f"{m}-seed0" / "samples.png").exists()]
-    width = max(g.width for g in grids)
-    canvas = Image.new(grids[0].mode, (width, sum(g.height + 8 for g in grids)), 255)
-    y = 0
+    from .figures import font, text_width
+
+    grids = [Image.open(p).convert("RGB") for m in NAMES if (p := out / f"{m}-seed0" / "samples.png").exists()]
+    face = font(17)
+    width = max(max(g.width for g in grids), 16 + text_width(ImageDraw.Draw(grids[0]), title, face))
+    canvas = Image.new("RGB", (width, 34 + sum(g.height + 12 for g in grids)), "white")
+    ImageDraw.Draw(canvas).text((8, 8), title, fill="black", font=face)
+    y = 34
     for g in grids:
         canvas.paste(g, (0, y))
-        y += g.height + 8
+        y += g.height + 12
     canvas.save(out / "demo.png")
 
 

@@ -1,17 +1,26 @@
 """DDPM (image) and VideoDiffusion (its video counterpart on pseudo videos).
 
-Both predict epsilon under the same noise schedule; the video model denoises a whole pseudo
-video (B, T, C, H, W) with space-time attention and returns its last frame as the image.
+Both predict epsilon under the same noise schedule and work on the model's scale: images (and
+pseudo-video frames) with the data in [-1, 1]. VideoDiffusion is a factorised space-time U-Net
+in the shape of Ho et al.'s video diffusion: DDPM's spatial layers, shared by every frame, with
+temporal attention (pvkernels.nn.TemporalAttention, pre-norm residual, T5 relative bias) after
+every resolution level and at the middle, and a frame embedding added to every block's time
+embedding. The temporal output projections and the frame embedding start at zero, so at
+initialisation VideoDiffusion is DDPM on every frame (same seed, same spatial weights). All
+frames are denoised jointly with one t; the last frame is the image.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import pvkernels
+
+from .losses import frame_weighted_mean
 
 
 def _timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -38,7 +47,7 @@ def noise_schedule(timesteps: int, schedule: str) -> torch.Tensor:
 
 
 class _GaussianDiffusion(nn.Module):
-    """The epsilon-prediction objective and ancestral sampler shared by both models."""
+    """The epsilon-prediction objective and the ancestral sampler shared by both models."""
 
     def __init__(self, timesteps: int, schedule: str):
         super().__init__()
@@ -50,30 +59,49 @@ class _GaussianDiffusion(nn.Module):
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        # drawn where the generator lives, then moved: a CPU generator keeps runs resumable
+    def weigh(self, sq_err: torch.Tensor) -> torch.Tensor:
+        """The scalar loss from the squared epsilon errors (the mean)."""
+        return sq_err.mean()
+
+    def clip_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """The x0 prediction clipped to the data range [-1, 1] while sampling."""
+        return x0.clamp(-1, 1)
+
+    def loss(self, x0: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Epsilon-prediction loss of clean data ``x0`` (model scale) at one random t per example.
+
+        t and the noise are drawn from ``generator`` (where it lives, then moved: a CPU
+        generator keeps runs resumable bit for bit on any device).
+        """
         where = generator.device if generator is not None else x0.device
         t = torch.randint(0, self.timesteps, (x0.shape[0],), generator=generator, device=where).to(x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=where).to(x0.device)
         ab = self.alpha_bar[t].view(-1, *([1] * (x0.dim() - 1)))
-        x_t = ab.sqrt() * (2 * x0 - 1) + (1 - ab).sqrt() * eps  # data scaled to [-1, 1]
-        return F.mse_loss(self.denoise(x_t, t), eps)
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+        return self.weigh((self.denoise(x_t, t) - eps).pow(2))
+
+    def posterior_step(self, x: torch.Tensor, x0: torch.Tensor, step: int, noise: torch.Tensor) -> torch.Tensor:
+        """A draw of x_{step-1} ~ q(x_{step-1} | x_step = x, x0) with standard normal ``noise``
+        (at step 0 the posterior mean, x0 itself)."""
+        ab = self.alpha_bar[step]
+        ab_prev = self.alpha_bar[step - 1] if step > 0 else torch.ones_like(ab)
+        beta = 1 - ab / ab_prev
+        mean = (ab_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - ab_prev) * x) / (1 - ab)
+        return mean + (beta * (1 - ab_prev) / (1 - ab)).sqrt() * noise if step > 0 else mean
 
     @torch.no_grad()
-    def sample_like(self, shape, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
-        x = torch.randn(shape, generator=generator, device=device)
-        ab_prev = torch.ones((), device=device)
+    def sample_like(self, shape, generator: Optional[torch.Generator] = None, device="cpu") -> torch.Tensor:
+        """Ancestral sampling (DDPM) with the x0 prediction clipped (``clip_x0``) at every step:
+        x_{t-1} ~ q(x_{t-1} | x_t, x0_hat). Returns data on the model scale."""
+        where = generator.device if generator is not None else device
+        x = torch.randn(shape, generator=generator, device=where).to(device)
         for step in range(self.timesteps - 1, -1, -1):
             ab = self.alpha_bar[step]
-            ab_prev = self.alpha_bar[step - 1] if step > 0 else torch.ones((), device=device)
-            beta = 1 - ab / ab_prev
             t = torch.full((shape[0],), step, device=device, dtype=torch.int64)
-            eps = self.denoise(x, t)
-            x = (x - beta / (1 - ab).sqrt() * eps) / (1 - beta).sqrt()
-            if step > 0:
-                sigma = (beta * (1 - ab_prev) / (1 - ab)).sqrt()
-                x = x + sigma * torch.randn(shape, generator=generator, device=device)
-        return ((x + 1) / 2).clamp(0, 1)
+            x0 = self.clip_x0((x - (1 - ab).sqrt() * self.denoise(x, t)) / ab.sqrt())
+            noise = torch.randn(shape, generator=generator, device=where).to(device) if step > 0 else None
+            x = self.posterior_step(x, x0, step, noise)
+        return x
 
 
 class _ResBlock(nn.Module):
@@ -92,8 +120,12 @@ class _ResBlock(nn.Module):
 class DDPM(_GaussianDiffusion):
     """Small image DDPM: a two-level conv U-Net predicting epsilon.
 
-    Shape: images (B, C, S, S) in [0, 1], S divisible by 2.
+    ``loss(x0)`` takes images on the model scale, ``2 * image - 1``; ``sample(n)`` returns
+    images in [0, 1].
+    Shape: images (B, C, S, S), S divisible by 2.
     """
+
+    LEVELS = ("down", "mid", "up")  # where VideoDiffusion mixes the frames
 
     def __init__(self, channels: int = 1, image_size: int = 16, width: int = 32, timesteps: int = 200,
                  schedule: str = "linear"):
@@ -112,50 +144,93 @@ class DDPM(_GaussianDiffusion):
         self.out = nn.Sequential(nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, channels, 3, padding=1))
 
     def denoise(self, x_t, t):
-        temb = self.temb(_timestep_embedding(t, self.width))
-        h0, h = self._encode(x_t, temb)
-        return self._decode(h0, h, temb)
+        return self._unet(x_t, self.temb(_timestep_embedding(t, self.width)))
 
-    def _encode(self, x, temb):
-        h0 = self.down(self.inp(x), temb)
-        return h0, self.mid(self.pool(h0), temb)
+    def _unet(self, x, temb, mix=lambda level, h: h):
+        """The U-Net on images (N, C, S, S); ``mix(level, h)`` runs after each level (identity here)."""
+        h0 = mix("down", self.down(self.inp(x), temb))
+        h = mix("mid", self.mid(self.pool(h0), temb))
+        return self.out(mix("up", self.dec(torch.cat([self.up(h), h0], 1), temb)))
 
-    def _decode(self, h0, h, temb):
-        return self.out(self.dec(torch.cat([self.up(h), h0], 1), temb))
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """n images in [0, 1] (the x0 clip keeps the last step inside the range)."""
+        shape = (n, self.channels, self.image_size, self.image_size)
+        return (self.sample_like(shape, generator, self.alpha_bar.device) + 1) / 2
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        device = self.alpha_bar.device
-        return self.sample_like((n, self.channels, self.image_size, self.image_size), generator, device)
+
+class _TemporalMixer(nn.Module):
+    """h + TemporalAttention(LayerNorm(h)) over the frames at each position of a feature map,
+    with the attention's output projection zero-initialised (the identity at init)."""
+
+    def __init__(self, dim: int, heads: int, backend: str):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = pvkernels.nn.TemporalAttention(dim, heads, causal=False, rel_pos="t5", backend=backend)
+        nn.init.zeros_(self.attn.proj.weight)
+        nn.init.zeros_(self.attn.proj.bias)
+
+    def forward(self, h: torch.Tensor, frames: int) -> torch.Tensor:
+        N, C, H, W = h.shape
+        tokens = h.view(N // frames, frames, C, H * W).transpose(2, 3)  # (B, T, S, C)
+        tokens = tokens + self.attn(self.norm(tokens))
+        return tokens.transpose(2, 3).reshape(N, C, H, W)
 
 
 class VideoDiffusion(DDPM):
-    """Video counterpart of DDPM, trained on pseudo videos: the same U-Net runs on every frame
-    and a space-time attention block (pvkernels.nn.SpaceTimeBlock: attention over the
-    bottleneck positions of a frame, then over the frames at each position) mixes the frames
-    at the bottleneck. Epsilon is predicted for the whole video; ``sample`` generates pseudo
-    videos and returns their last frames, the images.
+    """Video counterpart of DDPM, trained on pseudo videos (see the module docstring).
 
-    Shape: videos (B, T, C, S, S) in [0, 1] with T == frames.
+    Args:
+        channels, image_size, width, timesteps, schedule: as DDPM (its layers, shared by frames).
+        frames: T, the pseudo-video length.
+        heads: heads of every temporal attention.
+        other_weight: lambda in ``loss = L_last + lambda * mean(L_other frames)``; None means
+            1 / (T - 1).
+        clip_frames: "last" clips only the last frame's x0 prediction to [-1, 1] while sampling
+            (pseudo videos with noise frames leave that range), "all" clips every frame (blur
+            and identity pseudo videos stay inside it).
+        backend: of the temporal attention ops.
+
+    ``loss(video)`` takes pseudo videos on the model scale; ``sample(n)`` returns the last
+    frames in [0, 1]; ``sample_video(n)`` the whole videos on the model scale.
+    Shape: videos (B, T, C, S, S) with T == frames.
     """
 
     def __init__(self, channels: int = 1, image_size: int = 16, frames: int = 4, width: int = 32, heads: int = 4,
-                 timesteps: int = 200, schedule: str = "linear"):
-        super().__init__(channels, image_size, width, timesteps, schedule)
+                 timesteps: int = 200, schedule: str = "linear", other_weight: Optional[float] = None,
+                 clip_frames: str = "last", backend: str = "auto"):
+        super().__init__(channels, image_size, width, timesteps, schedule)  # first: DDPM's init, draw for draw
         if frames < 1:
             raise ValueError(f"frames must be >= 1, got {frames}")
-        self.frames = frames
-        self.pos_time = nn.Parameter(torch.zeros(frames, 2 * width))
-        self.space_time = pvkernels.nn.SpaceTimeBlock(2 * width, heads, causal_time=False)
+        if other_weight is not None and not other_weight >= 0:
+            raise ValueError(f"other_weight must be >= 0 or None, got {other_weight}")
+        if clip_frames not in ("last", "all"):
+            raise ValueError(f"clip_frames must be 'last' or 'all', got {clip_frames!r}")
+        self.frames, self.clip_frames = frames, clip_frames
+        self.other_weight = other_weight if other_weight is not None else 1 / max(frames - 1, 1)
+        self.frame_emb = nn.Parameter(torch.zeros(frames, 4 * width))
+        dims = {"down": width, "mid": 2 * width, "up": width}
+        self.temporal = nn.ModuleDict({level: _TemporalMixer(dims[level], heads, backend) for level in self.LEVELS})
 
     def denoise(self, x_t, t):
         B, T = x_t.shape[:2]
-        temb = self.temb(_timestep_embedding(t.repeat_interleave(T), self.width))
-        h0, h = self._encode(x_t.flatten(0, 1), temb)
-        C, H, W = h.shape[1:]
-        tokens = h.view(B, T, C, H * W).transpose(2, 3) + self.pos_time[:T, None]  # (B, T, S, C)
-        h = self.space_time(tokens).transpose(2, 3).reshape(B * T, C, H, W)
-        return self._decode(h0, h, temb).view_as(x_t)
+        if T != self.frames:
+            raise ValueError(f"VideoDiffusion: expected {self.frames} frames, got {T}")
+        # the time embedding of the flattened batch, exactly as DDPM computes it, plus the frame's
+        temb = self.temb(_timestep_embedding(t.repeat_interleave(T), self.width)) + self.frame_emb.repeat(B, 1)
+        out = self._unet(x_t.flatten(0, 1), temb, lambda level, h: self.temporal[level](h, T))
+        return out.view_as(x_t)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def weigh(self, sq_err):
+        return frame_weighted_mean(sq_err, self.other_weight)
+
+    def clip_x0(self, x0):
+        if self.clip_frames == "all":
+            return x0.clamp(-1, 1)
+        return torch.cat([x0[:, :-1], x0[:, -1:].clamp(-1, 1)], 1)
+
+    def sample_video(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         shape = (n, self.frames, self.channels, self.image_size, self.image_size)
-        return self.sample_like(shape, generator, self.alpha_bar.device)[:, -1]
+        return self.sample_like(shape, generator, self.alpha_bar.device)
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return (self.sample_video(n, generator)[:, -1] + 1) / 2

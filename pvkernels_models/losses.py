@@ -1,4 +1,5 @@
-"""The tokenizers' optional loss terms: a PatchGAN hinge GAN and an LPIPS perceptual loss.
+"""The video models' frame weighting, and the tokenizers' optional loss terms: a PatchGAN
+hinge GAN and an LPIPS perceptual loss.
 
 Both act on images, i.e. on the last frame of a pseudo video (that frame is the image the
 models are judged on, and it keeps the extra cost at one image per example). The GAN's
@@ -17,6 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .pretrained import VGG16_FILE, VGG16Features, find_weights, load_vgg16
+
+
+def frame_weighted_mean(sq_err: torch.Tensor, other_weight: float) -> torch.Tensor:
+    """``L_last + other_weight * mean(L_other frames)`` of a video's squared errors (B, T, ...),
+    L_t the mean over frame t. The plain mean over frames (weight 1/T on the image) is
+    other_weight = T - 1; with one frame it is L_last."""
+    per_frame = sq_err.transpose(0, 1).flatten(1).mean(1)
+    return per_frame[-1] + other_weight * per_frame[:-1].mean() if len(per_frame) > 1 else per_frame[0]
 
 
 def last_frame(x: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,12 @@
-"""Image-quality metrics: PSNR and the Frechet distance behind FID.
+"""Image-quality metrics: PSNR, the Frechet distance behind FID and the kernel distance behind KID.
 
 ``frechet_distance`` is the closed form between two Gaussians fitted to feature sets; ``fid``
 is that distance on the 2048-d pool3 features of pytorch-fid's InceptionV3, with its standard
 weights file (``pretrained.INCEPTION_FILE``; nothing is downloaded). Where those weights are
 not present (offline), callers may use the features of a small classifier trained on the same
-data: that number is labelled "offline FID" and is not comparable with published FIDs.
+data: those numbers are labelled "offline FID" / "offline KID" and are not comparable with
+published FIDs. ``kernel_distance`` is KID's unbiased squared MMD (cubic polynomial kernel)
+with a jackknife standard error over the generated samples.
 """
 from __future__ import annotations
 
@@ -60,6 +62,41 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     cross = _sqrtm_psd(root_a @ cov_b @ root_a)
     value = (mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2.0 * torch.trace(cross)
     return float(value.clamp_min(0.0))
+
+
+def kernel_distance(feats_real: torch.Tensor, feats_fake: torch.Tensor) -> tuple[float, float]:
+    """KID: the unbiased squared MMD with kernel k(a, b) = (a.b / D + 1)^3, in float64, and its
+    standard error.
+
+    The error is the jackknife over the fake samples (the reals are held fixed: here they are
+    the whole dataset), from leave-one-out estimates computed in closed form from row sums.
+
+    Args:
+        feats_real, feats_fake: (M, D) and (N, D) features, M >= 2, N >= 3.
+
+    Returns:
+        (kid, standard error).
+    """
+    if feats_real.dim() != 2 or feats_fake.dim() != 2 or feats_real.shape[1] != feats_fake.shape[1]:
+        raise ValueError(f"kernel_distance: need (M, D) and (N, D) features, got {tuple(feats_real.shape)} and "
+                         f"{tuple(feats_fake.shape)}")
+    if feats_real.shape[0] < 2 or feats_fake.shape[0] < 3:
+        raise ValueError(f"kernel_distance: need M >= 2 real and N >= 3 fake samples, got {feats_real.shape[0]}, "
+                         f"{feats_fake.shape[0]}")
+    x, y = feats_real.double(), feats_fake.double()
+    m, n, d = x.shape[0], y.shape[0], x.shape[1]
+    k_xx = (x @ x.T / d + 1) ** 3
+    k_yy = (y @ y.T / d + 1) ** 3
+    k_xy = (x @ y.T / d + 1) ** 3
+    term_xx = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
+    rows_yy = k_yy.sum(1) - k_yy.diagonal()  # (N,): sum over k != j of k(y_j, y_k)
+    cols_xy = k_xy.sum(0)  # (N,)
+    kid = term_xx + rows_yy.sum() / (n * (n - 1)) - 2 * cols_xy.sum() / (m * n)
+    # leave fake j out: its row and column of k_yy, its column of k_xy
+    loo = (term_xx + (rows_yy.sum() - 2 * rows_yy) / ((n - 1) * (n - 2))
+           - 2 * (cols_xy.sum() - cols_xy) / (m * (n - 1)))
+    se = ((n - 1) / n * (loo - loo.mean()).pow(2).sum()).sqrt()
+    return float(kid), float(se)
 
 
 def find_inception_weights(path: Optional[str] = None, flag: str = "--inception-weights") -> tuple[Optional[Path], str]:
@@ -137,6 +174,10 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, steps: int = 30
 
 
 @torch.no_grad()
-def offline_fid(real: torch.Tensor, fake: torch.Tensor, classifier: SmallClassifier) -> float:
-    """Frechet distance on SmallClassifier features ("offline FID", not the paper's FID)."""
-    return frechet_distance(classifier.features(real), classifier.features(fake))
+def offline_scores(real_features: torch.Tensor, fake: torch.Tensor, classifier: SmallClassifier) -> dict:
+    """Offline FID and KID (with its standard error) of ``fake`` images on SmallClassifier
+    features, against precomputed features of the reals (e.g. the whole dataset)."""
+    fake_features = classifier.features(fake)
+    kid, kid_se = kernel_distance(real_features, fake_features)
+    return {"offline_fid": frechet_distance(real_features, fake_features), "offline_kid": kid,
+            "offline_kid_se": kid_se}

@@ -4,6 +4,12 @@ CViViT embeds every frame in patches, runs space-time blocks with causal tempora
 (frame t sees frames <= t, so the last frame, the image, sees the whole pseudo video),
 quantises the tokens with pvkernels.nn.VectorQuantizer and decodes with mirrored blocks. The
 reconstruction of the last frame is the image. With frames=1 it is a ViT image tokenizer.
+Its loss weighs the frames as VideoDiffusion's does: ``L_last + lambda * mean(L_other frames)``.
+
+VQVAE quantises each latent position into ``groups`` codes (the position's vector split in
+``groups`` parts, one shared codebook): with groups = T it has as many codes per image as
+CViViT's last frame can draw on (patch 4 = VQVAE's downsampling 4, so 16 codes per frame on
+16x16 images, and the last frame sees all T frames' codes through the causal attention).
 """
 from __future__ import annotations
 
@@ -13,30 +19,38 @@ import torch.nn.functional as F
 
 import pvkernels
 
+from .losses import frame_weighted_mean
+
 
 class VQVAE(nn.Module):
     """Conv encoder (two stride-2 convs), VectorQuantizer, mirrored decoder.
 
     ``forward(x)`` -> (reconstruction, codes, vq_loss); ``loss(x)`` = MSE + vq_loss (the optional
-    GAN and perceptual terms are added by the trainer, see ``losses``).
+    GAN and perceptual terms are added by the trainer, see ``losses``). ``groups`` codes per
+    latent position (S/4 x S/4 positions): ``codes`` is (B, S/4, S/4, groups).
     Shape: images (B, C, S, S) in [0, 1], S divisible by 4.
     """
 
     def __init__(self, channels: int = 1, width: int = 64, dim: int = 32, codebook_size: int = 128,
-                 decay: float | None = 0.99):
+                 decay: float | None = 0.99, groups: int = 1, backend: str = "auto"):
         super().__init__()
+        if groups < 1:
+            raise ValueError(f"VQVAE: groups must be >= 1, got {groups}")
+        self.groups, self.dim = groups, dim
         self.encoder = nn.Sequential(
             nn.Conv2d(channels, width, 4, 2, 1), nn.ReLU(), nn.Conv2d(width, width, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(width, dim, 1))
-        self.quantizer = pvkernels.nn.VectorQuantizer(dim, codebook_size, decay=decay)
+            nn.Conv2d(width, groups * dim, 1))
+        self.quantizer = pvkernels.nn.VectorQuantizer(dim, codebook_size, decay=decay, backend=backend)
         self.decoder = nn.Sequential(
-            nn.Conv2d(dim, width, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(width, width, 4, 2, 1), nn.ReLU(),
-            nn.ConvTranspose2d(width, channels, 4, 2, 1))
+            nn.Conv2d(groups * dim, width, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(width, width, 4, 2, 1),
+            nn.ReLU(), nn.ConvTranspose2d(width, channels, 4, 2, 1))
 
     def forward(self, x):
         z = self.encoder(x).permute(0, 2, 3, 1)  # channels last for the quantiser
-        zq, codes, vq_loss = self.quantizer(z)
-        return torch.sigmoid(self.decoder(zq.permute(0, 3, 1, 2))), codes, vq_loss
+        B, H, W, _ = z.shape
+        zq, codes, vq_loss = self.quantizer(z.reshape(B, H, W, self.groups, self.dim))
+        recon = torch.sigmoid(self.decoder(zq.reshape(B, H, W, -1).permute(0, 3, 1, 2)))
+        return recon, codes, vq_loss
 
     def loss(self, x, generator=None, return_recon=False):
         """MSE + VQ loss; with ``return_recon`` also the reconstruction (for the GAN and perceptual terms)."""
@@ -53,15 +67,19 @@ class VQVAE(nn.Module):
 class CViViT(nn.Module):
     """Video tokenizer for pseudo videos; ``forward(video)`` -> (reconstruction, codes, vq_loss).
 
+    ``other_weight`` is lambda of the loss (None: 1 / (T - 1)); ``backend`` that of every op.
     Shape: videos (B, T, C, S, S) in [0, 1] with T == frames, S divisible by ``patch``.
     """
 
     def __init__(self, channels: int = 1, image_size: int = 16, frames: int = 4, patch: int = 4, dim: int = 64,
                  depth: int = 2, heads: int = 4, codebook_size: int = 128, code_dim: int = 16,
-                 decay: float | None = 0.95):
+                 decay: float | None = 0.95, other_weight: float | None = None, backend: str = "auto"):
         super().__init__()
         if frames < 1:
             raise ValueError(f"frames must be >= 1, got {frames}")
+        if other_weight is not None and not other_weight >= 0:
+            raise ValueError(f"other_weight must be >= 0 or None, got {other_weight}")
+        self.other_weight = other_weight if other_weight is not None else 1 / max(frames - 1, 1)
         if image_size % patch:
             raise ValueError(f"image_size {image_size} must be divisible by patch {patch}")
         self.channels, self.image_size, self.frames, self.patch = channels, image_size, frames, patch
@@ -69,14 +87,14 @@ class CViViT(nn.Module):
         self.embed = nn.Linear(channels * patch * patch, dim)
         self.pos_space = nn.Parameter(torch.randn(tokens, dim) * 0.02)
         self.pos_time = nn.Parameter(torch.randn(frames, dim) * 0.02)
-        block = lambda: pvkernels.nn.SpaceTimeBlock(dim, heads, causal_time=True)  # noqa: E731
+        block = lambda: pvkernels.nn.SpaceTimeBlock(dim, heads, causal_time=True, backend=backend)  # noqa: E731
         self.encoder = nn.ModuleList([block() for _ in range(depth)])
         # factorised, l2-normalised codes (as in ViT-VQGAN), matched by angle; at initialisation
         # the tokens all point almost the same way, so codes unused for ~15 steps are restarted
         # from batch vectors (else the codebook collapses onto one code)
         self.to_code = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, code_dim))
         self.quantizer = pvkernels.nn.VectorQuantizer(code_dim, codebook_size, decay=decay, metric="cosine",
-                                                      dead_threshold=0.5, restart_dead=True)
+                                                      dead_threshold=0.5, restart_dead=True, backend=backend)
         self.from_code = nn.Linear(code_dim, dim)
         self.decoder = nn.ModuleList([block() for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
@@ -100,9 +118,9 @@ class CViViT(nn.Module):
         return recon, codes, vq_loss
 
     def loss(self, video, generator=None, return_recon=False):
-        """MSE + VQ loss over all frames; with ``return_recon`` also the reconstruction."""
+        """Frame-weighted MSE + VQ loss; with ``return_recon`` also the reconstruction."""
         recon, _, vq_loss = self(video)
-        loss = F.mse_loss(recon, video) + vq_loss
+        loss = frame_weighted_mean((recon - video).pow(2), self.other_weight) + vq_loss
         return (loss, recon) if return_recon else loss
 
     @property

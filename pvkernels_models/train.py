@@ -2,19 +2,30 @@
 
     python -m pvkernels_models.train --model cvivit --frames 4 --aug blur --steps 200 --out runs/cvivit
 
-Writes DIR/metrics.jsonl (JSON lines), DIR/checkpoint.pt (atomically), DIR/samples.png.
+Writes DIR/metrics.jsonl (JSON lines), DIR/checkpoint.pt (atomically), DIR/samples.png (labelled).
 ``--resume`` continues bit for bit from DIR/checkpoint.pt. Under ``torchrun`` it trains with
 DistributedDataParallel (gloo on CPU, nccl on CUDA); rank 0 writes the files.
 
+One recipe for every model: Adam with a linear learning-rate warm-up, gradient-norm clipping,
+an EMA of the weights that is what gets evaluated, and two generators per run: one for the
+data order, one for the noise (diffusion t and epsilon, pseudo-video seeds), so a seed gives
+an image model and its video counterpart the same data in the same order. The diffusion
+models work on the [-1, 1] scale, and pseudo videos are built there, unclamped (noise frames
+decay to the mid grey, not to black); the tokenizers work on [0, 1] (sigmoid outputs), so they
+take blur (or identity) pseudo videos only.
+
 The tokenizers take two optional loss terms on the last frame (the image): a PatchGAN hinge
 loss (``--gan-weight``, from ``--gan-start``) and an LPIPS perceptual loss
-(``--perceptual-weight``, needs torchvision's VGG16 weights file). The diffusion models are
-scored with FID on InceptionV3 features when pytorch-fid's weights file is found, otherwise
-with the clearly labelled "offline FID".
+(``--perceptual-weight``, needs torchvision's VGG16 weights file). Diffusion samples are scored
+with the offline FID and KID (on a small digits classifier's features, against every image of
+the data set) and, when pytorch-fid's weights file is found, with FID on InceptionV3 features.
+Exit status 2 means bad arguments (or files they name that are missing); an error while
+training is raised as itself.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -29,41 +40,60 @@ from pvkernels import schedules
 
 from .data import DownloadError, load_dataset, sample_batch
 from .diffusion import DDPM, VideoDiffusion
+from .figures import image_grid, video_rows
 from .losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, last_frame, load_lpips
-from .metrics import fid, find_inception_weights, offline_fid, psnr, train_classifier
+from .metrics import fid, find_inception_weights, offline_scores, psnr, train_classifier
 from .pretrained import INCEPTION_FILE, load_inception
 from .tokenizers import CViViT, VQVAE
 
 MODELS = ("vqvae", "cvivit", "ddpm", "video-diffusion")
 VIDEO_MODELS = ("cvivit", "video-diffusion")
 TOKENIZERS = ("vqvae", "cvivit")
+AUGS = ("blur", "noise", "blur+noise", "identity")
+# --schedule per --aug (the first is the default); for blur+noise it names the noise's, the blur is linear
+SCHEDULES = {"blur": ("linear", "geometric"), "noise": ("linear", "cosine"), "blur+noise": ("linear", "cosine"),
+             "identity": ()}
+NAMES = {"vqvae": "VQVAE (image)", "cvivit": "CViViT (pseudo video)", "ddpm": "DDPM (image)",
+         "video-diffusion": "VideoDiffusion (pseudo video)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pvkernels-train", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=MODELS, required=True)
     p.add_argument("--frames", type=int, default=4, help="pseudo-video length (video models)")
-    p.add_argument("--aug", choices=("blur", "noise", "blur+noise"), default="blur")
-    p.add_argument("--order", choices=("first", "high"), default="high")
-    p.add_argument("--schedule", choices=("linear", "geometric", "cosine"), default="linear",
-                   help="blur: linear|geometric; noise: linear|cosine (DDPM)")
+    p.add_argument("--aug", choices=AUGS, default="blur",
+                   help="pseudo-video frames: blur, noise (DDPM), blur+noise, or identity (T copies: the control)")
+    p.add_argument("--order", choices=("first", "high"), default="high",
+                   help="first: a Markov chain from the image; high: every frame from the image (same marginals)")
+    p.add_argument("--schedule", choices=("linear", "geometric", "cosine"), default=None,
+                   help="blur: linear|geometric; noise: linear|cosine (DDPM); blur+noise: the noise's "
+                        "linear|cosine (blur linear); default linear")
     p.add_argument("--sigma-max", type=float, default=2.0, help="strongest blur (frame 0)")
+    p.add_argument("--other-weight", type=float, default=None, metavar="LAMBDA",
+                   help="video models: loss = L_last + LAMBDA * mean(L_other frames); default 1/(T-1)")
+    p.add_argument("--codes-per-position", type=int, default=1,
+                   help="vqvae: codes per latent position (T of them match CViViT's codes per image)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50, help="steps of linear learning-rate warm-up")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
+    p.add_argument("--ema-decay", type=float, default=0.995, help="EMA of the weights, evaluated (0 = off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", choices=pvkernels.BACKENDS, default="auto")
+    p.add_argument("--backend", choices=pvkernels.BACKENDS, default="auto", help="of every pvkernels op")
     p.add_argument("--data", default="digits", help="digits | cifar10 | folder:PATH")
     p.add_argument("--data-dir", default=None, help="where the CIFAR-10 python batches are")
     p.add_argument("--download", action="store_true",
                    help="fetch CIFAR-10 into --data-dir first if it is not there (needs the network)")
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--timesteps", type=int, default=100, help="diffusion steps")
+    p.add_argument("--width", type=int, default=32, help="diffusion U-Net width (a multiple of 8)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--eval-samples", type=int, default=256)
+    p.add_argument("--eval-samples", type=int, default=256,
+                   help="images reconstructed (tokenizers) or samples drawn (diffusion) for the metrics")
     g = p.add_argument_group("tokenizer loss terms (vqvae, cvivit; on the last frame)")
     g.add_argument("--gan-weight", type=float, default=0.0,
                    help="PatchGAN hinge loss, times VQGAN's adaptive weight (0 = off)")
@@ -75,38 +105,89 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the lpips package's vgg.pth channel weights (default: an installed lpips; else uniform)")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth for FID of diffusion samples "
-                        "(default: $PVKERNELS_INCEPTION_WEIGHTS, then the torch hub cache; else offline FID)")
+                        "(default: $PVKERNELS_INCEPTION_WEIGHTS, then the torch hub cache)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def pseudo_video_params(args) -> dict:
-    """The per-frame parameters of --aug/--order/--schedule for --frames frames."""
-    T = args.frames
-    blur_kinds, noise_kinds = ("linear", "geometric"), ("linear", "cosine")
-    blur = noise = None
+def pseudo_video_params(args) -> dict | None:
+    """The per-frame parameters of --aug/--order/--schedule for --frames frames (None: identity).
+
+    Raises:
+        ValueError: a --schedule that --aug does not take.
+    """
+    T, kinds = args.frames, SCHEDULES[args.aug]
+    if args.schedule is not None and args.schedule not in kinds:
+        takes = f"takes --schedule {' or '.join(kinds)}" if kinds else "takes no --schedule"
+        raise ValueError(f"--aug {args.aug} {takes}, got {args.schedule}")
+    if args.aug == "identity":
+        return None
+    schedule = args.schedule or kinds[0]
+    noise = schedules.ddpm_noise(T, schedule, args.order) if "noise" in args.aug else None
     if "blur" in args.aug:
-        kind = args.schedule if args.schedule in blur_kinds else "linear"
-        blur = (schedules.linear_blur(T, args.sigma_max, args.order) if kind == "linear"
-                else schedules.geometric_blur(T, args.sigma_max, order=args.order))
-    if "noise" in args.aug:
-        if args.aug == "noise" and args.schedule not in noise_kinds:
-            raise ValueError(f"--aug noise takes --schedule linear or cosine, got {args.schedule}")
-        noise = schedules.ddpm_noise(T, args.schedule if args.schedule in noise_kinds else "linear", args.order)
-    if blur and noise:
-        return schedules.combine(blur, noise)
-    return blur or noise
+        blur = (schedules.geometric_blur(T, args.sigma_max, order=args.order) if schedule == "geometric"
+                else schedules.linear_blur(T, args.sigma_max, args.order))
+        return schedules.combine(blur, noise) if noise else blur
+    return noise
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Every usage error, reported by ``parser.error`` (exit status 2) before anything runs."""
+    if args.frames < 1:
+        parser.error(f"--frames must be >= 1, got {args.frames}")
+    if args.steps < 1 or args.batch_size < 1:
+        parser.error("--steps and --batch-size must be >= 1")
+    for flag in ("gan_weight", "gan_start", "perceptual_weight", "warmup", "grad_clip"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if not 0 <= args.ema_decay < 1:
+        parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    if args.other_weight is not None and not args.other_weight >= 0:
+        parser.error(f"--other-weight must be >= 0, got {args.other_weight}")
+    if args.width < 8 or args.width % 8:
+        parser.error(f"--width must be a positive multiple of 8 (GroupNorm's groups), got {args.width}")
+    if args.eval_samples < 3:
+        parser.error(f"--eval-samples must be >= 3, got {args.eval_samples}")
+    if args.model not in TOKENIZERS and (args.gan_weight > 0 or args.perceptual_weight > 0):
+        parser.error(f"--gan-weight and --perceptual-weight apply to the tokenizers (vqvae, cvivit), not {args.model}")
+    if args.model in TOKENIZERS and args.inception_weights:
+        parser.error(f"--inception-weights is for the FID of diffusion samples (ddpm, video-diffusion), "
+                     f"not {args.model}")
+    if args.codes_per_position != 1 and args.model != "vqvae":
+        parser.error(f"--codes-per-position is a vqvae option, not {args.model}'s")
+    if args.codes_per_position < 1:
+        parser.error(f"--codes-per-position must be >= 1, got {args.codes_per_position}")
+    if args.model in TOKENIZERS and "noise" in args.aug:
+        parser.error(f"--aug {args.aug}: the tokenizers reconstruct in [0, 1] (sigmoid) and cannot represent "
+                     "unclamped noise frames; use --aug blur or identity, or a diffusion model")
+    try:
+        pseudo_video_params(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The CLI's arguments, checked (usage errors exit 2), with frames = 1 for the image models."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    if args.model in ("vqvae", "ddpm"):
+        args.frames = 1
+    return args
 
 
 def build_model(args, channels: int) -> torch.nn.Module:
-    size = args.image_size
+    size, backend = args.image_size, args.backend
     if args.model == "vqvae":
-        return VQVAE(channels)
+        return VQVAE(channels, groups=args.codes_per_position, backend=backend)
     if args.model == "cvivit":
-        return CViViT(channels, size, args.frames)
+        return CViViT(channels, size, args.frames, other_weight=args.other_weight, backend=backend)
     if args.model == "ddpm":
-        return DDPM(channels, size, timesteps=args.timesteps)
-    return VideoDiffusion(channels, size, args.frames, timesteps=args.timesteps)
+        return DDPM(channels, size, args.width, timesteps=args.timesteps)
+    # blur and identity frames stay in [-1, 1]: every frame's x0 can be clipped; noise frames cannot
+    clip = "last" if "noise" in args.aug else "all"
+    return VideoDiffusion(channels, size, args.frames, args.width, timesteps=args.timesteps,
+                          other_weight=args.other_weight, clip_frames=clip, backend=backend)
 
 
 class _Objective(torch.nn.Module):
@@ -148,23 +229,27 @@ class Trainer:
         if self.distributed and self.rank == 0 and args.download:
             dist.barrier()
         self.video = args.model in VIDEO_MODELS
+        self.diffusion = args.model not in TOKENIZERS
         self.params = pseudo_video_params(args) if self.video else None
         # for the diffusion samples' FID; an explicit path that does not exist fails here, not after training
         self.inception_path, self.inception_looked = (find_inception_weights(args.inception_weights)
-                                                      if args.model not in TOKENIZERS else (None, ""))
+                                                      if self.diffusion else (None, ""))
         self.perceptual = None
         if args.perceptual_weight > 0:
             self.perceptual = load_lpips(args.perceptual_weights, args.lpips_weights).to(self.device)
             if self.rank == 0:
                 print(f"perceptual loss: {self.perceptual.source}", file=sys.stderr)
-        torch.manual_seed(args.seed)  # same initial weights on every rank
+        torch.manual_seed(args.seed)  # same initial weights on every rank (and DDPM's in VideoDiffusion)
         self.model = build_model(args, self.images.shape[1]).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if args.ema_decay > 0 else None
         self.opt = torch.optim.Adam(self.model.parameters(), lr=args.lr)
         self.disc = self.opt_d = None
         if args.gan_weight > 0:
             self.disc = PatchDiscriminator(self.images.shape[1]).to(self.device)
             self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=args.lr, betas=(0.5, 0.9))  # VQGAN's betas
-        self.gen = torch.Generator().manual_seed(args.seed * 1000 + self.rank)  # data, noise, timesteps
+        # the data order and the noise (t, epsilon, pseudo-video seeds) from separate streams
+        self.data_gen = torch.Generator().manual_seed(2 * (args.seed * 1000 + self.rank))
+        self.noise_gen = torch.Generator().manual_seed(2 * (args.seed * 1000 + self.rank) + 1)
         self.step = 0
         if args.resume:
             self.load()
@@ -176,17 +261,24 @@ class Trainer:
 
     # -- pseudo videos -------------------------------------------------------------------
     def make_input(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """Images in [0, 1] -> what the model trains on: on its scale, as pseudo videos for the video models."""
+        x = 2 * images - 1 if self.diffusion else images
         if not self.video:
-            return images
-        seed = (self.args.seed * 1_000_003 + step * 7919 + self.rank) % 2**63
-        return pvkernels.pseudo_video(images, **self.params, seed=seed).clamp(0, 1)
+            return x
+        if self.params is None:  # identity: T copies of the image
+            return x.unsqueeze(1).expand(-1, self.args.frames, -1, -1, -1).contiguous()
+        seed = int(torch.randint(0, 2**62, (), generator=self.noise_gen)) if step >= 0 else 2**31 - 1
+        return pvkernels.pseudo_video(x, **self.params, seed=seed, backend=self.args.backend)
 
     # -- checkpoints ---------------------------------------------------------------------
     def save(self) -> None:
         if self.rank != 0:
             return
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
-                 "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "args": vars(self.args)}
+                 "data_gen": self.data_gen.get_state(), "noise_gen": self.noise_gen.get_state(),
+                 "torch_rng": torch.get_rng_state(), "args": vars(self.args)}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         if self.disc is not None:
             state.update(disc=self.disc.state_dict(), opt_d=self.opt_d.state_dict())
         tmp = self.out / "checkpoint.pt.tmp"
@@ -200,11 +292,14 @@ class Trainer:
         state = torch.load(path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state.get("ema", state["model"]))
         if self.disc is not None and "disc" in state:  # a checkpoint from before --gan-weight: D starts fresh
             self.disc.load_state_dict(state["disc"])
             self.opt_d.load_state_dict(state["opt_d"])
         self.step = state["step"]
-        self.gen.set_state(state["gen"])
+        self.data_gen.set_state(state["data_gen"])
+        self.noise_gen.set_state(state["noise_gen"])
         torch.set_rng_state(state["torch_rng"])  # e.g. the quantiser's dead-code restarts
 
     def log(self, record: dict) -> None:
@@ -213,35 +308,55 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
 
     # -- loop ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # the decay ramps up (as in Karras et al.'s and diffusers' EMA) so early weights fade fast
+        decay = min(self.args.ema_decay, (1 + self.step) / (10 + self.step))
+        for e, p in zip(self.ema.parameters(), self.model.parameters()):
+            e.lerp_(p, 1 - decay)
+        for e, b in zip(self.ema.buffers(), self.model.buffers()):  # e.g. the EMA codebook: copied
+            e.copy_(b)
+
+    def train_step(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One optimiser step on the model input ``x``; returns the loss and the optional terms."""
+        args = self.args
+        loss, recon = self.objective(x, self.noise_gen)
+        terms = {}  # the optional terms, logged beside the total loss
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(last_frame(recon), last_frame(x)).mean()
+            loss = loss + args.perceptual_weight * terms["perceptual"]
+        gan = self.disc is not None and self.step >= args.gan_start
+        if gan:
+            fake = last_frame(recon)
+            self.disc.requires_grad_(False)  # the generator step computes no D gradients
+            terms["g_loss"] = hinge_g_loss(self.disc(fake))
+            self.disc.requires_grad_(True)
+            terms["gan_weight"] = args.gan_weight * adaptive_weight(loss, terms["g_loss"], self.model.last_layer)
+            loss = loss + terms["gan_weight"] * terms["g_loss"]
+        for group in self.opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (self.step + 1) / max(args.warmup, 1))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+        self.opt.step()
+        if gan:  # real and fake in one forward: one DDP forward per backward
+            terms["d_loss"] = hinge_d_loss(*self.disc_step(torch.cat([last_frame(x), fake.detach()])).chunk(2))
+            self.opt_d.zero_grad(set_to_none=True)
+            terms["d_loss"].backward()
+            self.opt_d.step()
+        if self.ema is not None:
+            self._update_ema()
+        self.step += 1
+        return loss, terms
+
     def train(self) -> dict:
         args = self.args
         start = time.perf_counter()
         last = {}
         while self.step < args.steps:
-            images = sample_batch(self.images, args.batch_size, self.gen).to(self.device)
-            x = self.make_input(images, self.step)
-            loss, recon = self.objective(x, self.gen)
-            terms = {}  # the optional terms, logged beside the total loss
-            if self.perceptual is not None:
-                terms["perceptual"] = self.perceptual(last_frame(recon), last_frame(x)).mean()
-                loss = loss + args.perceptual_weight * terms["perceptual"]
-            gan = self.disc is not None and self.step >= args.gan_start
-            if gan:
-                fake = last_frame(recon)
-                self.disc.requires_grad_(False)  # the generator step computes no D gradients
-                terms["g_loss"] = hinge_g_loss(self.disc(fake))
-                self.disc.requires_grad_(True)
-                terms["gan_weight"] = args.gan_weight * adaptive_weight(loss, terms["g_loss"], self.model.last_layer)
-                loss = loss + terms["gan_weight"] * terms["g_loss"]
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            if gan:  # real and fake in one forward: one DDP forward per backward
-                terms["d_loss"] = hinge_d_loss(*self.disc_step(torch.cat([last_frame(x), fake.detach()])).chunk(2))
-                self.opt_d.zero_grad(set_to_none=True)
-                terms["d_loss"].backward()
-                self.opt_d.step()
-            self.step += 1
+            images = sample_batch(self.images, args.batch_size, self.data_gen).to(self.device)
+            loss, terms = self.train_step(self.make_input(images, self.step))
             if self.step % args.log_every == 0 or self.step == args.steps:
                 elapsed = time.perf_counter() - start
                 last = {"step": self.step, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
@@ -260,45 +375,72 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Last-frame PSNR (tokenizers) or offline FID of samples (diffusion), logged and returned."""
+        """Last-frame PSNR (tokenizers) or the offline FID/KID of samples (diffusion), with the
+        EMA weights; logged, drawn to OUT/samples.png and returned. ``self.shown_images`` keeps
+        16 last frames (reconstructions or samples; and the originals) for summary figures."""
         args = self.args
-        self.model.eval()
+        model = self.ema if self.ema is not None else self.model
+        model.eval()
         eval_gen = torch.Generator().manual_seed(12345)
         idx = torch.randperm(len(self.images), generator=eval_gen)[: args.eval_samples]
         real = self.images[idx].to(self.device)
-        record = {"step": self.step, "eval": True, "model": args.model}
-        if args.model in ("vqvae", "cvivit"):
-            x = self.make_input(real, -1 % 2**31)
-            recon = self.model(x)[0]
-            image = recon[:, -1] if self.video else recon
-            record["psnr_last_frame"] = float(psnr(image, real).clamp(max=100).mean())
-            shown = (x, recon)
+        record = {"step": self.step, "eval": True, "model": args.model, "ema": self.ema is not None}
+        name, T = NAMES[args.model], args.frames
+        frame_names = [f"frame {t}" for t in range(T - 1)] + [f"frame {T - 1} = image"]
+        frame_names[0] += " (most corrupted)" if T > 1 and self.params is not None else ""
+        if not self.diffusion:
+            x = self.make_input(real, -1)
+            recon = model(x)[0]
+            record["psnr_last_frame"] = float(psnr(last_frame(recon), real).clamp(max=100).mean())
+            self.shown_images = {"original": real[:16], "output": last_frame(recon)[:16]}
+            shown = [(f"input: {'pseudo-video frames' if self.video else 'images'}", x),
+                     (f"reconstructions ({record['psnr_last_frame']:.2f} dB on the last frame)", recon)]
         else:
-            fake = self.model.sample(min(args.eval_samples, 64), generator=eval_gen)
+            video = model.sample_video(args.eval_samples, eval_gen) if self.video else None
+            fake = (video[:, -1] + 1) / 2 if self.video else model.sample(args.eval_samples, eval_gen)
+            classifier, real_features = _classifier(args.data, args.image_size, self.images, self.labels)
+            record.update(offline_scores(real_features.to(self.device), fake, classifier.to(self.device)))
+            record["offline_note"] = ("offline FID / KID: on the features of a small digits classifier, against "
+                                      f"all {len(self.images)} images; not Inception FID")
             inception = _inception(self.inception_path, self.inception_looked, verbose=self.rank == 0)
             if inception is not None:
-                record["fid_inception"] = fid(real[: len(fake)], fake, inception.to(self.device))
-                record["fid_note"] = (f"FID (InceptionV3, pytorch-fid weights) on {len(fake)} samples: biased "
+                n = min(len(real), len(fake))
+                record["fid_inception"] = fid(real[:n], fake[:n], inception.to(self.device))
+                record["fid_note"] = (f"FID (InceptionV3, pytorch-fid weights) on {n} samples: biased "
                                       "upwards at this size, not comparable with 50k-sample FIDs")
-            else:
-                classifier = _classifier(args.data, args.image_size, self.images, self.labels)
-                record["offline_fid"] = offline_fid(real[: len(fake)], fake, classifier)
-                record["offline_fid_note"] = "Frechet distance on a small digits classifier, not Inception FID"
-            shown = (self.make_input(real[:8], -1 % 2**31), fake[:8])
+            self.shown_images = {"output": fake[:16]}
+            scores = f"offline FID {record['offline_fid']:.1f}, KID {record['offline_kid']:.3g}"
+            shown = [("training input: " + ("pseudo-video frames" if self.video else "real images"),
+                      (self.make_input(real[:8], -1) + 1) / 2),
+                     (f"samples ({scores})" + (": generated videos" if self.video else ""),
+                      (video + 1) / 2 if self.video else fake)]
         self.log(record)
-        if self.rank == 0:
-            save_grid(self.out / "samples.png", shown, self.video)
+        if self.rank == 0:  # every tensor shown is on the image scale [0, 1]
+            sections = [(heading, video_rows(t, frame_names) if t.dim() == 5 else [("image", t)])
+                        for heading, t in shown]
+            image_grid(self.out / "samples.png", f"{name}, {self._describe()}, step {self.step}"
+                       + (" (EMA weights)" if self.ema is not None else ""), sections)
         self.model.train()
         return record
+
+    def _describe(self) -> str:
+        a = self.args
+        if not self.video:
+            return f"{a.image_size}x{a.image_size} {a.data}"
+        order = "" if a.aug == "identity" else f", {a.order} order"
+        return f"{a.frames} frames, {a.aug}{order}"
 
 
 _CLASSIFIERS: dict = {}
 
 
 def _classifier(data: str, size: int, images: torch.Tensor, labels: torch.Tensor):
-    """The offline-FID feature extractor, trained once per dataset and size in a process."""
+    """The offline-metric feature extractor and the features of every image, computed once per
+    dataset and size in a process."""
     if (data, size) not in _CLASSIFIERS:
-        _CLASSIFIERS[(data, size)] = train_classifier(images, labels, seed=0)
+        classifier = train_classifier(images, labels, seed=0)
+        with torch.no_grad():
+            _CLASSIFIERS[(data, size)] = classifier, classifier.features(images)
     return _CLASSIFIERS[(data, size)]
 
 
@@ -312,59 +454,23 @@ def _inception(path, looked: str, verbose: bool):
         _INCEPTIONS[path] = load_inception(path) if path is not None else None
         if path is None and verbose:
             print(f"pvkernels-train: FID (InceptionV3) unavailable: no {INCEPTION_FILE} (looked in {looked}); "
-                  "reporting the offline FID instead", file=sys.stderr)
+                  "reporting the offline FID and KID only", file=sys.stderr)
     return _INCEPTIONS[path]
 
 
-def save_grid(path: Path, tensors, video: bool) -> None:
-    """PNG with one column per example (8) and, per tensor (pseudo videos, then reconstructions
-    or samples), one row per frame."""
-    from PIL import Image
-
-    blocks = [t[:8].detach().float().cpu() for t in tensors]
-    blocks = [b.unsqueeze(1) if b.dim() == 4 else b for b in blocks]  # (N, T, C, H, W)
-    C, H, W = blocks[0].shape[2:]
-    n = max(b.shape[0] for b in blocks)
-    rows = sum(b.shape[1] for b in blocks) + len(blocks) - 1
-    canvas = torch.ones(C, rows * (H + 1), n * (W + 1))
-    r = 0
-    for b in blocks:
-        for t in range(b.shape[1]):
-            for i in range(b.shape[0]):
-                canvas[:, r * (H + 1): r * (H + 1) + H, i * (W + 1): i * (W + 1) + W] = b[i, t]
-            r += 1
-        r += 1  # a blank row between blocks
-    array = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).squeeze(-1).numpy()
-    Image.fromarray(array).resize((array.shape[1] * 4, array.shape[0] * 4), Image.NEAREST).save(path)
-
-
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.frames < 1:
-        parser.error(f"--frames must be >= 1, got {args.frames}")
-    if args.steps < 1 or args.batch_size < 1:
-        parser.error("--steps and --batch-size must be >= 1")
-    for flag in ("gan_weight", "gan_start", "perceptual_weight"):
-        if getattr(args, flag) < 0:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    if args.model not in TOKENIZERS and (args.gan_weight > 0 or args.perceptual_weight > 0):
-        parser.error(f"--gan-weight and --perceptual-weight apply to the tokenizers (vqvae, cvivit), not {args.model}")
-    if args.model in TOKENIZERS and args.inception_weights:
-        parser.error(f"--inception-weights is for the FID of diffusion samples (ddpm, video-diffusion), "
-                     f"not {args.model}")
-    if args.model in ("vqvae", "ddpm"):
-        args.frames = 1
-    os.environ["PVKERNELS_BACKEND"] = args.backend  # every op below dispatches through "auto"
+    args = parse_args(argv)
     try:
-        trainer = Trainer(args)
+        try:
+            trainer = Trainer(args)
+        except (FileNotFoundError, ValueError, ImportError, DownloadError) as exc:
+            # the data, weight files and checkpoint the arguments name: usage errors, exit 2
+            print(f"pvkernels-train: error: {exc}", file=sys.stderr)
+            return 2
         trainer.train()
         result = trainer.evaluate()
         if dist.is_initialized():
             dist.barrier()  # no rank tears its gloo pairs down while another still uses them
-    except (FileNotFoundError, ValueError, ImportError, DownloadError) as exc:
-        print(f"pvkernels-train: error: {exc}", file=sys.stderr)
-        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

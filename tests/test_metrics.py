@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pvkernels_models.metrics import fid, frechet_distance, inception_features, psnr
+from pvkernels_models.metrics import fid, frechet_distance, inception_features, kernel_distance, psnr
 from pvkernels_models import train
 from pvkernels_models.pretrained import INCEPTION_ENV, INCEPTION_FILE, FIDInceptionV3, load_inception
 
@@ -37,6 +37,38 @@ def test_frechet_distance_bad_input():
         frechet_distance(torch.randn(5, 3), torch.randn(5, 4))
     with pytest.raises(ValueError, match="N >= 2"):
         frechet_distance(torch.randn(1, 3), torch.randn(5, 3))
+
+
+def _kid_by_hand(x, y):
+    """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, from explicit pair loops (numpy)."""
+    x, y = x.numpy(), y.numpy()
+    d = x.shape[1]
+    k = lambda a, b: (a @ b / d + 1) ** 3  # noqa: E731
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kernel_distance_and_its_jackknife_error_by_hand():
+    x, y = torch.randn(13, 5, dtype=torch.float64), torch.randn(9, 5, dtype=torch.float64) * 1.3 + 0.2
+    kid, se = kernel_distance(x, y)
+    assert kid == pytest.approx(_kid_by_hand(x, y), rel=1e-10)
+    loo = np.array([_kid_by_hand(x, torch.cat([y[:j], y[j + 1:]])) for j in range(len(y))])
+    expected_se = np.sqrt((len(y) - 1) / len(y) * ((loo - loo.mean()) ** 2).sum())
+    assert se == pytest.approx(expected_se, rel=1e-8)
+
+
+def test_kernel_distance_tells_same_from_shifted():
+    real = torch.randn(2000, 16)
+    same, se_same = kernel_distance(real, torch.randn(300, 16))
+    shifted, se_shifted = kernel_distance(real, torch.randn(300, 16) + 0.5)
+    assert abs(same) < 3 * se_same and shifted > 10 * se_shifted
+    with pytest.raises(ValueError, match="N >= 3 fake"):
+        kernel_distance(real, real[:2])
+    with pytest.raises(ValueError, match=r"\(M, D\) and \(N, D\)"):
+        kernel_distance(real, torch.randn(5, 3))
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +135,10 @@ def test_cli_reports_inception_fid_when_the_weights_exist(inception_file, tmp_pa
     for out in ("a", "b"):
         assert train.main([*argv, str(tmp_path / out)]) == 0
         record = json.loads((tmp_path / out / "metrics.jsonl").read_text().splitlines()[-1])
-        assert "offline_fid" in record and "fid_inception" not in record
+        assert {"offline_fid", "offline_kid", "offline_kid_se"} <= set(record) and "fid_inception" not in record
     assert capsys.readouterr().err.count(f"FID (InceptionV3) unavailable: no {INCEPTION_FILE}") == 1
     assert train.main([*argv, str(tmp_path / "c"), "--inception-weights", str(inception_file[0])]) == 0
     record = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["fid_inception"] > 0 and "offline_fid" not in record and "InceptionV3" in record["fid_note"]
+    assert record["fid_inception"] > 0 and "offline_fid" in record and "InceptionV3" in record["fid_note"]
     assert train.main([*argv, str(tmp_path / "d"), "--inception-weights", str(tmp_path / "none.pth")]) == 2
     assert "--inception-weights: no file at" in capsys.readouterr().err

@@ -1,0 +1,119 @@
+"""The training CLI's pseudo videos (--aug/--order/--schedule), backend, recipe and exit codes."""
+import os
+
+import pytest
+import torch
+
+import pvkernels
+from pvkernels import schedules
+from pvkernels_models.train import Trainer, main, parse_args, pseudo_video_params
+
+from .utils import assert_close
+
+FAST = ["--image-size", "8", "--batch-size", "8", "--eval-samples", "16", "--timesteps", "5", "--no-progress",
+        "--width", "16"]
+
+
+def args_of(*argv):
+    return parse_args(["--model", "video-diffusion", "--out", "x", *argv])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], schedules.linear_blur(4, 2.0, "high")),
+    (["--order", "first"], schedules.linear_blur(4, 2.0, "first")),
+    (["--schedule", "geometric", "--order", "first"], schedules.geometric_blur(4, 2.0, order="first")),
+    (["--aug", "noise"], schedules.ddpm_noise(4, "linear", "high")),
+    (["--aug", "noise", "--schedule", "cosine", "--order", "first"], schedules.ddpm_noise(4, "cosine", "first")),
+    (["--aug", "blur+noise", "--schedule", "cosine", "--sigma-max", "1.5"],
+     schedules.combine(schedules.linear_blur(4, 1.5), schedules.ddpm_noise(4, "cosine"))),
+    (["--aug", "blur+noise", "--order", "first"],
+     schedules.combine(schedules.linear_blur(4, 2.0, "first"), schedules.ddpm_noise(4, "linear", "first"))),
+    (["--aug", "identity"], None),
+])
+def test_aug_order_schedule_give_the_schedules_parameters(argv, expected):
+    assert pseudo_video_params(args_of("--frames", "4", *argv)) == expected
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--aug", "blur", "--schedule", "cosine"], "--aug blur takes --schedule linear or geometric, got cosine"),
+    (["--aug", "noise", "--schedule", "geometric"], "--aug noise takes --schedule linear or cosine"),
+    (["--aug", "blur+noise", "--schedule", "geometric"], "--aug blur+noise takes --schedule linear or cosine"),
+    (["--aug", "identity", "--schedule", "linear"], "--aug identity takes no --schedule"),
+    (["--model", "cvivit", "--aug", "noise"], "the tokenizers reconstruct in [0, 1]"),
+    (["--model", "cvivit", "--codes-per-position", "4"], "--codes-per-position is a vqvae option"),
+    (["--other-weight", "-1"], "--other-weight must be >= 0"),
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+    (["--width", "12"], "--width must be a positive multiple of 8"),
+    (["--eval-samples", "2"], "--eval-samples must be >= 3"),
+    (["--backend", "cuda"], "invalid choice"),
+])
+def test_bad_combinations_exit_2_naming_the_flag(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:  # (a check that let one through would train one quick step)
+        main(["--model", "video-diffusion", "--steps", "1", *FAST, *argv, "--out", str(tmp_path)])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def trainer(tmp_path, *argv):
+    return Trainer(parse_args([*argv, "--out", str(tmp_path), *FAST]))
+
+
+def test_pseudo_videos_are_on_the_models_scale_unclamped(tmp_path):
+    images = torch.rand(64, 1, 8, 8)
+    noise = trainer(tmp_path, "--model", "video-diffusion", "--frames", "4", "--aug", "noise")
+    video = noise.make_input(images, 0)
+    assert torch.equal(video[:, -1], 2 * images - 1)  # the image, on [-1, 1]
+    assert video.min() < -1.5 and video.max() > 1.5  # Gaussian noise frames, not clamped
+    assert abs(video[:, 0].mean()) < 0.1  # frame 0 is nearly pure noise around the mid grey, not black
+    first = trainer(tmp_path / "f", "--model", "video-diffusion", "--frames", "4", "--aug", "noise", "--order", "first")
+    assert not torch.equal(first.make_input(images, 0)[:, :-1], video[:, :-1])
+    identity = trainer(tmp_path / "i", "--model", "video-diffusion", "--frames", "3", "--aug", "identity")
+    assert torch.equal(identity.make_input(images, 0), (2 * images - 1).unsqueeze(1).expand(-1, 3, -1, -1, -1))
+    blur = trainer(tmp_path / "b", "--model", "cvivit", "--frames", "3")  # the tokenizers' scale: [0, 1]
+    assert torch.equal(blur.make_input(images, 0)[:, -1], images)
+    assert blur.model.other_weight == 0.5 and identity.model.clip_frames == "all" and noise.model.clip_frames == "last"
+
+
+def test_backend_reaches_every_op_and_the_environment_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.delenv("PVKERNELS_BACKEND", raising=False)
+    seen = []
+    real = pvkernels.pseudo_video
+    monkeypatch.setattr(pvkernels, "pseudo_video", lambda *a, **kw: seen.append(kw["backend"]) or real(*a, **kw))
+    for model in ("cvivit", "video-diffusion", "vqvae"):
+        t = trainer(tmp_path / model, "--model", model, "--frames", "3", "--backend", "reference")
+        backends = {m.backend for m in t.model.modules() if hasattr(m, "backend")}
+        assert backends == {"reference"}, (model, backends)
+    assert main(["--model", "cvivit", "--frames", "2", "--steps", "1", "--backend", "reference",
+                 "--out", str(tmp_path / "run"), *FAST]) == 0
+    assert "PVKERNELS_BACKEND" not in os.environ and seen and set(seen) == {"reference"}
+
+
+def test_an_error_while_training_is_raised_not_exit_2(tmp_path, monkeypatch):
+    def boom(self, x):
+        raise ValueError("a bug in a training step")
+    monkeypatch.setattr(Trainer, "train_step", boom)
+    with pytest.raises(ValueError, match="a bug in a training step"):
+        main(["--model", "ddpm", "--steps", "1", "--out", str(tmp_path), *FAST])
+    assert main(["--model", "ddpm", "--steps", "1", "--resume", "--out", str(tmp_path / "none"), *FAST]) == 2
+
+
+def test_recipe_warmup_clipping_ema_and_separate_generators(tmp_path, monkeypatch):
+    clipped = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, c: clipped.append(c) or real_clip(p, c))
+    t = trainer(tmp_path, "--model", "ddpm", "--steps", "3", "--warmup", "4", "--lr", "1e-3", "--grad-clip", "0.5",
+                "--ema-decay", "0.9")
+    lrs = []
+    for _ in range(3):
+        before = t.ema.out[2].weight.clone()
+        t.train_step(t.make_input(t.images[:8], t.step))
+        lrs.append(t.opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4]) and clipped == [0.5] * 3
+    decay = min(0.9, (1 + 2) / (10 + 2))  # the ramp at the third step
+    assert_close(t.ema.out[2].weight, before + (1 - decay) * (t.model.out[2].weight - before))
+    # a seed gives DDPM and its video counterpart the same data order and the same shared init
+    image, video = (trainer(tmp_path / m, "--model", m, "--frames", "3", "--aug", "noise", "--steps", "2",
+                            "--seed", "5") for m in ("ddpm", "video-diffusion"))
+    assert all(torch.equal(v, video.model.state_dict()[k]) for k, v in image.model.state_dict().items())
+    image.train(), video.train()
+    assert torch.equal(image.data_gen.get_state(), video.data_gen.get_state())
+    assert not torch.equal(image.noise_gen.get_state(), video.noise_gen.get_state())
