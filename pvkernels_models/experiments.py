@@ -290,8 +290,8 @@ def print_costs(runs: list) -> None:
     print(f"\n{'training cost per run':<52} {'steps':>6} {'GFLOP':>9} {'train s':>8} {'eval s':>7}")
     for key in dict.fromkeys(r["arm"] for r in runs):
         mine = [r for r in runs if r["arm"] == key]
-        print(f"{mine[0]['label']:<52} {mine[0]['steps']:>6} {mine[0]['train_gflop']:>9.0f} "
-              f"{statistics.fmean(r['train_sec'] for r in mine):>8.1f} {statistics.fmean(r['eval_sec'] for r in mine):>7.1f}")
+        train, test = (statistics.fmean(r[k] for r in mine) for k in ("train_sec", "eval_sec"))
+        print(f"{mine[0]['label']:<52} {mine[0]['steps']:>6} {mine[0]['train_gflop']:>9.0f} {train:>8.1f} {test:>7.1f}")
 
 
 def print_table(rows: list, comparisons: list) -> None:
@@ -340,7 +340,8 @@ def draw(results: Results, out: Path) -> list[Path]:
             if images.is_file():
                 shown = torch.load(images, weights_only=True)
                 if not sections and "original" in shown:
-                    sections.append(("the images (last frames of the pseudo videos)", [("original", shown["original"])]))
+                    heading = "the images (last frames of the pseudo videos)"
+                    sections.append((heading, [("original", shown["original"])]))
                 what = "reconstruction" if experiment == "tokenizer" else "samples"
                 sections.append((arm.label, [(what, shown["output"])]))
         if sections:
