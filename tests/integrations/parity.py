@@ -8,6 +8,7 @@ reseeded before every step, so both runs see the same data and the peer draws th
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 
 import torch
 
@@ -83,3 +84,9 @@ def instance_and_class(build, patch_fn, make_input, step, steps: int = 5, **tole
         fresh = build()
         compare(ref, train(fresh, make_input, step, steps), **tolerances)
     return by_instance, by_class
+
+
+def fake_version(monkeypatch, package: str, version: str) -> None:
+    """importlib.metadata.version says ``version`` for ``package`` (every other package as installed)."""
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version if name == package else real(name))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from pvkernels import integrations  # noqa: E402
 from pvkernels.integrations import PeerVersionError  # noqa: E402
 
 from ..utils import assert_close  # noqa: E402
-from .parity import instance_and_class  # noqa: E402
+from .parity import fake_version, instance_and_class  # noqa: E402
 
 DIM, HEADS, DIM_HEAD = 32, 4, 8
 
@@ -131,12 +130,10 @@ def test_unpatch_print_and_state_dict():
 
 
 def test_peer_version_error(monkeypatch):
-    real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version",
-                        lambda name: "0.9.0" if name == "phenaki-pytorch" else real(name))
+    fake_version(monkeypatch, "phenaki-pytorch", "0.9.0")
     with pytest.raises(PeerVersionError, match="phenaki-pytorch 0.9.0"):
         integrations.patch_phenaki()
-    monkeypatch.setattr(importlib.metadata, "version", real)
+    monkeypatch.undo()
     monkeypatch.delattr(peer, "AlibiPositionalBias")
     with pytest.raises(PeerVersionError, match="AlibiPositionalBias is gone"):
         integrations.patch_phenaki()

@@ -7,7 +7,6 @@ Runs with whichever version is importable: CI runs this file once with the pinne
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from vector_quantize_pytorch import vector_quantize_pytorch as peer  # noqa: E40
 from pvkernels import integrations  # noqa: E402
 from pvkernels.integrations import PeerVersionError  # noqa: E402
 
-from .parity import compare, instance_and_class, train  # noqa: E402
+from .parity import compare, fake_version, instance_and_class, train  # noqa: E402
 
 NEW_LAYOUT = hasattr(peer, "Codebook")
 D, K = 16, 64
@@ -212,9 +211,7 @@ def test_unpatch_restores_exactly_and_state_dict_is_unchanged():
 
 
 def test_peer_version_errors(monkeypatch):
-    real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version",
-                        lambda name: "1.99.0" if name == "vector-quantize-pytorch" else real(name))
+    fake_version(monkeypatch, "vector-quantize-pytorch", "1.99.0")
     with pytest.raises(PeerVersionError, match="1.99.0 is outside the tested versions"):
         integrations.patch_vector_quantize()
     monkeypatch.setenv("PVKERNELS_ALLOW_UNTESTED", "1")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from pvkernels import integrations  # noqa: E402
 from pvkernels.integrations import PeerVersionError  # noqa: E402
 
 from ..utils import assert_close  # noqa: E402
-from .parity import instance_and_class  # noqa: E402
+from .parity import fake_version, instance_and_class  # noqa: E402
 
 FRAMES, SIZE = 5, 8
 
@@ -111,8 +110,6 @@ def test_unpatch_print_and_version(monkeypatch):
     with integrations.patch("video_diffusion"):
         assert peer.Attention.forward is not forward
     assert peer.Attention.forward is forward
-    real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version",
-                        lambda name: "0.1.0" if name == "video-diffusion-pytorch" else real(name))
+    fake_version(monkeypatch, "video-diffusion-pytorch", "0.1.0")
     with pytest.raises(PeerVersionError, match="video-diffusion-pytorch 0.1.0"):
         integrations.patch_video_diffusion()
