@@ -358,8 +358,7 @@ def _configs(N: int, D: int, dtype: torch.dtype) -> dict:
     attention) is one block loaded once, and its backward is the one fused launch; longer ones
     stream 32-key blocks (3-stage cp.async pipeline forward, 2 backward; the three-kernel
     backward). fp32 operands are split in two TF32 parts for the tensor cores (twice the operand
-    registers), so fp32 streams 16-key blocks and always takes the three-kernel backward with
-    16-row steps. The interpreter computes in fp32 (its bf16 dot is wrong) with one block per
+    registers), so fp32 takes 16-row or 16-key steps and always the three-kernel backward. The interpreter computes in fp32 (its bf16 dot is wrong) with one block per
     sequence where it fits (it pays per program).
     """
     BLOCK_D = max(16, triton.next_power_of_2(D))
@@ -376,8 +375,7 @@ def _configs(N: int, D: int, dtype: torch.dtype) -> dict:
         tiles = dict(fwd=one, delta=one, dkdv=_tile(block, block, 8 if wide else 4, 1), dq=one, fused=True)
     else:
         tiles = dict(fwd=_tile(64, 32, 8, 3) if wide else _tile(128, 32, 8, 3), delta=_tile(64, 32, 4, 2),
-                     dkdv=_tile(32, 32, 8 if wide else 4, 2),
-                     dq=_tile(32, 32, 8, 2) if wide else _tile(32, 32, 4, 2), fused=False)
+                     dkdv=_tile(32, 32, 8 if wide else 4, 2), dq=_tile(32, 32, 8 if wide else 4, 2), fused=False)
     gpu = dict(BLOCK_D=BLOCK_D, UPCAST=False, PRECISION="tf32x3")
     return {k: (dict(gpu, **v) if k != "fused" else v) for k, v in tiles.items()}
 
