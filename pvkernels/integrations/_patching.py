@@ -90,6 +90,18 @@ def signature_problems(func, expected: Iterable[str], label: str) -> list:
     return problems
 
 
+def attention_problems(mod, params: Iterable[str], kwargs: dict, attributes: Iterable[str]) -> list:
+    """Structural problems of a peer's ``mod.Attention``: its forward's parameters, and the
+    attributes the patch reads on a tiny instance ``Attention(**kwargs)`` (they are set in
+    ``__init__``); a constructor that fails is a structural change too."""
+    problems = signature_problems(mod.Attention.forward, params, "Attention.forward")
+    try:
+        problems += missing(mod.Attention(**kwargs), attributes, "Attention")
+    except Exception as exc:  # noqa: BLE001  a changed constructor is a structural change
+        problems.append(f"Attention(**{kwargs}) failed: {exc}")
+    return problems
+
+
 class Patch:
     """A set of replaced methods, undone by :meth:`unpatch` (or leaving a ``with`` block).
 

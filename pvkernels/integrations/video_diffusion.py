@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ._attention import attend, unsupported
-from ._patching import Patch, check_peer, dispatching, import_peer, missing, patch_modules, signature_problems
+from ._patching import Patch, attention_problems, check_peer, dispatching, import_peer, missing, patch_modules
 
 DISTRIBUTION = "video-diffusion-pytorch"
 TESTED = (("0.7.0", "0.8"),)
@@ -33,12 +33,8 @@ def _peer():
 def _check(mod) -> None:
     problems = missing(mod, ("Attention", "Unet3D"), "video_diffusion_pytorch")
     if hasattr(mod, "Attention"):
-        problems += signature_problems(mod.Attention.forward, _ATTENTION_PARAMS, "Attention.forward")
-        try:
-            probe = mod.Attention(8, heads=2, dim_head=4)
-            problems += missing(probe, ("heads", "scale", "rotary_emb", "to_qkv", "to_out"), "Attention")
-        except Exception as exc:  # noqa: BLE001  a changed constructor is a structural change
-            problems.append(f"Attention(8, heads=2, dim_head=4) failed: {exc}")
+        problems += attention_problems(mod, _ATTENTION_PARAMS, dict(dim=8, heads=2, dim_head=4),
+                                       ("heads", "scale", "rotary_emb", "to_qkv", "to_out"))
     check_peer(DISTRIBUTION, TESTED, problems)
 
 

@@ -113,3 +113,21 @@ def test_unpatch_print_and_version(monkeypatch):
     fake_version(monkeypatch, "video-diffusion-pytorch", "0.1.0")
     with pytest.raises(PeerVersionError, match="video-diffusion-pytorch 0.1.0"):
         integrations.patch_video_diffusion()
+
+
+def test_changed_attention_is_refused(monkeypatch):
+    # an attribute the patch reads no longer set by the constructor, then a constructor that fails
+    init = peer.Attention.__init__
+
+    def without_rotary(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        del self.rotary_emb
+    monkeypatch.setattr(peer.Attention, "__init__", without_rotary)
+    with pytest.raises(PeerVersionError, match="Attention.rotary_emb is gone"):
+        integrations.patch_video_diffusion()
+
+    def failing(self, *args, **kwargs):
+        raise TypeError("new required argument")
+    monkeypatch.setattr(peer.Attention, "__init__", failing)
+    with pytest.raises(PeerVersionError, match="failed: new required argument"):
+        integrations.patch_video_diffusion()
