@@ -12,6 +12,10 @@ Two figures per provider:
   buffer larger than the last-level cache (as ``triton.testing.do_bench`` does on a GPU); the
   call alone is timed. On the CPU the minor page faults per call are counted in both figures:
   a fresh output that the allocator took from the kernel is zeroed page by page on first touch.
+
+Where a run's JSON goes: ``benchmarks/results/local/`` (gitignored), so a benchmark run never
+changes a clone's tracked files. The committed reference results in ``benchmarks/results/``
+change only on purpose: ``PVKERNELS_BENCH_SAVE_REFERENCE=1`` (never for a quick run).
 """
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ QUICK = os.environ.get("PVKERNELS_BENCH_QUICK") == "1"
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 ROUNDS = 3 if QUICK else 10
-RESULTS_DIR = Path(__file__).parent / "results"
+RESULTS_DIR = Path(__file__).parent / "results"  # the committed reference results
+LOCAL_RESULTS_DIR = RESULTS_DIR / "local"  # every other run's results: gitignored
+SAVE_REFERENCE = "PVKERNELS_BENCH_SAVE_REFERENCE"
 # eager baselines a competent user would write; speedup_vs_eager is against the fastest of them
 EAGER = ("reference", "batched", "kornia", "opencv", "matmul", "faiss") + tuple(
     f"sdpa_{b}" for b in ("flash", "efficient", "cudnn", "math"))
@@ -220,15 +226,29 @@ def machine() -> str:
     return f"{_cpu_name()} ({isa[0] if isa else 'no AVX'}), {torch.get_num_threads()} threads"
 
 
+def saving_reference(quick: bool | None = None) -> bool:
+    """Whether this run replaces the committed reference results: only when asked for with
+    PVKERNELS_BENCH_SAVE_REFERENCE=1, and never for a quick run (tiny shapes are no reference)."""
+    quick = QUICK if quick is None else quick
+    return os.environ.get(SAVE_REFERENCE) == "1" and not quick
+
+
+def result_path(op: str, quick: bool | None = None, device: str = DEVICE) -> Path:
+    """The JSON file a run writes for ``op``: benchmarks/results/local/<op>-<device>[-quick].json
+    (untracked), or the committed benchmarks/results/<op>-<device>.json when saving the reference."""
+    quick = QUICK if quick is None else quick
+    folder = RESULTS_DIR if saving_reference(quick) else LOCAL_RESULTS_DIR
+    return folder / f"{op}-{device}{'-quick' if quick else ''}.json"
+
+
 def write_results(terminal) -> None:
     if not _rows:
         return
-    tag = DEVICE + ("-quick" if QUICK else "")
-    RESULTS_DIR.mkdir(exist_ok=True)
     name = machine()
     for op in sorted({r["op"] for r in _rows}):
         rows = [r for r in _rows if r["op"] == op]
-        path = RESULTS_DIR / f"{op}-{tag}.json"
+        path = result_path(op)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"machine": name, "torch": torch.__version__, "rows": rows}, indent=1))
         terminal.write_line(f"\n{op} on {name} (saved to {path}); hot loop | in context (ms, x fastest eager)")
         terminal.write_line(f"{'case':<40}{'provider':<15}{'hot':>9}{'x eager':>8}{'context':>9}{'x eager':>8}"
@@ -238,3 +258,8 @@ def write_results(terminal) -> None:
                 f"{r['case']:<40}{r['provider']:<15}{r['median_ms']:>9.2f}{r.get('speedup_vs_eager', float('nan')):>8.2f}"
                 f"{r['in_context_ms']:>9.2f}{r.get('speedup_vs_eager_in_context', float('nan')):>8.2f}"
                 f"{r['GB/s']:>8.1f}{r['roofline_ms']:>9.2f}")
+    if saving_reference():
+        terminal.write_line(f"\nthe committed reference results in {RESULTS_DIR} were replaced: commit them on purpose")
+    else:
+        terminal.write_line(f"\nresults in {LOCAL_RESULTS_DIR} (not tracked by git); {SAVE_REFERENCE}=1 (without "
+                            f"PVKERNELS_BENCH_QUICK) replaces the committed reference in {RESULTS_DIR}")

@@ -8,12 +8,14 @@ its output plus whatever it allocates on the way. Limits checked for the cpp bac
 status 1 when exceeded):
 - vq_lookup at N=65536, K=8192, D=64 (the reference's distance matrix alone is 2.1 GB): < 200 MB;
 - pseudo_video at B=128, C=3, 32x32, T=18, blur + noise: the output plus 16 MB of scratch.
-Results go to benchmarks/results/memory-cpu.json.
+Results go to benchmarks/results/local/memory-cpu.json (not tracked by git);
+PVKERNELS_BENCH_SAVE_REFERENCE=1 replaces the committed benchmarks/results/memory-cpu.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,9 +84,12 @@ def main() -> int:
             if provider == "cpp" and mb >= LIMITS_MB[op]:
                 print(f"  FAIL: cpp grew the peak RSS by {mb:.1f} MB >= {LIMITS_MB[op]:.0f} MB")
                 failed = True
-    out = Path(__file__).parent / "results" / "memory-cpu.json"
-    out.parent.mkdir(exist_ok=True)
+    results = Path(__file__).parent / "results"  # the committed reference; a run's own: results/local
+    reference = os.environ.get("PVKERNELS_BENCH_SAVE_REFERENCE") == "1"
+    out = (results if reference else results / "local") / "memory-cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
+    print(f"saved to {out}")
     return 1 if failed else 0
 
 

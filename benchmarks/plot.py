@@ -1,10 +1,14 @@
-"""Plots benchmarks/results/*.json (written by `pytest benchmarks/ --benchmark-only`) to PNG:
-one chart per result file, speedup of each provider over the eager reference, per case.
+"""Plots benchmark results (JSON written by `pytest benchmarks/ --benchmark-only`) to PNG: one
+chart per result file, speedup of each provider over the eager reference, per case.
 
-    python benchmarks/plot.py [results_dir]
+    python benchmarks/plot.py [results_dir] [--out DIR]
+
+results_dir: a run's results, benchmarks/results/local/ (when it holds any), else the committed
+reference results in benchmarks/results/. The PNGs go to --out, by default
+benchmarks/results/local/ (not tracked by git), never beside the committed JSON.
 """
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -12,8 +16,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# as in benchmarks/harness.py (not imported: it imports torch)
+RESULTS_DIR = Path(__file__).parent / "results"
+LOCAL_RESULTS_DIR = RESULTS_DIR / "local"
 
-def plot(path: Path) -> Path:
+
+def plot(path: Path, out_dir: Path = LOCAL_RESULTS_DIR) -> Path:
     data = json.loads(path.read_text())
     rows = [r for r in data["rows"] if r["provider"] != "reference"]
     cases = list(dict.fromkeys(r["case"] for r in rows))
@@ -36,16 +44,21 @@ def plot(path: Path) -> Path:
     ax.set_title(f"{path.stem} on {data['machine']} (torch {data['torch']})")
     ax.legend()
     fig.tight_layout()
-    out = path.with_suffix(".png")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / path.with_suffix(".png").name
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
 
 if __name__ == "__main__":
-    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results"
-    for path in sorted(folder.glob("*.json")):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results_dir", nargs="?", type=Path,
+                        default=LOCAL_RESULTS_DIR if any(LOCAL_RESULTS_DIR.glob("*.json")) else RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=LOCAL_RESULTS_DIR)
+    args = parser.parse_args()
+    for path in sorted(args.results_dir.glob("*.json")):
         data = json.loads(path.read_text())
         rows = data.get("rows", []) if isinstance(data, dict) else []
         if rows and all("provider" in r for r in rows):  # memory-cpu.json, demo-cpu.json: not timings
-            print(plot(path))
+            print(plot(path, args.out))

@@ -1,5 +1,12 @@
 """The benchmark plumbing, GPU paths included, on the CPU: provider lists, case keys, speedups
-that never cross devices, and the eager baselines computing what the op computes."""
+that never cross devices, and the eager baselines computing what the op computes; where a run
+writes its results."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -106,3 +113,97 @@ def test_harness_timing_and_the_in_context_preamble():
     seconds, faults = harness.time_calls(lambda: torch.ones(2**18).sum(), 3, "cpu",
                                          before=lambda: harness.flush_caches("cpu"))
     assert seconds > 0 and faults >= 0
+
+
+# --- where a benchmark run writes (issue 17): never over the committed reference results ---
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def _in_git_checkout() -> bool:
+    try:
+        return _git("rev-parse", "--show-toplevel").strip() == str(ROOT)
+    except (OSError, subprocess.CalledProcessError):
+        return False
+
+
+needs_git = pytest.mark.skipif(not _in_git_checkout(), reason="not a git checkout of pvkernels")
+
+
+def _untracked_and_ignored(path: Path) -> bool:
+    rel = str(path.relative_to(ROOT))
+    ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", rel], cwd=ROOT).returncode == 0
+    return ignored and not _git("ls-files", "--", rel).strip()
+
+
+class _Terminal:
+    def __init__(self):
+        self.lines = []
+
+    def write_line(self, line):
+        self.lines.append(line)
+
+
+@needs_git
+@pytest.mark.parametrize("quick", [False, True])
+def test_a_benchmark_run_writes_where_git_does_not_track(quick, monkeypatch):
+    # the results of a full run (`pytest benchmarks/ --benchmark-only`, as the README says) and of a
+    # quick one go to an ignored folder, never over benchmarks/results/*.json
+    monkeypatch.delenv("PVKERNELS_BENCH_SAVE_REFERENCE", raising=False)
+    monkeypatch.setattr(harness, "QUICK", quick)
+    row = {"op": "zz_readme_check", "case": "c/cpu", "provider": "cpp", "median_ms": 1.0, "in_context_ms": 1.0,
+           "GB/s": 1.0, "roofline_ms": 1.0}
+    monkeypatch.setattr(harness, "_rows", [row])
+    terminal = _Terminal()
+    written = []
+    real_write_text = Path.write_text
+
+    def record(self, *args, **kw):
+        written.append(self)
+        return real_write_text(self, *args, **kw)
+
+    monkeypatch.setattr(Path, "write_text", record)
+    try:
+        harness.write_results(terminal)
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
+    assert len(written) == 1 and written[0].name.startswith("zz_readme_check-")
+    assert _untracked_and_ignored(written[0]), f"a run wrote {written[0]}, which git would track"
+    assert any(str(written[0]) in line for line in terminal.lines)  # the run says where
+    for op in ("pseudo_video", "vq_lookup", "temporal_attention", "spatial_attention", "space_time_block"):
+        path = harness.result_path(op, quick=quick, device="cpu")
+        assert _untracked_and_ignored(path), f"{path} is tracked or not ignored"
+
+
+@needs_git
+def test_the_reference_results_change_only_when_asked(monkeypatch):
+    monkeypatch.setenv("PVKERNELS_BENCH_SAVE_REFERENCE", "1")
+    reference = harness.result_path("pseudo_video", quick=False, device="cpu")
+    assert reference == harness.RESULTS_DIR / "pseudo_video-cpu.json"
+    assert _git("ls-files", "--", str(reference.relative_to(ROOT))).strip()  # the committed file
+    assert harness.result_path("pseudo_video", quick=True, device="cpu").parent == harness.LOCAL_RESULTS_DIR
+    monkeypatch.setenv("PVKERNELS_BENCH_SAVE_REFERENCE", "0")
+    assert harness.result_path("pseudo_video", quick=False, device="cpu").parent == harness.LOCAL_RESULTS_DIR
+
+
+@needs_git
+@pytest.mark.skipif(importlib.util.find_spec("pytest_benchmark") is None, reason="pytest-benchmark not installed")
+def test_a_quick_benchmark_run_leaves_the_checkout_clean(tmp_path):
+    # the README's benchmark command, quick, on one small file and the providers that compile nothing
+    def status():
+        return _git("status", "--porcelain", "--untracked-files=all", "--", "benchmarks/results")
+
+    before = status()
+    env = {k: v for k, v in os.environ.items() if k != "PVKERNELS_BENCH_SAVE_REFERENCE"}
+    env.update(PVKERNELS_BENCH_QUICK="1", CUDA_VISIBLE_DEVICES="")
+    res = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/bench_vq.py", "--benchmark-only", "-q",
+                          "-p", "no:cacheprovider", "-k", "reference or cpp", "-o", "addopts="],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "vq_lookup-cpu-quick.json" in res.stdout
+    assert status() == before
