@@ -48,6 +48,8 @@ _FEATURE_MACROS = {
     "__AVX512VBMI__": "avx512vbmi", "__AVX512VBMI2__": "avx512_vbmi2", "__AVX512VNNI__": "avx512_vnni",
     "__AVX512BITALG__": "avx512_bitalg", "__AVX512VPOPCNTDQ__": "avx512_vpopcntdq",
     "__AVX512BF16__": "avx512_bf16", "__AVX512FP16__": "avx512_fp16", "__AVXVNNI__": "avx_vnni",
+    "__AVX512VP2INTERSECT__": "avx512_vp2intersect", "__GFNI__": "gfni", "__VAES__": "vaes",
+    "__VPCLMULQDQ__": "vpclmulqdq", "__SHA__": "sha_ni",
     "__AMX_TILE__": "amx_tile", "__AMX_BF16__": "amx_bf16", "__AMX_INT8__": "amx_int8",
 }
 
@@ -61,9 +63,17 @@ def _march() -> list[str]:
 def _target_macros(march: tuple) -> frozenset:
     """The macros the compiler predefines for these target flags (what simd.h branches on)."""
     cxx = os.environ.get("CXX", "c++")
-    out = subprocess.run([cxx, *march, "-dM", "-E", "-x", "c++", "-"], input="", capture_output=True, text=True,
-                         timeout=60, check=True).stdout
-    return frozenset(line.split()[1] for line in out.splitlines() if line.startswith("#define "))
+    try:
+        run = subprocess.run([cxx, *march, "-dM", "-E", "-x", "c++", "-"], input="", capture_output=True,
+                             text=True, timeout=60)
+    except OSError as exc:
+        raise RuntimeError(f"pvkernels: the C++ compiler {cxx!r} could not be run: {exc}") from None
+    if run.returncode != 0:
+        # e.g. a -march newer than the compiler (GCC 12 and -march=graniterapids)
+        said = next((line.strip() for line in run.stderr.splitlines() if "error" in line), run.stderr.strip())
+        raise ValueError(f"pvkernels: the compiler ({cxx}) does not know {' '.join(march)} (PVKERNELS_MARCH): "
+                         f"{said[:300]}")
+    return frozenset(line.split()[1] for line in run.stdout.splitlines() if line.startswith("#define "))
 
 
 def target_isa(march: Optional[list] = None) -> dict:

@@ -109,17 +109,39 @@ def test_cached_build_of_a_lacking_isa_is_rebuilt_not_loaded(tmp_path):
     assert not any(target.glob("pvkernels_cpp*.so"))  # the old build is gone, not loaded
 
 
+# one compiler flag per feature of _FEATURE_MACROS (all known to GCC >= 12 and Clang >= 14): a target
+# that adds one feature to the baseline, so a CPU lacking any of them gives the test a target
+_FEATURE_FLAGS = {
+    "avx512_vp2intersect": "-mavx512vp2intersect", "gfni": "-mgfni", "vaes": "-mvaes", "avx512_fp16": "-mavx512fp16", "amx_tile": "-mamx-tile", "amx_bf16": "-mamx-bf16", "amx_int8": "-mamx-int8",
+    "avx512_bf16": "-mavx512bf16", "avx_vnni": "-mavxvnni", "avx512_vnni": "-mavx512vnni",
+    "avx512_vpopcntdq": "-mavx512vpopcntdq", "avx512_bitalg": "-mavx512bitalg", "avx512_vbmi2": "-mavx512vbmi2",
+    "avx512vbmi": "-mavx512vbmi", "avx512ifma": "-mavx512ifma", "avx512f": "-mavx512f", "avx2": "-mavx2",
+}
+
+
 def test_march_the_cpu_lacks_is_refused(tmp_path):
     cpu = _backend.cpu_features()
-    if cpu is None:
-        pytest.skip("no /proc/cpuinfo flags")
-    march = next((m for m in ("-march=x86-64-v4", "-march=sapphirerapids", "-march=graniterapids")
-                  if _backend.missing_features(_backend.target_isa([m]))), None)
-    if march is None:
-        pytest.skip("this CPU has every feature of the targets tried")
+    if cpu is None or "__x86_64__" not in _backend._target_macros(()):
+        pytest.skip("x86-64 with /proc/cpuinfo flags only")
+    lacking = [(f, flag) for f, flag in _FEATURE_FLAGS.items() if f not in cpu]
+    if not lacking:
+        pytest.skip(f"this CPU has every feature a target flag was tried for: {sorted(_FEATURE_FLAGS)}")
+    feature, flag = lacking[0]
+    march = f"-march=x86-64 {flag}"
+    assert _backend.missing_features(_backend.target_isa(march.split())) == [feature]
     result = run_code(LOAD, {"PVKERNELS_MARCH": march, "PVKERNELS_BUILD_DIR": str(tmp_path)})
     assert "CPP: False None" in result.stdout, result.stdout + result.stderr
-    assert "which this CPU lacks" in result.stderr and "compiling" not in result.stderr
+    assert f"targets {feature}, which this CPU lacks" in result.stderr and "compiling" not in result.stderr
+
+
+def test_march_the_compiler_does_not_know_is_reported(tmp_path):
+    with pytest.raises(ValueError, match="does not know -march=pvkernels-no-such-cpu"):
+        _backend.target_isa(["-march=pvkernels-no-such-cpu"])
+    result = run_code(LOAD, {"PVKERNELS_MARCH": "-march=pvkernels-no-such-cpu", "PVKERNELS_BUILD_DIR": str(tmp_path)})
+    assert result.returncode == 0 and "CPP: False None" in result.stdout, result.stdout + result.stderr
+    cxx = os.environ.get("CXX", "c++")
+    assert f"the compiler ({cxx}) does not know -march=pvkernels-no-such-cpu" in result.stderr, result.stderr
+    assert "CalledProcessError" not in result.stderr and "Traceback" not in result.stderr
 
 
 def test_auto_takes_the_reference_where_the_loaded_build_loses(monkeypatch):
