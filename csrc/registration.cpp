@@ -17,6 +17,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpp(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& lse, bool temporal, bool causal,
     bool bias_grad, bool packed_grad);
+at::Tensor lfq_entropy_fwd_cpp(const at::Tensor& lqp, const at::Tensor& lqm, int64_t low_bits, double log_eps);
+std::tuple<at::Tensor, at::Tensor> lfq_entropy_bwd_cpp(const at::Tensor& lqp, const at::Tensor& lqm,
+                                                       int64_t low_bits, double log_eps, const at::Tensor& w_entropy,
+                                                       const at::Tensor& w_avg,
+                                                       const std::optional<at::Tensor>& grad_avg);
 }
 
 TORCH_LIBRARY(pvkernels_cpp, m) {
@@ -28,6 +33,10 @@ TORCH_LIBRARY(pvkernels_cpp, m) {
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor out, Tensor lse, "
       "bool temporal, bool causal, bool bias_grad, bool packed_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("lfq_entropy_fwd(Tensor lqp, Tensor lqm, int low_bits, float log_eps) -> Tensor");
+  m.def(
+      "lfq_entropy_bwd(Tensor lqp, Tensor lqm, int low_bits, float log_eps, Tensor w_entropy, Tensor w_avg, "
+      "Tensor? grad_avg) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pvkernels_cpp, CPU, m) {
@@ -35,4 +44,6 @@ TORCH_LIBRARY_IMPL(pvkernels_cpp, CPU, m) {
   m.impl("vq_lookup", &pvkernels::vq_lookup_cpp);
   m.impl("attention_fwd", &pvkernels::attention_fwd_cpp);
   m.impl("attention_bwd", &pvkernels::attention_bwd_cpp);
+  m.impl("lfq_entropy_fwd", &pvkernels::lfq_entropy_fwd_cpp);
+  m.impl("lfq_entropy_bwd", &pvkernels::lfq_entropy_bwd_cpp);
 }

@@ -309,6 +309,31 @@ inline auto reduce_min(V v) {
 #endif
 }
 
+// The sum of the lanes of a vfloat.
+inline float reduce_add(vfloat v) {
+#if defined(PVKERNELS_SIMD_AVX512)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float s = 0.0f;
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+#endif
+}
+
+// While alive, this thread flushes denormal results and inputs to zero (x86 MXCSR FTZ + DAZ;
+// elsewhere a no-op): a kernel whose products of tiny probabilities and weights fall below
+// FLT_MIN would otherwise take a microcode assist per denormal. Restores the previous mode.
+class FlushDenormals {
+ public:
+#if defined(PVKERNELS_SIMD_AVX512) || defined(PVKERNELS_SIMD_AVX2)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};
+
 // ---- shuffles -------------------------------------------------------------------------------
 #if defined(PVKERNELS_SIMD_AVX512)
 // One butterfly stage of the 16 x 16 transpose: swaps the off-diagonal s x s blocks, one
