@@ -178,3 +178,55 @@ def test_log_table_order_matches_the_peer_codes():
     table = lfq._log_table(lqp, lqm)
     dense = torch.log_softmax(torch.einsum("ncd,kd->nck", alpha, lfq.code_bits(5)), dim=-1)
     assert_close(table, dense, rtol=1e-5, atol=1e-5)
+
+
+# ---- the layer ---------------------------------------------------------------------------------
+
+def test_quantizer_signs_indices_and_straight_through():
+    layer = pvkernels.nn.LookupFreeQuantizer(dim=10, bits=5, num_codebooks=2)  # 10 = 2 x 5: no projection
+    x = torch.randn(3, 7, 10, requires_grad=True)
+    q, idx, loss = layer(x)
+    signs = (x.detach().unflatten(-1, (2, 5)) > 0)
+    assert torch.equal(q.detach(), torch.where(signs, 1.0, -1.0).flatten(-2))
+    assert torch.equal(idx, (signs.long() * 2 ** torch.arange(4, -1, -1)).sum(-1))
+    assert idx.shape == (3, 7, 2) and loss.shape == ()
+    (q * torch.arange(10.0)).sum().backward(retain_graph=True)
+    assert_close(x.grad, torch.arange(10.0).expand(3, 7, 10))  # straight through
+    layer.eval()
+    q_eval, idx_eval, loss_eval = layer(x)
+    assert loss_eval.item() == 0.0 and torch.equal(layer.indices_to_codes(idx_eval), q_eval.detach())
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_quantizer_loss_is_the_entropy_loss_of_the_oracle(spherical):
+    torch.manual_seed(1)
+    layer = pvkernels.nn.LookupFreeQuantizer(dim=12, bits=6, num_codebooks=1, inv_temperature=3.0,
+                                             spherical=spherical, codebook_scale=0.8)
+    ref = pvkernels.nn.LookupFreeQuantizer(dim=12, bits=6, inv_temperature=3.0, spherical=spherical,
+                                           codebook_scale=0.8, backend="reference")
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 33, 12)
+    mask = torch.rand(2, 33) > 0.3
+    (q, idx, loss), (q_r, idx_r, loss_r) = layer(x, mask=mask), ref(x, mask=mask)
+    assert torch.equal(idx, idx_r)
+    assert_close(loss, loss_r, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    loss_r.backward()
+    for (name, p), p_r in zip(layer.named_parameters(), ref.parameters()):
+        if name.startswith("project_in"):  # the loss does not reach project_out
+            assert_close(p.grad, p_r.grad, rtol=1e-4, atol=1e-6, name=name)
+    h = layer.project_in(x).detach()
+    h = torch.nn.functional.normalize(h, dim=-1) * 0.8 if spherical else h
+    prob = torch.softmax(2 * 3.0 * h[mask] @ (lfq.code_bits(6) * (0.8 / 6 ** 0.5 if spherical else 0.8)).T, -1)
+    entropy = (-prob * prob.clamp(min=1e-5).log()).sum(-1).mean()
+    assert_close(layer.last_losses["per_sample_entropy"], entropy, rtol=1e-5, atol=1e-6)
+
+
+def test_quantizer_bad_input():
+    layer = pvkernels.nn.LookupFreeQuantizer(dim=8, bits=8)
+    with pytest.raises(ValueError, match="x must be \\(..., dim=8\\)"):
+        layer(torch.randn(4, 7))
+    with pytest.raises(ValueError, match="mask must be a bool tensor of x's token shape"):
+        layer(torch.randn(4, 8), mask=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bits must be 1 to 24"):
+        pvkernels.nn.LookupFreeQuantizer(dim=8, bits=30)
