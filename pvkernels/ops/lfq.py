@@ -205,7 +205,10 @@ def _lfq_entropy_bwd_launches(lqp, lqm, w_entropy, w_avg, grad_avg, plus, minus,
     has_g = grad_avg is not None
     args = (lqp, lqm, w_entropy, w_avg, grad_avg if has_g else w_avg, plus, minus, d, low_bits(d), log_eps,
             grad_avg.shape[0] if has_g else 1)
-    return [Launch(_lfq_entropy_bwd_kernel, (rows,), args, dict(_config(d), HAS_GRAD_AVG=has_g))]
+    # a (32 x 32) tile: on (32 x 64) the bit tiles of both halves beside it spilled 8-16 B for
+    # sm_80 with 4 warps (triton 3.8) and 8 B with 8 warps (triton 3.6)
+    cfg = dict(_config(d), BLOCK_L=min(32, _config(d)["BLOCK_L"]), HAS_GRAD_AVG=has_g)
+    return [Launch(_lfq_entropy_bwd_kernel, (rows,), args, cfg)]
 
 
 def _lfq_entropy_fwd_triton_impl(lqp, lqm, n_low: int, log_eps: float):
