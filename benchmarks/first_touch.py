@@ -11,7 +11,7 @@ then a cache flush), and right after the op's eager reference, with the allocato
   more to 2 MB and madvises them MADV_HUGEPAGE (one fault per 2 MB instead of per 4 KB);
 - no_trim: ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` at 1 GB, so freed blocks
   stay mapped in the heap and are reused without faults.
-Results go to benchmarks/results/first_touch-cpu.json.
+Results go to benchmarks/results/local/first_touch-cpu.json (not tracked by git).
 """
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def main() -> int:
             results.append({"variant": variant, **row})
             print(f"{variant:<9}{row['case']:<46}{row['context']:<17}{row['median_ms']:>9.2f} ms"
                   f"{row['minor_faults']:>7} faults", flush=True)
-    path = Path(__file__).parent / "results" / "first_touch-cpu.json"
+    path = Path(__file__).parent / "results" / "local" / "first_touch-cpu.json"  # untracked, as every run's
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
     return 0
 

@@ -1,13 +1,15 @@
 """Peak resident memory growth of one call of each op, each provider in a fresh subprocess.
 
-    python benchmarks/memory.py [--op vq_lookup|pseudo_video|all]
+    python benchmarks/memory.py [--op vq_lookup|pseudo_video|lfq_entropy|lfq_entropy_d18|all]
 
 The child builds the inputs, resets the peak-RSS mark (Linux VmHWM via /proc/self/clear_refs),
 runs the op once and reports VmHWM - VmRSS(before) in MB, so the figure is what the call adds:
 its output plus whatever it allocates on the way. Limits checked for the cpp backend (exit
 status 1 when exceeded):
 - vq_lookup at N=65536, K=8192, D=64 (the reference's distance matrix alone is 2.1 GB): < 200 MB;
-- pseudo_video at B=128, C=3, 32x32, T=18, blur + noise: the output plus 16 MB of scratch.
+- pseudo_video at B=128, C=3, 32x32, T=18, blur + noise: the output plus 16 MB of scratch;
+- lfq_entropy forward + backward at N=4096, d=16 (the reference's probability matrix alone is
+  1 GB): < 100 MB; at N=16384, d=18 (lfq_entropy_d18, 17 GB per dense matrix): < 300 MB.
 Results go to benchmarks/results/local/memory-cpu.json (not tracked by git);
 PVKERNELS_BENCH_SAVE_REFERENCE=1 replaces the committed benchmarks/results/memory-cpu.json.
 """
@@ -44,6 +46,14 @@ if op == "vq_lookup":
             "matmul": lambda: (lambda i: (i, e[i]))((e.pow(2).sum(1) - 2.0 * z @ e.T).argmin(1)),
             "cpp": lambda: pvkernels.vq_lookup(z, e, backend="cpp"),
         }[provider]
+elif op.startswith("lfq_entropy"):
+    N, d = (16384, 18) if op.endswith("d18") else (4096, 16)
+    x = torch.randn(N, 1, d, requires_grad=True)
+    g = torch.randn(1, 2 ** d)
+
+    def fn():  # forward + backward of both entropy terms, as LFQ's training step runs them
+        per_sample, avg_prob = pvkernels.lfq_entropy(x, 100.0, backend=provider)
+        (per_sample + (avg_prob * g).sum()).backward()
 else:
     x = torch.rand(128, 3, 32, 32)
     p = schedules.combine(schedules.linear_blur(18, 3.0), schedules.ddpm_noise(18))
@@ -55,8 +65,10 @@ out = fn()
 print((status_kb("VmHWM") - before) / 1024)
 """
 
-PROVIDERS = {"vq_lookup": ["cpp", "faiss", "matmul", "reference"], "pseudo_video": ["cpp", "reference"]}
-LIMITS_MB = {"vq_lookup": 200.0, "pseudo_video": 128 * 18 * 3 * 32 * 32 * 4 / 2**20 + 16.0}
+PROVIDERS = {"vq_lookup": ["cpp", "faiss", "matmul", "reference"], "pseudo_video": ["cpp", "reference"],
+             "lfq_entropy": ["cpp", "reference"], "lfq_entropy_d18": ["cpp"]}
+LIMITS_MB = {"vq_lookup": 200.0, "pseudo_video": 128 * 18 * 3 * 32 * 32 * 4 / 2**20 + 16.0,
+             "lfq_entropy": 100.0, "lfq_entropy_d18": 300.0}
 
 
 def measure(op: str, provider: str) -> float:

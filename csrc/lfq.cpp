@@ -173,8 +173,15 @@ std::tuple<at::Tensor, at::Tensor> lfq_entropy_bwd_cpp(const at::Tensor& lqp, co
         const double sum = simd::reduce_add(high);
         for (int i = 0; i < s.dh; ++i) ((ch >> (s.dh - 1 - i)) & 1 ? ap : am)[i] += sum;
       }
-      for (int64_t cl = 0; cl < s.nl; ++cl) {
-        for (int i = s.dh; i < s.d; ++i) ((cl >> (s.d - 1 - i)) & 1 ? ap : am)[i] += low[cl];
+      // the low bits' sums by halving: the top bit of an n-entry table splits it into halves
+      // (minus, plus); folding the halves leaves the table of the remaining bits, O(2^dl) in all
+      for (int64_t i = s.dh, n = s.nl; i < s.d; ++i, n /= 2) {
+        double sums[2] = {0.0, 0.0};
+        for (int64_t k = 0; k < n / 2; ++k) {
+          sums[0] += low[k], sums[1] += low[k + n / 2];
+          low[k] += low[k + n / 2];
+        }
+        am[i] += sums[0], ap[i] += sums[1];
       }
       for (int i = 0; i < s.d; ++i) AP[r * s.d + i] = static_cast<float>(ap[i]), AM[r * s.d + i] = static_cast<float>(am[i]);
     }

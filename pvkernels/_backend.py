@@ -212,6 +212,10 @@ _CPP_LOSES: dict = {
     ("spatial_attention", "plain"): lambda dtype, n, **_: n > 8 or dtype == torch.float32,
     ("vq_lookup", "plain"): lambda k, **_: k < 4096,
     ("pseudo_video", "plain"): lambda blur, **_: not blur,
+    # LFQ entropy with d <= 8 bits (at most 256 codes): the dense softmax is small and one GEMM,
+    # the fused op's per-call tables and launches cost more (0.55-0.97x at N = 256-4096, AVX-512;
+    # d = 9: 2.3-6x, d = 10: 4-15x). The overhead is torch's and Python's, not the ISA's.
+    **{("lfq_entropy", simd): (lambda d, **_: d <= 8) for simd in ("avx512", "avx2", "plain")},
 }
 
 

@@ -164,5 +164,5 @@ def test_auto_takes_the_reference_where_the_loaded_build_loses(monkeypatch):
         pvkernels.spatial_attention(q, k, v, backend="cpp")
         pvkernels.spatial_attention(q.half(), k.half(), v.half())  # another dtype: another class
     assert calls == [20]
-    assert all(op in ("pseudo_video", "vq_lookup", "spatial_attention", "temporal_attention")
+    assert all(op in ("pseudo_video", "vq_lookup", "spatial_attention", "temporal_attention", "lfq_entropy")
                and simd in ("avx512", "avx2", "plain") for op, simd in _backend._CPP_LOSES)

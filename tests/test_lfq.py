@@ -230,3 +230,17 @@ def test_quantizer_bad_input():
         layer(torch.randn(4, 8), mask=torch.ones(5, dtype=torch.bool))
     with pytest.raises(ValueError, match="bits must be 1 to 24"):
         pvkernels.nn.LookupFreeQuantizer(dim=8, bits=30)
+
+
+def test_auto_takes_the_reference_for_small_codebooks(monkeypatch):
+    # the measured crossover (pvkernels._backend._CPP_LOSES): d <= 8 bits runs the dense softmax
+    if not pvkernels.cpp_available():
+        pytest.skip("C++ extension unavailable")
+    monkeypatch.delenv("PVKERNELS_BACKEND", raising=False)
+    calls = []
+    reference = lfq.lfq_entropy_reference
+    monkeypatch.setattr(lfq, "lfq_entropy_reference", lambda x, *a: calls.append(x.shape[-1]) or reference(x, *a))
+    for d in (8, 9):
+        lfq_entropy(torch.randn(5, 1, d))
+    lfq_entropy(torch.randn(5, 1, 8), backend="cpp")  # an explicit backend runs as asked
+    assert calls == [8]

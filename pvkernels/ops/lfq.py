@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_float, cpp_available, resolve_backend, triton, triton_interpret
+from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton
 from ._triton import Launch, run
 
 MAX_BITS = 24
@@ -69,11 +69,13 @@ def _log_factors(x: torch.Tensor, inv_temperature: float, code_value: float):
 
 def _log_table(lqp: torch.Tensor, lqm: torch.Tensor) -> torch.Tensor:
     """(..., k) log factors -> (..., 2^k) log probabilities of the k-bit codes (feature 0 the highest
-    bit), by doubling: sums of terms <= 0, no cancellation."""
-    table = lqp.new_zeros(*lqp.shape[:-1], 1)
-    for i in range(lqp.shape[-1]):
-        table = torch.stack((table + lqm[..., i:i + 1], table + lqp[..., i:i + 1]), dim=-1).flatten(-2)
-    return table
+    bit): the outer sum of the tables of the first and the last half of the bits, recursively
+    (sums of terms <= 0: no cancellation; log2(k) broadcast adds, not k)."""
+    k = lqp.shape[-1]
+    if k <= 1:
+        return torch.cat((lqm, lqp), dim=-1) if k else lqp.new_zeros(*lqp.shape[:-1], 1)
+    high, low = _log_table(lqp[..., :k // 2], lqm[..., :k // 2]), _log_table(lqp[..., k // 2:], lqm[..., k // 2:])
+    return (high[..., :, None] + low[..., None, :]).flatten(-2)
 
 
 def _prob(log_p: torch.Tensor) -> torch.Tensor:
@@ -82,12 +84,12 @@ def _prob(log_p: torch.Tensor) -> torch.Tensor:
 
 def _avg_prob(lqp: torch.Tensor, lqm: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """sum_n w_n p_n(c) for each codebook: the outer products of the high and low half tables of each
-    token, one batched GEMM per chunk of tokens (chunks keep the tables under ~64 MB)."""
+    token, one batched GEMM per chunk of tokens (chunks keep the tables and their doubling steps ~50 MB)."""
     N, C, d = lqp.shape
     dl = low_bits(d)
     dh = d - dl
     avg = lqp.new_zeros(C, 2 ** dh, 2 ** dl)
-    chunk = max(1, (16 << 20) // (C * (2 ** dh + 2 ** dl)))
+    chunk = max(1, (4 << 20) // (C * (2 ** dh + 2 ** dl)))
     for n0 in range(0, N, chunk):
         p, m = lqp[n0:n0 + chunk], lqm[n0:n0 + chunk]
         high = _prob(_log_table(p[..., :dh], m[..., :dh])) * w[n0:n0 + chunk, None, None]
@@ -374,7 +376,8 @@ def lfq_entropy(x: torch.Tensor, inv_temperature: float = 100.0, codebook_scale:
     _check_args(x, inv_temperature, codebook_scale, eps, mask)
     if not isinstance(spherical, bool):
         raise TypeError(f"lfq_entropy: spherical must be a bool, got {type(spherical).__name__}")
-    chosen = resolve_backend("lfq_entropy", backend, x.device, x.dtype)
+    chosen = resolve_backend("lfq_entropy", backend, x.device, x.dtype,
+                             slower=cpp_slower("lfq_entropy", d=x.shape[-1]))
     C, d = x.shape[-2:]
     rows = x.reshape(-1, C, d)
     code_value = float(codebook_scale) / math.sqrt(d) if spherical else float(codebook_scale)

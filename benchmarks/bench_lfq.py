@@ -1,0 +1,80 @@
+"""lfq_entropy, forward + backward of both entropy terms: the peer's dense softmax over all 2^d
+codes (reference, what vector-quantize-pytorch's LFQ runs), torch.compile of it (compiled), cpp
+(CPU), triton (CUDA).
+
+Inputs are LFQ's at its defaults: x ~ N(0, 1) per bit, inv_temperature 100 (most codes of a token
+are far below fp32's range, which the fused kernels skip a row of the code grid at a time) and, as
+the worst case of the fused kernels, inv_temperature 0.1 (every code alive: 2^d exps per token).
+extra_info carries tokens/s, the probability matrix the reference builds, the peak memory growth
+of one call, and the fused kernels' compute floor: the codes streamed forward and backward times
+the vector operations per code (exp ~ 14, entropy and gradient terms ~ 10) at the device's FMA
+issue rate, measured here as the fp32 GEMM rate.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pvkernels import lfq_entropy
+
+from . import harness
+from .bench_vq import peak_memory_growth_mb
+from .harness import DEVICE, QUICK, case_key, gemm_rate, run
+
+
+def shapes(device: str = DEVICE, quick: bool = QUICK) -> list:
+    """(N tokens, d bits, inv_temperature) cases."""
+    if quick:
+        return [(256, 8, 100.0)]
+    if device == "cuda":
+        return [(4096, 16, 100.0), (4096, 16, 0.1), (16384, 18, 100.0)]
+    return [(1024, 16, 100.0), (1024, 16, 0.1), (4096, 12, 100.0), (16384, 18, 100.0)]
+
+
+def providers(N: int, d: int, device: str = DEVICE) -> list:
+    fused = ["cpp"] if device == "cpu" else ["triton"]
+    dense_gb = N * 2 ** d * 4 / 2**30
+    return (["reference", "compiled"] if dense_gb <= 0.5 else []) + fused  # the dense form needs ~8 such matrices
+
+
+def dense_entropy(x, t):
+    """The peer's block: the full N x 2^d softmax, its clamped entropy and the batch mean."""
+    d = x.shape[-1]
+    codes = ((torch.arange(2 ** d, device=x.device)[:, None] >> torch.arange(d - 1, -1, -1, device=x.device)) & 1)
+    prob = (2 * t * torch.einsum("ncd,kd->nck", x, codes.float() * 2 - 1)).softmax(-1)
+    per_sample = (-prob * prob.clamp(min=1e-5).log()).sum(-1).mean()
+    return per_sample, prob.mean(0)
+
+
+_compiled = torch.compile(dense_entropy, dynamic=False)
+
+
+def step(entropy_fn, x, g_avg):
+    x.grad = None
+    per_sample, avg_prob = entropy_fn(x)
+    (per_sample + (avg_prob * g_avg).sum()).backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("shape, provider", [(s, p) for s in shapes() for p in providers(s[0], s[1])])
+def bench_lfq_entropy(benchmark, shape, provider):
+    N, d, t = shape
+    x = torch.randn(N, 1, d, device=DEVICE, requires_grad=True)
+    g_avg = torch.randn(1, 2 ** d, device=DEVICE)
+    entropy_fn = {"reference": lambda x: dense_entropy(x, t), "compiled": lambda x: _compiled(x, t)}.get(
+        provider, lambda x: lfq_entropy(x, t, backend=provider))
+    fn = lambda: step(entropy_fn, x, g_avg)  # noqa: E731
+    fn()
+    codes = N * 2 ** d
+    ops_per_code = 2 * 14 + 10  # forward and backward exp, plus the entropy and gradient terms
+    rate = gemm_rate(torch.float32)
+    extra = {"dense_matrix_MB": codes * 4 / 2**20,
+             "peak_memory_growth_MB": peak_memory_growth_mb(fn),
+             "compute_floor_ms": codes * ops_per_code / (rate / 2) * 1e3,  # GEMM rate counts an FMA as 2
+             "inv_temperature": t}
+    run(benchmark, fn, "lfq_entropy", case_key(f"N={N}", f"d={d}", f"t={t}"), provider,
+        bytes_moved=N * d * 4 * 3 + 2 ** d * 4 * 2, extra=extra)
+    median_ms = benchmark.extra_info["median_ms"]
+    after = {"tokens_per_s": N / (median_ms / 1e3), "fraction_of_compute_floor": extra["compute_floor_ms"] / median_ms}
+    benchmark.extra_info.update(after)
+    harness._rows[-1].update(after)
