@@ -281,6 +281,37 @@ def test_pseudo_video_nan_stays_in_its_plane():
     assert torch.equal(out.permute(0, 2, 1, 3, 4)[others], clean.permute(0, 2, 1, 3, 4)[others])
 
 
+# lookup-free quantisation ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("N, d, t", [(size(1000, 7), size(16, 9), 100.0), (size(1000, 7), size(16, 9), 0.5),
+                                     (size(1000, 7), size(13, 5), 3.0), (size(48, 3), size(20, 10), 1.0)])
+def test_lfq_entropy_against_fp64(N, d, t):
+    # the GPU's (32 x 64) / (32 x 32) code tiles, odd d (a ragged half), the peer's sharp softmax;
+    # the fp64 oracle runs on the CPU (48 tokens of 20 bits: 800 MB of fp64 probabilities)
+    C = 2
+    x = torch.randn(N, C, d, device=DEVICE)
+    g_avg = torch.randn(C, 2 ** d, device=DEVICE)
+    ps, avg = pvkernels.lfq_entropy(x.requires_grad_(), t, backend="triton")
+    (grad,) = torch.autograd.grad(ps * 0.7 + (avg * g_avg).sum(), x)
+    x64 = f64(x)
+    ps64, avg64 = pvkernels.lfq_entropy(x64, t, backend="reference")
+    (grad64,) = torch.autograd.grad(ps64 * 0.7 + (avg64 * g_avg.double().cpu()).sum(), x64)
+    assert_close(ps, ps64, rtol=1e-4, atol=1e-5, name="per-sample entropy")
+    assert_close(avg, avg64, rtol=1e-4, atol=1e-6, name="avg_prob")
+    assert_close(grad, grad64, rtol=1e-3, atol=1e-5 * max(1.0, grad64.abs().max().item()), name="grad x")
+
+
+@gpu_only
+def test_lfq_entropy_past_the_dense_memory():
+    # 16384 tokens of 18 bits: the dense probabilities alone would be 17 GB
+    x = torch.randn(16384, 1, 18, device=DEVICE, requires_grad=True)
+    torch.cuda.reset_peak_memory_stats()
+    ps, avg = pvkernels.lfq_entropy(x, backend="triton")
+    (ps - (avg * avg.clamp(min=1e-5).log()).sum()).backward()
+    assert math.isfinite(float(ps)) and abs(float(avg.sum()) - 1.0) < 1e-3
+    assert torch.cuda.max_memory_allocated() < 1 << 30
+
+
 # torch.compile ----------------------------------------------------------------------------
 
 def test_torch_compile_fullgraph():
