@@ -368,8 +368,13 @@ def _configs(N: int, D: int, dtype: torch.dtype) -> dict:
         t = dict(_tile(min(block, 64), min(block, 64), 4, 1), BLOCK_D=BLOCK_D, UPCAST=True, PRECISION="ieee")
         return dict(fwd=t, delta=t, dkdv=t, dq=t, fused=block <= 64)
     if dtype == torch.float32:
-        tiles = dict(fwd=_tile(16, 32, 8, 2) if wide else _tile(min(block, 32), 16, 4, 2), delta=_tile(64, 16, 4, 1),
-                     dkdv=_tile(16, 16, 8, 3 if wide else 2), dq=_tile(16, 16, 8, 2), fused=False)
+        # Measured with ptxas of triton 3.6 and 3.8 (both tested): at 2 stages, a sequence of <= 16 (one key
+        # block, nothing to pipeline) spilled 8 B at head dim 64 for sm_90 (3.6), hence 1 stage; dK/dV at head
+        # dim 16 with 8 warps spilled 8 B for sm_90 (3.6), hence 4; dQ at head dim 64 with 2 stages spilled 24 B
+        # for sm_80 (3.6) and with 1 stage 8 B for sm_90 (3.8), hence 3.
+        tiles = dict(fwd=_tile(16, 32, 8, 2) if wide else _tile(min(block, 32), 16, 4, 1 if block <= 16 else 2),
+                     delta=_tile(64, 16, 4, 1), dkdv=_tile(16, 16, 4 if BLOCK_D == 16 else 8, 3 if wide else 2),
+                     dq=_tile(16, 16, 8, 3 if BLOCK_D == 64 else 2), fused=False)
     elif block <= 32:
         one = _tile(block, block, 2 if block * BLOCK_D <= 32 * 32 or block == 16 else (8 if wide else 4), 1)
         tiles = dict(fwd=one, delta=one, dkdv=_tile(block, block, 8 if wide else 4, 1), dq=one, fused=True)
