@@ -20,6 +20,18 @@ def _check_dims(dim: int, heads: int) -> int:
     return dim // heads
 
 
+def _check_tokens(module: str, x, dim: int) -> None:
+    """The modules' input check, worded as the ops': tokens (B, T, S, dim), floating point."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{module}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{module}: x must be 4-D (B, T, S, dim), got {x.dim()}-D with shape {tuple(x.shape)}")
+    if x.shape[-1] != dim:
+        raise ValueError(f"{module}: x's last dim must be dim={dim}, got {x.shape[-1]}")
+    if not x.is_floating_point():
+        raise TypeError(f"{module}: x must be floating point, got {x.dtype}")
+
+
 class SpatialAttention(torch.nn.Module):
     """Multi-head self-attention over the S tokens of each frame.
 
@@ -46,6 +58,7 @@ class SpatialAttention(torch.nn.Module):
         return self.qkv(x).view(B, T, S, 3, self.heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _check_tokens(type(self).__name__, x, self.dim)
         o = packed_attention(self._qkv(x), temporal=False, bias=bias, backend=self.backend)
         return self.proj(o.flatten(3))
 
@@ -91,6 +104,7 @@ class TemporalAttention(SpatialAttention):
         return (-self.alibi_slopes.view(-1, 1, 1) * offset.abs().view(1, T, T)).to(dtype or torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_tokens(type(self).__name__, x, self.dim)
         bias = self.position_bias(x.shape[1], x.device, x.dtype)
         o = packed_attention(self._qkv(x), temporal=True, causal=self.causal, bias=bias, backend=self.backend)
         return self.proj(o.flatten(3))
@@ -120,6 +134,7 @@ class SpaceTimeBlock(torch.nn.Module):
                  rel_pos: Optional[str] = "t5", backend: str = "auto"):
         super().__init__()
         hidden = int(math.ceil(dim * mlp_ratio))
+        self.dim = dim
         self.norm_space = torch.nn.LayerNorm(dim)
         self.space = SpatialAttention(dim, heads, backend)
         self.norm_time = torch.nn.LayerNorm(dim)
@@ -128,6 +143,7 @@ class SpaceTimeBlock(torch.nn.Module):
         self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_tokens(type(self).__name__, x, self.dim)
         x = x + self.space(self.norm_space(x))
         x = x + self.time(self.norm_time(x))
         return x + self.mlp(self.norm_mlp(x))

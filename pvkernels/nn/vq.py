@@ -90,8 +90,12 @@ class VectorQuantizer(nn.Module):
                 f"metric={self.metric!r}, restart_dead={self.restart_dead}")
 
     def forward(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"VectorQuantizer: z must be a torch.Tensor, got {type(z).__name__}")
         if z.dim() == 0 or z.shape[-1] != self.dim:
-            raise ValueError(f"VectorQuantizer: input must be (..., {self.dim}), got shape {tuple(z.shape)}")
+            raise ValueError(f"VectorQuantizer: z must be (..., dim) = (..., {self.dim}), got shape {tuple(z.shape)}")
+        if not z.is_floating_point():  # it is cast to the codebook's dtype for the lookup: the losses would fail
+            raise TypeError(f"VectorQuantizer: z must be floating point, got {z.dtype}")
         # the lookup runs in the codebook's dtype; zq carries the codebook's gradient (decay=None)
         idx, zq = vq_lookup(z.detach().to(self.codebook.dtype), self.codebook, self.metric, self.backend)
         if z.numel() == 0:  # an empty batch contributes nothing (mse_loss of nothing is NaN)

@@ -1,0 +1,40 @@
+"""pvkernels.nn: a bad input to a module is a clear error naming the module, what it expected and what it got."""
+import pytest
+import torch
+
+from pvkernels.nn import SpaceTimeBlock, SpatialAttention, TemporalAttention, VectorQuantizer
+
+ATTENTION = [lambda: SpaceTimeBlock(64, 4, backend="reference"), lambda: SpatialAttention(64, 4, backend="reference"),
+             lambda: TemporalAttention(64, 4, backend="reference")]
+
+
+@pytest.mark.parametrize("make", ATTENTION, ids=["SpaceTimeBlock", "SpatialAttention", "TemporalAttention"])
+@pytest.mark.parametrize("x, error, message", [
+    (torch.randn(2, 3, 64), ValueError, "x must be 4-D (B, T, S, dim), got 3-D with shape (2, 3, 64)"),
+    (torch.randn(2, 3, 5, 1, 64), ValueError, "x must be 4-D (B, T, S, dim), got 5-D"),
+    (torch.randn(2, 3, 5, 32), ValueError, "x's last dim must be dim=64, got 32"),
+    (torch.ones(2, 3, 5, 64, dtype=torch.int64), TypeError, "x must be floating point, got torch.int64"),
+    ([[1.0] * 64], TypeError, "x must be a torch.Tensor, got list"),
+], ids=["3-D", "5-D", "width", "int", "list"])
+def test_attention_modules_say_what_they_expected_and_got(make, x, error, message):
+    module = make()
+    with pytest.raises(error) as exc:
+        module(x)
+    assert str(exc.value).startswith(f"{type(module).__name__}: {message}"), str(exc.value)
+
+
+def test_attention_modules_still_take_good_input():
+    x = torch.randn(2, 3, 5, 64)
+    for make in ATTENTION:
+        assert make()(x).shape == x.shape
+
+
+@pytest.mark.parametrize("z, error, message", [
+    (torch.randn(3, 7), ValueError, r"VectorQuantizer: z must be \(\.\.\., dim\) = \(\.\.\., 8\), got shape \(3, 7\)"),
+    (torch.tensor(1.0), ValueError, r"VectorQuantizer: z must be \(\.\.\., dim\) = \(\.\.\., 8\), got shape \(\)"),
+    (torch.ones(3, 8, dtype=torch.int64), TypeError, "VectorQuantizer: z must be floating point, got torch.int64"),
+    ([1.0] * 8, TypeError, "VectorQuantizer: z must be a torch.Tensor, got list"),
+], ids=["width", "0-D", "int", "list"])
+def test_vector_quantizer_says_what_it_expected_and_got(z, error, message):
+    with pytest.raises(error, match=message):
+        VectorQuantizer(8, 4, backend="reference")(z)
