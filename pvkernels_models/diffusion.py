@@ -12,7 +12,7 @@ frames are denoised jointly with one t; the last frame is the image.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -90,9 +90,11 @@ class _GaussianDiffusion(nn.Module):
         return mean + (beta * (1 - ab_prev) / (1 - ab)).sqrt() * noise if step > 0 else mean
 
     @torch.no_grad()
-    def sample_like(self, shape, generator: Optional[torch.Generator] = None, device="cpu") -> torch.Tensor:
+    def sample_like(self, shape, generator: Optional[torch.Generator] = None, device="cpu",
+                    progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
         """Ancestral sampling (DDPM) with the x0 prediction clipped (``clip_x0``) at every step:
-        x_{t-1} ~ q(x_{t-1} | x_t, x0_hat). Returns data on the model scale."""
+        x_{t-1} ~ q(x_{t-1} | x_t, x0_hat). Returns data on the model scale. ``progress(done,
+        timesteps)`` is called after every step."""
         where = generator.device if generator is not None else device
         x = torch.randn(shape, generator=generator, device=where).to(device)
         for step in range(self.timesteps - 1, -1, -1):
@@ -101,6 +103,8 @@ class _GaussianDiffusion(nn.Module):
             x0 = self.clip_x0((x - (1 - ab).sqrt() * self.denoise(x, t)) / ab.sqrt())
             noise = torch.randn(shape, generator=generator, device=where).to(device) if step > 0 else None
             x = self.posterior_step(x, x0, step, noise)
+            if progress is not None:
+                progress(self.timesteps - step, self.timesteps)
         return x
 
 
@@ -152,10 +156,11 @@ class DDPM(_GaussianDiffusion):
         h = mix("mid", self.mid(self.pool(h0), temb))
         return self.out(mix("up", self.dec(torch.cat([self.up(h), h0], 1), temb)))
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """n images in [0, 1] (the x0 clip keeps the last step inside the range)."""
+    def sample(self, n: int, generator: Optional[torch.Generator] = None, progress=None) -> torch.Tensor:
+        """n images in [0, 1] (the x0 clip keeps the last step inside the range); ``progress``
+        as ``sample_like``'s."""
         shape = (n, self.channels, self.image_size, self.image_size)
-        return (self.sample_like(shape, generator, self.alpha_bar.device) + 1) / 2
+        return (self.sample_like(shape, generator, self.alpha_bar.device, progress) + 1) / 2
 
 
 class _TemporalMixer(nn.Module):
@@ -228,9 +233,9 @@ class VideoDiffusion(DDPM):
             return x0.clamp(-1, 1)
         return torch.cat([x0[:, :-1], x0[:, -1:].clamp(-1, 1)], 1)
 
-    def sample_video(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample_video(self, n: int, generator: Optional[torch.Generator] = None, progress=None) -> torch.Tensor:
         shape = (n, self.frames, self.channels, self.image_size, self.image_size)
-        return self.sample_like(shape, generator, self.alpha_bar.device)
+        return self.sample_like(shape, generator, self.alpha_bar.device, progress)
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        return (self.sample_video(n, generator)[:, -1] + 1) / 2
+    def sample(self, n: int, generator: Optional[torch.Generator] = None, progress=None) -> torch.Tensor:
+        return (self.sample_video(n, generator, progress)[:, -1] + 1) / 2
