@@ -19,7 +19,7 @@ import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -197,34 +197,52 @@ def cpp_isa() -> Optional[str]:
     return _cpp_state["isa"]["simd"] if load_cpp() else None
 
 
-# The measured crossovers of the cpp kernels: per (op, vector path of the loaded build), the shape
-# classes where cpp loses to the reference, so that "auto" takes the reference there. Shape-class
-# keys: see each op's cpp_slower call. Measured with `python -m benchmarks.cpu_isa --classes
-# --cpu-time` (AVX2 and plain, on an AMD EPYC Zen 3) and bench_attention.py (AVX-512); where a
-# class is not listed the cpp build was at least as fast as the reference (AVX2: all of them).
-_CPP_LOSES: dict = {
-    # bf16 spatial attention at S = 256 ran 0.84x (SDPA multiplies in bf16 on AMX; cpp in fp32)
-    ("spatial_attention", "avx512"): lambda dtype, n, **_: dtype == torch.bfloat16 and n >= 256,
-    # plain C++ (no AVX): only the shortest sequences win (T = 8: 1.4x; T = 18: 0.83x, S = 8 fp32:
-    # 0.82x, S = 64: 0.08x), VQ with small codebooks (K = 1024: 0.94x; K = 8192: 1.8x) and every
-    # pseudo video with blur (blur 2.7x, blur + noise 1.16x; noise alone 0.43x)
-    ("temporal_attention", "plain"): lambda n, **_: n > 8,
-    ("spatial_attention", "plain"): lambda dtype, n, **_: n > 8 or dtype == torch.float32,
-    ("vq_lookup", "plain"): lambda k, **_: k < 4096,
-    ("pseudo_video", "plain"): lambda blur, **_: not blur,
-    # LFQ entropy with d <= 8 bits (at most 256 codes): the dense softmax is small and one GEMM,
-    # the fused op's per-call tables and launches cost more (0.55-0.97x at N = 256-4096, AVX-512;
-    # d = 9: 2.3-6x, d = 10: 4-15x). The overhead is torch's and Python's, not the ISA's.
-    **{("lfq_entropy", simd): (lambda d, **_: d <= 8) for simd in ("avx512", "avx2", "plain")},
-}
+# The measured crossovers of the cpp kernels: where the build of a vector path loses to the
+# reference, "auto" takes the reference. One row per rule: op, vector path of the loaded build
+# ("*": every one), dtype ("*": any), and the shape class as (field, comparison, bound) on the
+# fields of the op's cpp_slower call (None: every shape). The README prints this table
+# (crossover_table()) beside the measurements behind it; where no row matches, the cpp build was
+# at least as fast as the reference. Measured with `python -m benchmarks.cpu_isa --classes
+# --cpu-time` (AVX2, plain), bench_attention.py (AVX-512) and bench_lfq.py.
+CROSSOVERS = (
+    ("spatial_attention", "avx512", "bfloat16", ("n", ">=", 256)),  # SDPA multiplies in bf16 on AMX
+    ("temporal_attention", "plain", "*", ("n", ">", 8)),
+    ("spatial_attention", "plain", "*", ("n", ">", 8)),
+    ("spatial_attention", "plain", "float32", None),
+    ("vq_lookup", "plain", "*", ("k", "<", 4096)),
+    ("pseudo_video", "plain", "*", ("blur", "==", False)),
+    ("lfq_entropy", "*", "*", ("d", "<=", 8)),  # the dense softmax is one small GEMM there
+)
+_COMPARE = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
+            ">=": lambda a, b: a >= b, "==": lambda a, b: a == b}
 
 
-def cpp_slower(op: str, **shape_class) -> Callable[[str], bool]:
-    """``resolve_backend(..., slower=)`` from the measured crossovers of the loaded build's ISA."""
+def _matches(row, op: str, isa: Optional[str], dtype: Optional[torch.dtype], shape_class: dict) -> bool:
+    row_op, row_isa, row_dtype, condition = row
+    if row_op != op or row_isa not in ("*", isa):
+        return False
+    if row_dtype != "*" and (dtype is None or str(dtype).replace("torch.", "") != row_dtype):
+        return False
+    if condition is None:
+        return True
+    field, comparison, bound = condition
+    return _COMPARE[comparison](shape_class[field], bound)
+
+
+def cpp_slower(op: str, dtype: Optional[torch.dtype] = None, **shape_class) -> Callable[[str], bool]:
+    """``resolve_backend(..., slower=)`` from the rows of CROSSOVERS for the loaded build's ISA."""
     def slower(backend: str) -> bool:
-        rule = _CPP_LOSES.get((op, cpp_isa())) if backend == "cpp" else None
-        return rule is not None and bool(rule(**shape_class))
+        return backend == "cpp" and any(_matches(row, op, cpp_isa(), dtype, shape_class) for row in CROSSOVERS)
     return slower
+
+
+def crossover_table() -> str:
+    """CROSSOVERS as the Markdown table the README prints."""
+    lines = ["| op | vector path | dtype | auto takes the reference when |", "|---|---|---|---|"]
+    for op, isa, dtype, condition in CROSSOVERS:
+        shape = "always" if condition is None else " ".join(str(part) for part in condition)
+        lines.append(f"| `{op}` | {'every' if isa == '*' else isa} | {'any' if dtype == '*' else dtype} | {shape} |")
+    return "\n".join(lines)
 
 
 def cpp_available() -> bool:
@@ -256,56 +274,69 @@ def check_float(op: str, name: str, x: torch.Tensor) -> None:
                         f"backend only), got {x.dtype}")
 
 
+def requested_backend(op: str, backend: str) -> Tuple[str, bool]:
+    """What was asked for: ``(backend, preference)``. An argument other than "auto" is a demand;
+    for "auto", ``PVKERNELS_BACKEND`` (when set to other than "auto") is a preference."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend, False
+    env = os.environ.get("PVKERNELS_BACKEND", "auto")
+    if env not in BACKENDS:
+        raise ValueError(f"{op}: PVKERNELS_BACKEND must be one of {BACKENDS}, got {env!r}")
+    return env, env != "auto"
+
+
+def cannot_run(op: str, backend: str, device: torch.device, dtype: torch.dtype,
+               unsupported: Optional[str] = None) -> Optional[Exception]:
+    """Why ``backend`` cannot take this input, as the error an explicit request raises; None if it can."""
+    if backend == "reference":
+        return None
+    if dtype == torch.float64:
+        return TypeError(f"{op}: the {backend} backend computes in float32 and takes float32/float16/bfloat16 "
+                         "inputs, got float64 (use backend='reference' for float64)")
+    if backend == "cpp" and device.type != "cpu":
+        return ValueError(f"{op}: backend='cpp' needs CPU tensors, got device {device}")
+    if backend == "cpp" and not cpp_available():
+        return RuntimeError(f"{op}: backend='cpp' requested but the C++ extension is unavailable: "
+                            f"{_cpp_state['error']}")
+    if backend == "triton" and triton is None:
+        return RuntimeError(f"{op}: backend='triton' requested but triton is not installed "
+                            "(pip install 'pvkernels[triton]')")
+    if backend == "triton" and device.type != "cuda" and not triton_interpret():
+        return ValueError(f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run "
+                          f"the kernels on the CPU), got device {device}")
+    if unsupported is not None:
+        return ValueError(f"{op}: {unsupported} is not supported by the {backend} kernels; use "
+                          "backend='reference' (backend='auto' does so)")
+    return None
+
+
 def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype,
                     unsupported: Optional[str] = None, slower: Optional[Callable[[str], bool]] = None) -> str:
-    """Maps ``backend`` ("auto" honours ``PVKERNELS_BACKEND``) to the one that will run: every op's dispatch.
+    """The backend that runs this call: every op's dispatch.
 
-    An explicitly requested backend that cannot run raises; only "auto" chooses.
+    - An explicit ``backend`` runs as asked or raises the reason it cannot (never falls back).
+    - ``PVKERNELS_BACKEND`` (with ``backend="auto"``) is a preference: that backend runs wherever it
+      can take the input, the crossovers aside; where it cannot, the choice is auto's.
+    - "auto": triton for CUDA tensors, cpp for CPU tensors (when built), unless that fused
+      backend cannot take the input or ``slower`` says it loses at this shape class: then the
+      reference.
 
     Args:
         unsupported: why the fused (cpp/triton) kernels cannot take this input, e.g.
-            "head dim Dh = 160 > 128"; None when they can. "auto" (also when ``PVKERNELS_BACKEND``
-            names a fused backend) then takes the reference; an explicit request raises ValueError.
-        slower: the op's measured crossovers: called with the fused backend "auto" would take,
-            True when that backend is slower than the reference at this input's shape class, and
-            then "auto" takes the reference. Explicit requests (and ``PVKERNELS_BACKEND``) run as asked.
+            "head dim Dh = 160 > 128"; None when they can.
+        slower: the op's measured crossovers (``cpp_slower``): called with the fused backend auto
+            would take, True when it is slower than the reference at this input's shape class.
     """
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
-    auto = backend == "auto"
-    if auto:
-        env = os.environ.get("PVKERNELS_BACKEND", "auto")
-        if env not in BACKENDS:
-            raise ValueError(f"{op}: PVKERNELS_BACKEND must be one of {BACKENDS}, got {env!r}")
-        backend = env
-    if backend == "auto":
-        fused = None
-        if device.type == "cuda" and triton is not None:
-            fused = "triton"
-        elif device.type == "cpu" and cpp_available():
-            fused = "cpp"
-        if fused is None or dtype == torch.float64 or unsupported is not None or (slower is not None and slower(fused)):
-            return "reference"
-        return fused
-    if auto and unsupported is not None:
+    asked, preference = requested_backend(op, backend)
+    if asked != "auto":
+        problem = cannot_run(op, asked, device, dtype, unsupported)
+        if problem is None:
+            return asked
+        if not preference:
+            raise problem
+    fused = "triton" if device.type == "cuda" else "cpp" if device.type == "cpu" else None
+    if fused is None or cannot_run(op, fused, device, dtype, unsupported) is not None:
         return "reference"
-    if backend in ("cpp", "triton") and dtype == torch.float64:
-        raise TypeError(f"{op}: the {backend} backend computes in float32 and takes float32/float16/bfloat16 "
-                        "inputs, got float64 (use backend='reference' for float64)")
-    if backend == "cpp":
-        if device.type != "cpu":
-            raise ValueError(f"{op}: backend='cpp' needs CPU tensors, got device {device}")
-        if not cpp_available():
-            raise RuntimeError(f"{op}: backend='cpp' requested but the C++ extension is unavailable: "
-                               f"{_cpp_state['error']}")
-    if backend == "triton":
-        if triton is None:
-            raise RuntimeError(f"{op}: backend='triton' requested but triton is not installed "
-                               "(pip install 'pvkernels[triton]')")
-        if device.type != "cuda" and not triton_interpret():
-            raise ValueError(f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run "
-                             f"the kernels on the CPU), got device {device}")
-    if backend != "reference" and unsupported is not None:
-        raise ValueError(f"{op}: {unsupported} is not supported by the {backend} kernels; use backend='reference' "
-                         "(backend='auto' does so)")
-    return backend
+    return "reference" if slower is not None and slower(fused) else fused

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,8 +153,7 @@ def test_auto_takes_the_reference_where_the_loaded_build_loses(monkeypatch):
 
     isa, _ = _loaded_build()
     monkeypatch.delenv("PVKERNELS_BACKEND", raising=False)
-    monkeypatch.setitem(_backend._CPP_LOSES, ("spatial_attention", isa["simd"]),
-                        lambda dtype, n, **_: dtype == torch.float32 and n >= 20)
+    monkeypatch.setattr(_backend, "CROSSOVERS", (("spatial_attention", isa["simd"], "float32", ("n", ">=", 20)),))
     calls = []
     reference = attention.attention_reference
     monkeypatch.setattr(attention, "attention_reference", lambda *a: calls.append(a[0].shape[2]) or reference(*a))
@@ -164,5 +164,13 @@ def test_auto_takes_the_reference_where_the_loaded_build_loses(monkeypatch):
         pvkernels.spatial_attention(q, k, v, backend="cpp")
         pvkernels.spatial_attention(q.half(), k.half(), v.half())  # another dtype: another class
     assert calls == [20]
-    assert all(op in ("pseudo_video", "vq_lookup", "spatial_attention", "temporal_attention", "lfq_entropy")
-               and simd in ("avx512", "avx2", "plain") for op, simd in _backend._CPP_LOSES)
+
+
+def test_crossovers_are_a_table_the_readme_prints():
+    ops = ("pseudo_video", "vq_lookup", "spatial_attention", "temporal_attention", "lfq_entropy")
+    for op, isa, dtype, condition in _backend.CROSSOVERS:
+        assert op in ops and isa in ("avx512", "avx2", "plain", "*"), (op, isa)
+        assert dtype in ("*", "float32", "float16", "bfloat16")
+        assert condition is None or (len(condition) == 3 and condition[1] in _backend._COMPARE)
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert _backend.crossover_table() in readme, "README: print pvkernels._backend.crossover_table() as it is now"

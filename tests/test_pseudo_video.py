@@ -277,6 +277,25 @@ def test_dispatch_limits_and_crossovers(monkeypatch):
     assert resolve_backend("op", "auto", cpu, f32, slower=slower) == "cpp"
 
 
+@pytest.mark.parametrize("env", ["cpp", "triton"])
+def test_env_backend_is_a_preference_that_falls_back_like_auto(monkeypatch, env):
+    # PVKERNELS_BACKEND names the backend auto prefers: it runs wherever it can take the input
+    # (crossovers aside), and elsewhere the choice is auto's, for every reason it cannot; an
+    # explicit argument with the same input raises
+    from pvkernels._backend import resolve_backend
+    cpu, f32, f64 = torch.device("cpu"), torch.float32, torch.float64
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("PVKERNELS_BACKEND", env)
+    auto_choice = "cpp" if pvkernels.cpp_available() else "reference"
+    assert resolve_backend("op", "auto", cpu, f64) == "reference"
+    assert resolve_backend("op", "auto", cpu, f32, unsupported="Dh = 160 > 128") == "reference"
+    assert resolve_backend("op", "auto", cpu, f32) == (auto_choice if env == "triton" else "cpp")
+    with pytest.raises(TypeError, match="float64"):
+        resolve_backend("op", env, cpu, f64)
+    with pytest.raises(ValueError, match="Dh = 160 > 128 is not supported" if env == "cpp" else "needs CUDA"):
+        resolve_backend("op", env, cpu, f32, unsupported="Dh = 160 > 128")
+
+
 def test_one_triton_import():
     from pvkernels import _backend
     from pvkernels.ops import attention, pseudo_video, rng, vq
