@@ -9,8 +9,9 @@ tensors. The layer norm, the projections and the ALiBi cache are the peer's own 
 
 Not computed here (the original runs, the reason is counted): ``mask``, ``context``
 (cross-attention), null key/values, attention dropout in training, float64, dim_head > 128, a
-bias of another shape. With ``lookup_free_quantization=False`` CViViT's ``VectorQuantize`` is
-patched too (``patch_vector_quantize``), inside the same Patch.
+bias of another shape. CViViT's quantizer is patched too (``patch_vector_quantize``), inside the
+same Patch: its default ``LFQ`` (``lookup_free_quantization=True``) on ``pvkernels.lfq_entropy``,
+or its ``VectorQuantize`` with ``lookup_free_quantization=False``.
 """
 from __future__ import annotations
 
@@ -83,8 +84,8 @@ def _forward(attn, a) -> torch.Tensor:
 
 
 def patch_phenaki(model: Optional[torch.nn.Module] = None, *, strict: bool = False) -> Patch:
-    """Puts pvkernels' attention into phenaki-pytorch's ``Attention`` (CViViT's transformers) and,
-    when vector-quantize-pytorch is importable, its ``VectorQuantize`` (CViViT with
+    """Puts pvkernels' attention into phenaki-pytorch's ``Attention`` (CViViT's transformers) and
+    ``patch_vector_quantize`` into its quantizer (the default ``LFQ``, or ``VectorQuantize`` with
     ``lookup_free_quantization=False``).
 
     Args:
@@ -93,7 +94,7 @@ def patch_phenaki(model: Optional[torch.nn.Module] = None, *, strict: bool = Fal
         strict: raise a ValueError naming the reason instead of falling back.
 
     Returns:
-        A :class:`Patch`; its ``stats`` count attention and VQ calls together.
+        A :class:`Patch`; its ``stats`` count attention and quantizer calls together.
 
     Example:
         >>> from phenaki_pytorch import CViViT
@@ -109,13 +110,14 @@ def patch_phenaki(model: Optional[torch.nn.Module] = None, *, strict: bool = Fal
     forward = dispatching(patch, _reason, _forward, mod.Attention.forward)
     patch_modules(patch, model, mod.Attention, {"forward": forward})
     vq_mod = vector_quantize._peer()
-    if model is None or any(isinstance(m, vq_mod.VectorQuantize) for m in model.modules()):
+    if vector_quantize.present(vq_mod, model):
         try:
-            vector_quantize._check(vq_mod)
+            vector_quantize.check(vq_mod, model)
         except PeerVersionError as exc:
             if model is not None:
                 raise
-            warnings.warn(f"patch_phenaki: attention patched, VectorQuantize not: {exc}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"patch_phenaki: attention patched, VectorQuantize and LFQ not: {exc}", RuntimeWarning,
+                          stacklevel=2)
         else:
             vector_quantize.install(patch, vq_mod, model)
     return patch

@@ -1,4 +1,5 @@
-"""lucidrains' vector-quantize-pytorch on ``pvkernels.vq_lookup``.
+"""lucidrains' vector-quantize-pytorch on ``pvkernels.vq_lookup`` (and its ``LFQ`` on
+``pvkernels.lfq_entropy``: ``vector_quantize_lfq.py``).
 
 The codebook's forward (``Codebook`` since 1.27; ``EuclideanCodebook`` / ``CosineSimCodebook``
 before) builds the N x K distance matrix, an N x K one-hot of the argmax, a one-hot GEMM to
@@ -25,6 +26,7 @@ from typing import Optional
 import torch
 
 from ..ops.vq import vq_lookup
+from . import vector_quantize_lfq as lfq
 from ._patching import Patch, check_peer, import_peer, missing, patch_modules, signature_problems
 
 DISTRIBUTION = "vector-quantize-pytorch"
@@ -279,12 +281,13 @@ def _make_vq_forward(patch: Patch, mod):
 
 
 def patch_vector_quantize(model: Optional[torch.nn.Module] = None, *, strict: bool = False) -> Patch:
-    """Puts ``pvkernels.vq_lookup`` into vector-quantize-pytorch's codebooks.
+    """Puts ``pvkernels.vq_lookup`` into vector-quantize-pytorch's codebooks and
+    ``pvkernels.lfq_entropy`` into its ``LFQ`` (so ``ResidualLFQ``, ``GroupedResidualLFQ``).
 
     Args:
-        model: a module containing ``VectorQuantize`` layers (ResidualVQ, a VQ-VAE, ...): only
-            its modules are patched (forward bound on the instances). None patches the classes:
-            every instance, existing and future, until ``unpatch()``.
+        model: a module containing ``VectorQuantize`` or ``LFQ`` layers (ResidualVQ, ResidualLFQ,
+            a VQ-VAE, ...): only its modules are patched (forward bound on the instances). None
+            patches the classes: every instance, existing and future, until ``unpatch()``.
         strict: raise a ValueError naming the reason instead of falling back to the original.
 
     Returns:
@@ -299,14 +302,34 @@ def patch_vector_quantize(model: Optional[torch.nn.Module] = None, *, strict: bo
         {'fast': 1, 'fallback': {}}
     """
     mod = _peer()
-    _check(mod)
+    check(mod, model)
     patch = Patch("vector_quantize", strict)
     install(patch, mod, model)
     return patch
 
 
+def check(mod, model: Optional[torch.nn.Module]) -> None:
+    """The version and structure checks of what ``install(patch, mod, model)`` would patch: the
+    VectorQuantize layout always, LFQ where it is patched (class level, or an LFQ in ``model``)."""
+    _check(mod)
+    lfq_mod = lfq._peer()
+    if lfq.present(lfq_mod, model):
+        lfq.check(lfq_mod)
+
+
+def present(mod, model: Optional[torch.nn.Module]) -> bool:
+    """Whether ``model`` holds a layer this patch replaces (None, the class level: always)."""
+    if model is None or lfq.present(lfq._peer(), model):
+        return True
+    return isinstance(model, torch.nn.Module) and any(isinstance(m, mod.VectorQuantize) for m in model.modules())
+
+
 def install(patch: Patch, mod, model: Optional[torch.nn.Module]) -> None:
-    """Adds the codebook and VectorQuantize replacements of ``model`` (None: the classes) to ``patch``."""
+    """Adds the codebook, VectorQuantize and LFQ replacements of ``model`` (None: the classes) to
+    ``patch``."""
+    lfq_mod = lfq._peer()
+    if lfq.present(lfq_mod, model):
+        lfq.install(patch, lfq_mod, model)
     classes, new_layout = _layout(mod)
     for cls in classes:
         makers = {"forward": _make_codebook_forward(patch, mod, new_layout, cls)}

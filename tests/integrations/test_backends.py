@@ -31,6 +31,25 @@ def test_vector_quantize_on_every_backend(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_lfq_on_every_backend(backend, monkeypatch):
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    monkeypatch.setenv("PVKERNELS_BACKEND", backend)
+    torch.manual_seed(0)
+    lfq = vqp.LFQ(dim=10, codebook_size=2 ** 5, num_codebooks=2, spherical=True)
+    twin = copy.deepcopy(lfq)
+    x = torch.randn(2, 9, 10, requires_grad=True)
+    (q, idx, aux), parts = lfq(x, inv_temperature=3.0, return_loss_breakdown=True)
+    (gx,) = torch.autograd.grad(q.square().sum() + aux, x)
+    with integrations.patch_vector_quantize(twin) as p:
+        (q_fast, idx_fast, aux_fast), parts_fast = twin(x, inv_temperature=3.0, return_loss_breakdown=True)
+        (gx_fast,) = torch.autograd.grad(q_fast.square().sum() + aux_fast, x)
+    assert torch.equal(idx_fast, idx) and torch.equal(q_fast, q) and p.stats == {"fast": 1, "fallback": {}}
+    for name, got, expected in zip(parts._fields, parts_fast, parts):
+        assert_close(got, expected, rtol=1e-5, atol=1e-6, name=name)
+    assert_close(gx_fast, gx, rtol=1e-5, atol=1e-6 * float(gx.abs().max()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_phenaki_attention_on_every_backend(backend, causal, monkeypatch):
     peer = pytest.importorskip("phenaki_pytorch.attention")

@@ -37,10 +37,11 @@ def reconstruction_step(model, x):
 @pytest.mark.parametrize("lfq", [False, True], ids=["vq", "lfq"])
 def test_cvivit_training_parity(lfq):
     """Loss, reconstruction, every gradient at each of 5 SGD steps and every final parameter and
-    buffer; by instance on a deep copy and by class on a fresh model."""
+    buffer; by instance on a deep copy and by class on a fresh model. The default CViViT (LFQ) is
+    patched end to end: attention and the LFQ's entropy (at the peer's inverse temperature 100)."""
     by_instance, by_class = instance_and_class(cvivit(lfq), integrations.patch_phenaki, video(), reconstruction_step)
-    # per step: 4 transformers x 1 attention each, plus the VectorQuantize codebook when not LFQ
-    per_step = 4 + (0 if lfq else 1)
+    # per step: 4 transformers x 1 attention each, plus the quantizer (LFQ, or the VectorQuantize codebook)
+    per_step = 4 + 1
     for p in (by_instance, by_class):
         assert p.stats == {"fast": 5 * per_step, "fallback": {}}, p.stats
 
@@ -127,6 +128,10 @@ def test_unpatch_print_and_state_dict():
     with integrations.patch_phenaki():
         assert peer.Attention.forward is not forward
     assert peer.Attention.forward is forward
+    lfq_model = cvivit(True)()
+    with integrations.patch_phenaki(lfq_model) as p:
+        assert p.modules == 4 + 1 and "[pvkernels: phenaki]" in repr(lfq_model.vq)  # the LFQ
+    assert "pvkernels" not in repr(lfq_model)
 
 
 def test_peer_version_error(monkeypatch):
