@@ -42,7 +42,8 @@ setup(
         "bench": ["pytest-benchmark>=4", "opencv-python-headless", "matplotlib", "faiss-cpu", "kornia"],
         # the peers pvkernels.integrations is tested against; they import torchvision, so install
         # torch==2.14.1 torchvision==0.29.1 first (README "Use with other repos")
-        "integrations": ["vector-quantize-pytorch==1.32.0", "phenaki-pytorch==0.5.0", "video-diffusion-pytorch==0.7.0"],
+        "integrations": ["vector-quantize-pytorch==1.32.0", "phenaki-pytorch==0.5.0", "video-diffusion-pytorch==0.7.0",
+                         "magvit2-pytorch==0.5.1"],
     },
     entry_points={"console_scripts": ["pvkernels-train=pvkernels_models.train:main",
                                       "pvkernels-demo=pvkernels_models.demo:main"]},

@@ -18,21 +18,23 @@ from typing import Optional
 from torch import nn
 
 from ._patching import Patch, PeerVersionError
+from .magvit2 import patch_magvit2
 from .phenaki import patch_phenaki
 from .vector_quantize import patch_vector_quantize
 from .video_diffusion import patch_video_diffusion
 
-PEERS = ("vector_quantize", "phenaki", "video_diffusion")
+PEERS = ("vector_quantize", "phenaki", "video_diffusion", "magvit2")
 
 
 def patch(name: str, model: Optional[nn.Module] = None, **kwargs) -> Patch:
-    """``patch("vector_quantize" | "phenaki" | "video_diffusion", model=None, strict=False)``: the
-    peer's ``patch_<name>`` function. The peers are imported only when a patch is made."""
+    """``patch("vector_quantize" | "phenaki" | "video_diffusion" | "magvit2", model=None,
+    strict=False)``: the peer's ``patch_<name>`` function. The peers are imported only when a patch
+    is made."""
     functions = {"vector_quantize": patch_vector_quantize, "phenaki": patch_phenaki,
-                 "video_diffusion": patch_video_diffusion}
+                 "video_diffusion": patch_video_diffusion, "magvit2": patch_magvit2}
     if name not in functions:
         raise ValueError(f"pvkernels.integrations.patch: name must be one of {PEERS}, got {name!r}")
     return functions[name](model, **kwargs)
 
-__all__ = ["PEERS", "Patch", "PeerVersionError", "patch", "patch_phenaki", "patch_vector_quantize",
+__all__ = ["PEERS", "Patch", "PeerVersionError", "patch", "patch_magvit2", "patch_phenaki", "patch_vector_quantize",
            "patch_video_diffusion"]
