@@ -1,69 +1,62 @@
 #!/usr/bin/env bash
 # The device check, one command from the repo root on a machine with a CUDA GPU:
 #   bash benchmarks/gpu_check.sh            (writes into $OUT, default /tmp/pvk-out)
+# It runs on the GPU machine as that machine is (Python 3.12, torch 2.11, triton 3.6, no network):
+# it installs nothing, and pvkernels runs from this working tree through PYTHONPATH.
 # Steps, each under its own time limit inside a 450 s budget (under 8 minutes in all), none of
 # which stops the others when it fails:
-#   env        what is installed (torch, triton, the GPU); installs only what is missing
+#   env        what is installed (torch, triton, the GPU, the triton wheel's cuobjdump); names what is missing
 #   cuda       tests/test_cuda.py: the real 16-bit / fp32 tensor-core paths, atomics, > 65535 rows,
 #              torch.compile, the Philox stream, NaNs, the modules (issue 11, item 4)
-#   bench      pytest benchmarks/ --benchmark-only (GPU shapes on CUDA), results/*-cuda.json
+#   bench      pytest benchmarks/ --benchmark-only (GPU shapes on CUDA; the C++ extension is not built)
 #   compile    tests/test_triton_compile.py: every variant for sm_80 / sm_90, no spills (item 1)
 #   triton     the rest of the test suite's triton cases on CUDA, with what time is left
-# $OUT gets every log, the junit XML of each pytest step, benchmarks/results/*-cuda.json,
-# triton-resources.json and summary.txt (one screen, also printed at the end).
+# $OUT gets summary.txt (one screen, also printed at the end) and gpu-check.tar.gz: every log, the
+# junit XML of each pytest step, this run's benchmark results (*-cuda.json, which the benchmarks write
+# to benchmarks/results/local/) and triton-resources-<triton>.json. Two files, since the device tool
+# brings back at most 8; the unpacked files stay in $LOG (printed at the end).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/pvk-out}"
 mkdir -p "$OUT"
+LOG=$(mktemp -d /tmp/pvk-gpu-check.XXXXXX)
+touch "$LOG/.start"  # result files newer than this are this run's
 BUDGET=${PVK_GPU_CHECK_BUDGET:-450}
 START=$(date +%s)
 export PVKERNELS_BUILD_DIR="${PVKERNELS_BUILD_DIR:-/tmp/pvk-build}" TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/pvk-triton-cache}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 PY=${PYTHON:-python3}
-: > "$OUT/steps.txt"
+: > "$LOG/steps.txt"
 
 # step NAME LIMIT_S CMD...: runs CMD with the smaller of LIMIT_S and the budget left, logs to
-# $OUT/NAME.log, records "NAME rc seconds" (rc 124: out of time) and never fails the script
+# $LOG/NAME.log, records "NAME rc seconds" (rc 124: out of time) and never fails the script
 step() {
     local name=$1 limit=$2
     shift 2
     local left=$((BUDGET - ($(date +%s) - START) - 15))
     if [ "$left" -lt 20 ]; then
-        echo "$name skipped 0 (budget spent)" >> "$OUT/steps.txt"
+        echo "$name skipped 0 (budget spent)" >> "$LOG/steps.txt"
         return
     fi
     [ "$limit" -gt "$left" ] && limit=$left
     local t0=$(date +%s)
     echo "== $name (limit ${limit}s)"
-    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" > "$LOG/$name.log" 2>&1
     local rc=$?
-    echo "$name $rc $(($(date +%s) - t0))" >> "$OUT/steps.txt"
-    tail -3 "$OUT/$name.log"
+    echo "$name $rc $(($(date +%s) - t0))" >> "$LOG/steps.txt"
+    tail -3 "$LOG/$name.log"
 }
 
-have() { "$PY" -c "import $1" 2>/dev/null; }
-
-install_missing() {
-    # never reinstall torch / triton over a working pair (pip could swap the CUDA build away);
-    # install only what is absent; the device machine may have no index: then say so and go on
-    local missing=()
-    have torch || missing+=("torch")
-    have triton || missing+=("triton>=3.0,<3.9")
-    have pytest || missing+=("pytest>=7")
-    have pytest_benchmark || missing+=("pytest-benchmark>=4")
-    have numpy || missing+=("numpy")
-    have scipy || missing+=("scipy")
-    have sklearn || missing+=("scikit-learn")
-    have PIL || missing+=("pillow")
-    have ninja || missing+=("ninja")
-    if [ ${#missing[@]} -gt 0 ]; then
-        echo "installing: ${missing[*]}"
-        [ -d benchmarks/wheels ] && local local_wheels=(--find-links benchmarks/wheels) || local local_wheels=()
-        "$PY" -m pip install -q "${local_wheels[@]}" "${missing[@]}" || echo "pip could not install: ${missing[*]}"
-    fi
-    "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || echo "(not pip-installed: PYTHONPATH=$PWD)"
+report_env() {
+    # installs nothing: the GPU machine has no network, and a pip run could swap its CUDA torch away
+    echo "pvkernels from $PWD (PYTHONPATH); $("$PY" --version)"
     "$PY" - <<'EOF'
+import importlib.util, os
+missing = [m for m in ("torch", "triton", "pytest", "pytest_benchmark", "numpy", "scipy", "sklearn", "PIL")
+           if importlib.util.find_spec(m) is None]
+if missing:
+    print("MISSING (not installed; the steps that import them fail):", " ".join(missing))
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():
@@ -71,30 +64,41 @@ if torch.cuda.is_available():
     print("device", p.name, f"sm_{p.major}{p.minor}", f"{p.total_memory / 2**30:.0f} GiB", p.multi_processor_count, "SMs")
 import triton
 print("triton", triton.__version__)
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+print("triton's cuobjdump (the compile sweep reads registers with it):", "present" if os.path.exists(cuobjdump) else "MISSING")
 EOF
     command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
+    return 0
 }
 
-step env 120 install_missing
-grep -q "available True" "$OUT/env.log" || echo "WARNING: no CUDA device visible; the CUDA steps will skip" | tee -a "$OUT/env.log"
+export PY
+export -f report_env  # timeout runs programs, not shell functions: through bash -c
+step env 60 bash -c report_env
+# on CUDA the benchmarks' fused provider is triton: the C++ extension's build would only cost time
+bench_env=(PVKERNELS_NO_CPP=1)
+if ! grep -q "available True" "$LOG/env.log"; then
+    bench_env=()
+    echo "WARNING: no CUDA device visible; the CUDA steps will skip" | tee -a "$LOG/env.log"
+fi
 
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts="")
-step cuda 150 env PVKERNELS_NO_CPP=1 "${PYTEST[@]}" tests/test_cuda.py -rfE --junitxml="$OUT/cuda.xml"
-step bench 200 "${PYTEST[@]}" benchmarks/ --benchmark-only --junitxml="$OUT/bench.xml"
-cp benchmarks/results/*-cuda*.json "$OUT/" 2>/dev/null
-step compile 90 "${PYTEST[@]}" tests/test_triton_compile.py -rfE --junitxml="$OUT/compile.xml"
-cp benchmarks/results/triton-resources.json "$OUT/" 2>/dev/null
+step cuda 150 env PVKERNELS_NO_CPP=1 "${PYTEST[@]}" tests/test_cuda.py -rfE --junitxml="$LOG/cuda.xml"
+step bench 200 env "${bench_env[@]}" "${PYTEST[@]}" benchmarks/ --benchmark-only --junitxml="$LOG/bench.xml"
+step compile 90 env PVKERNELS_NO_CPP=1 "${PYTEST[@]}" tests/test_triton_compile.py -rfE --junitxml="$LOG/compile.xml"
 step triton 120 env PVKERNELS_NO_CPP=1 "${PYTEST[@]}" tests/ -k "triton and not test_cuda and not compile" -rfE \
-    --junitxml="$OUT/triton.xml"
+    --junitxml="$LOG/triton.xml"
+# this run's results (benchmarks/results/local/ unless PVKERNELS_BENCH_SAVE_REFERENCE=1)
+find benchmarks/results \( -name '*-cuda*.json' -o -name 'triton-resources*.json' \) -newer "$LOG/.start" \
+    -exec cp {} "$LOG/" \;
 
-"$PY" - "$OUT" > "$OUT/summary.txt" 2>&1 <<'EOF'
+"$PY" - "$LOG" > "$LOG/summary.txt" 2>&1 <<'EOF'
 import glob, json, os, sys
 import xml.etree.ElementTree as ET
 out = sys.argv[1]
-print(open(os.path.join(out, "env.log")).read().strip()[-600:])
+print(open(os.path.join(out, "env.log")).read().strip()[-800:])
 print("\nstep       rc   seconds  tests (failed / errors / skipped)")
 for line in open(os.path.join(out, "steps.txt")):
-    name, rc, secs = line.split()
+    name, rc, secs = line.split()[:3]
     counts = ""
     xml = os.path.join(out, name + ".xml")
     if os.path.exists(xml):
@@ -111,16 +115,18 @@ for name in ("cuda", "compile", "triton"):
 rows = [r for f in sorted(glob.glob(os.path.join(out, "*-cuda*.json"))) for r in json.load(open(f)).get("rows", [])]
 fast = [r for r in rows if r.get("provider") == "triton"]
 if fast:
-    print(f"\n{'op':<20}{'case':<34}{'ms':>8}{'x ref':>7}{'x comp':>7}{'bw frac':>8}")
+    print(f"\n{'op':<20}{'case':<34}{'ms':>8}{'x ref':>7}{'x comp':>7}{'x eager':>8}{'bw frac':>8}")
     for r in fast[:24]:
         print(f"{r['op'][:19]:<20}{r['case'][:33]:<34}{r['median_ms']:>8.3f}{r.get('speedup_vs_reference', 0):>7.2f}"
-              f"{r.get('speedup_vs_compiled', 0):>7.2f}{r.get('fraction_of_copy_bandwidth', 0):>8.2f}")
-res = os.path.join(out, "triton-resources.json")
-if os.path.exists(res):
+              f"{r.get('speedup_vs_compiled', 0):>7.2f}{r.get('speedup_vs_eager', 0):>8.2f}"
+              f"{r.get('fraction_of_copy_bandwidth', 0):>8.2f}")
+for res in sorted(glob.glob(os.path.join(out, "triton-resources*.json"))):
     r = json.load(open(res))["rows"]
-    print(f"\ntriton-resources: {len(r)} variants x targets, {sum(x.get('stack', 0) > 0 for x in r)} spill, "
+    print(f"\n{os.path.basename(res)}: {len(r)} variants x targets, {sum(x.get('stack', 0) > 0 for x in r)} spill, "
           f"{sum('error' in x for x in r)} fail to compile")
 EOF
+cp "$LOG/summary.txt" "$OUT/summary.txt"
+tar -czf "$OUT/gpu-check.tar.gz" -C "$LOG" --exclude=./.start .
 cat "$OUT/summary.txt"
-echo "total $(($(date +%s) - START)) s; logs and results in $OUT"
+echo "total $(($(date +%s) - START)) s; summary.txt and gpu-check.tar.gz in $OUT, the files unpacked in $LOG"
 exit 0
