@@ -17,6 +17,7 @@ import types
 import warnings
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
+import torch
 from torch import nn
 
 MARK = "pvkernels"
@@ -93,10 +94,12 @@ def signature_problems(func, expected: Iterable[str], label: str) -> list:
 def attention_problems(mod, params: Iterable[str], kwargs: dict, attributes: Iterable[str]) -> list:
     """Structural problems of a peer's ``mod.Attention``: its forward's parameters, and the
     attributes the patch reads on a tiny instance ``Attention(**kwargs)`` (they are set in
-    ``__init__``); a constructor that fails is a structural change too."""
+    ``__init__``; built with the global RNG forked); a constructor that fails is a structural
+    change too."""
     problems = signature_problems(mod.Attention.forward, params, "Attention.forward")
     try:
-        problems += missing(mod.Attention(**kwargs), attributes, "Attention")
+        with torch.random.fork_rng(devices=[]):  # its Linear layers' init: making a patch draws nothing
+            problems += missing(mod.Attention(**kwargs), attributes, "Attention")
     except Exception as exc:  # noqa: BLE001  a changed constructor is a structural change
         problems.append(f"Attention(**{kwargs}) failed: {exc}")
     return problems

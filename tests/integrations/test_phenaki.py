@@ -134,6 +134,13 @@ def test_unpatch_print_and_state_dict():
     assert "pvkernels" not in repr(lfq_model)
 
 
+def test_making_a_patch_draws_no_random_numbers():
+    """The structural check builds a tiny Attention (Linear init): under a forked RNG."""
+    state = torch.get_rng_state()
+    integrations.patch_phenaki().unpatch()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_peer_version_error(monkeypatch):
     fake_version(monkeypatch, "phenaki-pytorch", "0.9.0")
     with pytest.raises(PeerVersionError, match="phenaki-pytorch 0.9.0"):

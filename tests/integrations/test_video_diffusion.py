@@ -115,6 +115,13 @@ def test_unpatch_print_and_version(monkeypatch):
         integrations.patch_video_diffusion()
 
 
+def test_making_a_patch_draws_no_random_numbers():
+    """The structural check builds a tiny Attention (Linear init): under a forked RNG."""
+    state = torch.get_rng_state()
+    integrations.patch_video_diffusion().unpatch()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_changed_attention_is_refused(monkeypatch):
     # an attribute the patch reads no longer set by the constructor, then a constructor that fails
     init = peer.Attention.__init__
