@@ -3,8 +3,11 @@
     python -m pvkernels_models.train --model cvivit --frames 4 --aug blur --steps 200 --out runs/cvivit
 
 Writes DIR/metrics.jsonl (JSON lines), DIR/checkpoint.pt (atomically), DIR/samples.png (labelled).
-``--resume`` continues bit for bit from DIR/checkpoint.pt. Under ``torchrun`` it trains with
-DistributedDataParallel (gloo on CPU, nccl on CUDA); rank 0 writes the files.
+``--resume`` continues bit for bit from DIR/checkpoint.pt, with the flags that shape its model
+(``MODEL_FLAGS``: another --model, --frames, ... exits 2 naming them); a run that has reached
+--steps is complete and left as it is (exit 0). Under ``torchrun`` it trains with
+DistributedDataParallel (gloo on CPU, nccl on CUDA); rank 0 writes the files. On a terminal a
+progress line on stderr follows the training and the evaluation (sampling, the metrics).
 
 One recipe for every model: Adam with a linear learning-rate warm-up, gradient-norm clipping,
 an EMA of the weights that is what gets evaluated, and two generators per run: one for the
@@ -18,7 +21,8 @@ The tokenizers take two optional loss terms on the last frame (the image): a Pat
 loss (``--gan-weight``, from ``--gan-start``) and an LPIPS perceptual loss
 (``--perceptual-weight``, needs torchvision's VGG16 weights file). Diffusion samples are scored
 with the offline FID and KID (on a small digits classifier's features, against every image of
-the data set) and, when pytorch-fid's weights file is found, with FID on InceptionV3 features.
+the data set; KID as computed, not x 1000) and, when pytorch-fid's weights file is found, with FID
+on InceptionV3 features.
 Exit status 2 means bad arguments (or files they name that are missing); an error while
 training is raised as itself.
 """
@@ -28,6 +32,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,7 +47,7 @@ from .data import DownloadError, load_dataset, sample_batch
 from .diffusion import DDPM, VideoDiffusion
 from .figures import image_grid, video_rows
 from .losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, last_frame, load_lpips
-from .metrics import fid, find_inception_weights, offline_scores, psnr, train_classifier
+from .metrics import KID_SCALE, fid, find_inception_weights, offline_scores, psnr, train_classifier
 from .pretrained import INCEPTION_FILE, load_inception
 from .tokenizers import CViViT, VQVAE
 
@@ -56,10 +61,92 @@ SCHEDULES = {"blur": ("linear", "geometric"), "noise": ("linear", "cosine"), "bl
 NAMES = {"vqvae": "VQVAE (image)", "cvivit": "CViViT (pseudo video)", "ddpm": "DDPM (image)",
          "video-diffusion": "VideoDiffusion (pseudo video)"}
 
+# the flags that decide the model's parameters (their shapes; --data its channels): --resume keeps them
+MODEL_FLAGS = ("model", "frames", "image_size", "width", "timesteps", "codes_per_position", "data")
+
+
+class Progress:
+    """One status line on stderr, rewritten in place: the training bar, then each stage of the
+    evaluation. Off when ``enabled`` is False or stderr is not a terminal (a log file gets no
+    carriage returns).
+
+    Args:
+        enabled: False turns it off (``--no-progress``, ranks other than 0).
+        prefix: put before every status (the demo's "[2/4] cvivit, seed 0: ").
+        one_line: keep the training and the evaluation of a run on one line; the caller ends it
+            with :meth:`close` (the demo: one line per run).
+        bar_width: characters of the bar (``bar``).
+    """
+
+    def __init__(self, enabled: bool = True, prefix: str = "", one_line: bool = False, bar_width: int = 30):
+        self.stream = sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.enabled = bool(enabled and isatty is not None and isatty())
+        self.prefix, self.one_line, self.bar_width = prefix, one_line, bar_width
+        self._shown, self._last, self._line = 0, 0.0, ""
+
+    def show(self, text: str, force: bool = False, cut: bool = True) -> None:
+        """Replaces the line by prefix + text (at most every 0.1 s unless forced: a small model's
+        steps are faster than a terminal wants redrawing), cut to the terminal's width in the
+        middle (a wrapped line cannot be rewritten: a carriage return goes back to its last row only)."""
+        if not (force and self.enabled or self.due()):
+            return
+        line = self.prefix + text
+        width = shutil.get_terminal_size().columns - 1
+        if cut and len(line) > width:  # the middle goes: the end holds the counts ("step 37/100")
+            line = line[: max(width - 17, 0)] + "..." + line[-14:]
+        self.stream.write("\r" + line.ljust(self._shown))  # blanks what a longer line left
+        self.stream.flush()
+        self._shown, self._last, self._line = len(line), time.perf_counter(), line
+
+    def due(self) -> bool:
+        """Whether a status would be drawn now (on, and 0.1 s since the last)."""
+        return self.enabled and time.perf_counter() - self._last >= 0.1
+
+    def bar(self, done: int, total: int) -> str:
+        """``[#####     ]``: done of total."""
+        return f"[{'#' * int(self.bar_width * done / max(total, 1)):<{self.bar_width}}]"
+
+    def end(self) -> None:
+        """Ends the line (a new status starts a new one), unless ``one_line``."""
+        if not self.one_line:
+            self.close()
+
+    def say(self, text: str) -> None:
+        """Prints ``text`` to stderr on a line of its own (always: it is not progress), and the
+        status line again under it."""
+        drawn = self.enabled and self._shown
+        if drawn:
+            self.stream.write("\r" + " " * self._shown + "\r")
+        print(text, file=self.stream, flush=True)
+        if drawn:
+            self.stream.write(self._line)
+            self.stream.flush()
+
+    def close(self, text: str | None = None) -> None:
+        """Shows ``text`` (if given; whole, as it is not rewritten) and ends the line."""
+        if text is not None:
+            self.show(text, force=True, cut=False)
+        if self.enabled and self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+        self._shown = 0
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each flag's default, where it has one: a default of None (the flag's help
+    says what happens) or of an off switch says nothing and is left out."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pvkernels-train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=MODELS, required=True)
+    p = argparse.ArgumentParser(prog="pvkernels-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--model", choices=MODELS, required=True, help="what to train")
     p.add_argument("--frames", type=int, default=4, help="pseudo-video length (video models)")
     p.add_argument("--aug", choices=AUGS, default="blur",
                    help="pseudo-video frames: blur, noise (DDPM), blur+noise, or identity (T copies: the control)")
@@ -73,25 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video models: loss = L_last + LAMBDA * mean(L_other frames); default 1/(T-1)")
     p.add_argument("--codes-per-position", type=int, default=1,
                    help="vqvae: codes per latent position (T of them match CViViT's codes per image)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=200, help="optimiser steps (the total, also with --resume)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step (per process under torchrun)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate after the warm-up")
     p.add_argument("--warmup", type=int, default=50, help="steps of linear learning-rate warm-up")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
     p.add_argument("--ema-decay", type=float, default=0.995, help="EMA of the weights, evaluated (0 = off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initial weights, data order and noise")
     p.add_argument("--backend", choices=pvkernels.BACKENDS, default="auto", help="of every pvkernels op")
     p.add_argument("--data", default="digits", help="digits | cifar10 | folder:PATH")
     p.add_argument("--data-dir", default=None, help="where the CIFAR-10 python batches are")
     p.add_argument("--download", action="store_true",
                    help="fetch CIFAR-10 into --data-dir first if it is not there (needs the network)")
-    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=16, help="images are resized to this side")
     p.add_argument("--timesteps", type=int, default=100, help="diffusion steps")
     p.add_argument("--width", type=int, default=32, help="diffusion U-Net width (a multiple of 8)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--out", required=True, help="output directory (made once the arguments are checked)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt, with the flags that shape its model")
+    p.add_argument("--log-every", type=int, default=10, help="steps between lines of OUT/metrics.jsonl")
+    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (and one at the end)")
     p.add_argument("--eval-samples", type=int, default=256,
                    help="images reconstructed (tokenizers) or samples drawn (diffusion) for the metrics")
     g = p.add_argument_group("tokenizer loss terms (vqvae, cvivit; on the last frame)")
@@ -106,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", default=None, metavar="PATH",
                    help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth for FID of diffusion samples "
                         "(default: $PVKERNELS_INCEPTION_WEIGHTS, then the torch hub cache)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress line on stderr (it is off anyway when stderr is not a terminal)")
     return p
 
 
@@ -164,6 +253,26 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         pseudo_video_params(args)
     except ValueError as exc:
         parser.error(str(exc))
+    problem = backend_problem(args.backend)
+    if problem:
+        parser.error(f"--backend {args.backend}: {problem}")
+
+
+def backend_problem(backend: str) -> str | None:
+    """Why ``backend`` cannot run this process's training (it trains on CUDA when torch sees a
+    GPU, else on the CPU), or None. Every model is refused alike, also DDPM (no pvkernels op)."""
+    if backend == "triton":
+        if not pvkernels.triton_available():
+            return "triton is not installed (pip install 'pvkernels[triton]')"
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            return ("the Triton kernels need a CUDA GPU and torch sees none (TRITON_INTERPRET=1 runs them on the "
+                    "CPU, slowly); use --backend auto, cpp or reference")
+    if backend == "cpp":
+        if torch.cuda.is_available():
+            return "the C++ kernels take CPU tensors, and with a CUDA GPU the model trains on it; use auto or triton"
+        if not pvkernels.cpp_available():
+            return "the C++ extension is unavailable (pvkernels said why at import); use auto or reference"
+    return None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -190,6 +299,28 @@ def build_model(args, channels: int) -> torch.nn.Module:
                           other_weight=args.other_weight, clip_frames=clip, backend=backend)
 
 
+def read_checkpoint(args) -> dict:
+    """OUT/checkpoint.pt for ``--resume``, on the CPU, checked against the flags that shape the model.
+
+    Raises:
+        FileNotFoundError: OUT holds no checkpoint.
+        ValueError: flags of MODEL_FLAGS that differ from the checkpoint's, named with both values.
+    """
+    path = Path(args.out) / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = state.get("args", {})
+    differ = [f for f in MODEL_FLAGS if f in saved and saved[f] != getattr(args, f)]
+    if differ:
+        flag = lambda f, v: f"--{f.replace('_', '-')} {v}"  # noqa: E731
+        raise ValueError(f"--resume: {path} holds a model trained with "
+                         f"{', '.join(flag(f, saved[f]) for f in differ)}, not "
+                         f"{', '.join(flag(f, getattr(args, f)) for f in differ)}: resume with the checkpoint's "
+                         "flags, or train into another --out")
+    return state
+
+
 class _Objective(torch.nn.Module):
     """model.loss as a forward, so DistributedDataParallel sees (and all-reduces) it.
 
@@ -211,17 +342,32 @@ class _Objective(torch.nn.Module):
 
 
 class Trainer:
-    def __init__(self, args):
+    """One run: builds the model from ``args`` (parse_args's), trains it (``train``) and
+    evaluates it (``evaluate``).
+
+    Args:
+        checkpoint: ``read_checkpoint(args)``'s state, when the caller has read it already
+            (``--resume`` reads it otherwise).
+        progress: the status line; by default one of its own, off with ``--no-progress``.
+            Rank 0 alone shows one.
+
+    OUT is made only once everything the arguments name (data, weight files, checkpoint) was found.
+    """
+
+    def __init__(self, args, checkpoint: dict | None = None, progress: Progress | None = None):
         self.args = args
+        if args.resume and checkpoint is None:
+            checkpoint = read_checkpoint(args)  # a mismatch fails before the data is loaded
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if self.distributed and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         self.rank = dist.get_rank() if self.distributed else 0
         self.device = torch.device(f"cuda:{self.rank % torch.cuda.device_count()}" if torch.cuda.is_available()
                                    else "cpu")
+        self.progress = progress if progress is not None else Progress(not args.no_progress)
+        if self.rank != 0:
+            self.progress.enabled = False
         self.out = Path(args.out)
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
         if self.distributed and self.rank != 0 and args.download:
             dist.barrier()  # rank 0 downloads alone; the others wait for it (torchrun stops them if it fails)
         self.images, self.labels = load_dataset(args.data, args.image_size, args.data_dir,
@@ -251,13 +397,15 @@ class Trainer:
         self.data_gen = torch.Generator().manual_seed(2 * (args.seed * 1000 + self.rank))
         self.noise_gen = torch.Generator().manual_seed(2 * (args.seed * 1000 + self.rank) + 1)
         self.step = 0
-        if args.resume:
-            self.load()
+        if checkpoint is not None:
+            self.load(checkpoint)
         ddp = torch.nn.parallel.DistributedDataParallel if self.distributed else (lambda m: m)
         self.objective = ddp(_Objective(self.model))
         # the discriminator's own step goes through DDP (its gradients all-reduced); the
         # generator step calls self.disc directly, frozen, so DDP never sees D in that backward
         self.disc_step = ddp(self.disc) if self.disc is not None else None
+        if self.rank == 0:  # the arguments held: a failed run leaves no empty OUT behind
+            self.out.mkdir(parents=True, exist_ok=True)
 
     # -- pseudo videos -------------------------------------------------------------------
     def make_input(self, images: torch.Tensor, step: int) -> torch.Tensor:
@@ -285,11 +433,8 @@ class Trainer:
         torch.save(state, tmp)
         os.replace(tmp, self.out / "checkpoint.pt")  # atomic: a crash never leaves half a file
 
-    def load(self) -> None:
-        path = self.out / "checkpoint.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+    def load(self, state: dict) -> None:
+        """Continues from a checkpoint's state (``read_checkpoint``'s: on the CPU, whose RNG states must stay there)."""
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         if self.ema is not None:
@@ -363,14 +508,14 @@ class Trainer:
                         "sec_per_step": elapsed / args.log_every}
                 self.log(last)
                 start = time.perf_counter()
-                if self.rank == 0 and not args.no_progress:
-                    bar = "#" * int(30 * self.step / args.steps)
-                    print(f"\r[{bar:<30}] {self.step}/{args.steps} loss {loss.item():.4f}", end="", file=sys.stderr)
+            if self.progress.due() or (self.progress.enabled and self.step == args.steps):
+                # (loss.item() waits for the step: only when the line is redrawn)
+                self.progress.show(f"{self.progress.bar(self.step, args.steps)} step {self.step}/{args.steps} "
+                                   f"loss {loss.item():.4f}", force=self.step == args.steps)
             if self.step % args.ckpt_every == 0:
                 self.save()
-        if self.rank == 0 and not args.no_progress:
-            print(file=sys.stderr)
         self.save()
+        self.progress.end()
         return last
 
     @torch.no_grad()
@@ -379,6 +524,12 @@ class Trainer:
         EMA weights; logged, drawn to OUT/samples.png and returned. ``self.shown_images`` keeps
         16 last frames (reconstructions or samples; and the originals) for summary figures."""
         args = self.args
+        begin = time.perf_counter()
+
+        def show(what: str, done: int | None = None, total: int = 1) -> None:  # a stage, with a bar if counted
+            counted = self.progress.bar(done, total) if done is not None else " " * (self.progress.bar_width + 2)
+            self.progress.show(f"{counted} eval{' (EMA)' if self.ema is not None else ''}: {what}",
+                               force=done in (None, 0, total))
         model = self.ema if self.ema is not None else self.model
         model.eval()
         eval_gen = torch.Generator().manual_seed(12345)
@@ -389,6 +540,7 @@ class Trainer:
         frame_names = [f"frame {t}" for t in range(T - 1)] + [f"frame {T - 1} = image"]
         frame_names[0] += " (most corrupted)" if T > 1 and self.params is not None else ""
         if not self.diffusion:
+            show(f"reconstructing {len(real)} images")
             x = self.make_input(real, -1)
             recon = model(x)[0]
             record["psnr_last_frame"] = float(psnr(last_frame(recon), real).clamp(max=100).mean())
@@ -396,31 +548,42 @@ class Trainer:
             shown = [(f"input: {'pseudo-video frames' if self.video else 'images'}", x),
                      (f"reconstructions ({record['psnr_last_frame']:.2f} dB on the last frame)", recon)]
         else:
-            video = model.sample_video(args.eval_samples, eval_gen) if self.video else None
-            fake = (video[:, -1] + 1) / 2 if self.video else model.sample(args.eval_samples, eval_gen)
-            classifier, real_features = _classifier(args.data, args.image_size, self.images, self.labels)
+            what = f"sampling {args.eval_samples} {'videos' if self.video else 'images'}, step"
+            sampling = lambda done, total: show(f"{what} {done}/{total}", done, total)  # noqa: E731
+            video = model.sample_video(args.eval_samples, eval_gen, progress=sampling) if self.video else None
+            fake = ((video[:, -1] + 1) / 2 if self.video
+                    else model.sample(args.eval_samples, eval_gen, progress=sampling))
+            fitting = lambda done, total: show(  # noqa: E731
+                f"fitting the offline metrics' classifier (once per process), step {done}/{total}", done, total)
+            classifier, real_features = _classifier(args.data, args.image_size, self.images, self.labels, fitting)
+            show("offline FID and KID")
             record.update(offline_scores(real_features.to(self.device), fake, classifier.to(self.device)))
             record["offline_note"] = ("offline FID / KID: on the features of a small digits classifier, against "
-                                      f"all {len(self.images)} images; not Inception FID")
-            inception = _inception(self.inception_path, self.inception_looked, verbose=self.rank == 0)
+                                      f"all {len(self.images)} images; not Inception FID; KID: {KID_SCALE}")
+            inception = _inception(self.inception_path, self.inception_looked,
+                                   say=self.progress.say if self.rank == 0 else None)
             if inception is not None:
+                show("FID on InceptionV3 features")
                 n = min(len(real), len(fake))
                 record["fid_inception"] = fid(real[:n], fake[:n], inception.to(self.device))
                 record["fid_note"] = (f"FID (InceptionV3, pytorch-fid weights) on {n} samples: biased "
                                       "upwards at this size, not comparable with 50k-sample FIDs")
             self.shown_images = {"output": fake[:16]}
-            scores = f"offline FID {record['offline_fid']:.1f}, KID {record['offline_kid']:.3g}"
+            scores = f"offline FID {record['offline_fid']:.1f}, KID {record['offline_kid']:.3g} ({KID_SCALE})"
             shown = [("training input: " + ("pseudo-video frames" if self.video else "real images"),
                       (self.make_input(real[:8], -1) + 1) / 2),
-                     (f"samples ({scores})" + (": generated videos" if self.video else ""),
+                     (f"samples{', generated videos' if self.video else ''}: {scores}",
                       (video + 1) / 2 if self.video else fake)]
         self.log(record)
         if self.rank == 0:  # every tensor shown is on the image scale [0, 1]
+            show("drawing samples.png")
             sections = [(heading, video_rows(t, frame_names) if t.dim() == 5 else [("image", t)])
                         for heading, t in shown]
             image_grid(self.out / "samples.png", f"{name}, {self._describe()}, step {self.step}"
                        + (" (EMA weights)" if self.ema is not None else ""), sections)
         self.model.train()
+        show(f"done in {time.perf_counter() - begin:.1f} s", 1, 1)
+        self.progress.end()
         return record
 
     def _describe(self) -> str:
@@ -434,11 +597,11 @@ class Trainer:
 _CLASSIFIERS: dict = {}
 
 
-def _classifier(data: str, size: int, images: torch.Tensor, labels: torch.Tensor):
+def _classifier(data: str, size: int, images: torch.Tensor, labels: torch.Tensor, progress=None):
     """The offline-metric feature extractor and the features of every image, computed once per
-    dataset and size in a process."""
+    dataset and size in a process (``progress(step, steps)`` while it is fitted)."""
     if (data, size) not in _CLASSIFIERS:
-        classifier = train_classifier(images, labels, seed=0)
+        classifier = train_classifier(images, labels, seed=0, progress=progress)
         with torch.no_grad():
             _CLASSIFIERS[(data, size)] = classifier, classifier.features(images)
     return _CLASSIFIERS[(data, size)]
@@ -447,22 +610,38 @@ def _classifier(data: str, size: int, images: torch.Tensor, labels: torch.Tensor
 _INCEPTIONS: dict = {}
 
 
-def _inception(path, looked: str, verbose: bool):
+def _inception(path, looked: str, say=None):
     """The FID InceptionV3 from path (loaded once per process), or None when no weights were
-    found, saying once per process why the real FID is unavailable."""
+    found, saying once per process (through ``say``, if given) why the real FID is unavailable."""
     if path not in _INCEPTIONS:
         _INCEPTIONS[path] = load_inception(path) if path is not None else None
-        if path is None and verbose:
-            print(f"pvkernels-train: FID (InceptionV3) unavailable: no {INCEPTION_FILE} (looked in {looked}); "
-                  "reporting the offline FID and KID only", file=sys.stderr)
+        if path is None and say is not None:
+            say(f"pvkernels-train: FID (InceptionV3) unavailable: no {INCEPTION_FILE} (looked in {looked}); "
+                "reporting the offline FID and KID only")
     return _INCEPTIONS[path]
+
+
+def _last_eval(out: Path) -> dict | None:
+    """The last evaluation record of OUT/metrics.jsonl (None without one)."""
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return next((r for r in map(json.loads, reversed(lines)) if r.get("eval")), None)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         try:
-            trainer = Trainer(args)
+            checkpoint = read_checkpoint(args) if args.resume else None
+            if checkpoint is not None and checkpoint["step"] >= args.steps:
+                # trained and evaluated already: its files stay as they are
+                if rank0:
+                    print(f"pvkernels-train: {args.out} is complete: its checkpoint is at step {checkpoint['step']} "
+                          f"of --steps {args.steps}; nothing to do (a larger --steps trains on)", file=sys.stderr)
+                    print(json.dumps(_last_eval(Path(args.out)) or {"step": checkpoint["step"], "complete": True}))
+                return 0
+            trainer = Trainer(args, checkpoint)
         except (FileNotFoundError, ValueError, ImportError, DownloadError) as exc:
             # the data, weight files and checkpoint the arguments name: usage errors, exit 2
             print(f"pvkernels-train: error: {exc}", file=sys.stderr)

@@ -220,3 +220,38 @@ def test_ddp_two_gloo_processes(tmp_path, script, extra):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "checkpoint.pt").is_file()
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_resume_of_a_complete_run_says_so_and_leaves_its_files(tmp_path, capsys):
+    run = ["--model", "vqvae", "--out", str(tmp_path), *FAST]
+    assert main([*run, "--steps", "2"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    before = snapshot(tmp_path)
+    for steps in ("2", "1"):  # reached, and past
+        assert main([*run, "--steps", steps, "--resume"]) == 0
+        out, err = capsys.readouterr()
+        assert f"{tmp_path} is complete: its checkpoint is at step 2 of --steps {steps}; nothing to do" in err
+        assert json.loads(out) == evaluated  # its evaluation, as it was printed when it ended
+        assert snapshot(tmp_path) == before  # no second evaluation in metrics.jsonl, nothing rewritten
+    assert main([*run, "--steps", "3", "--resume"]) == 0  # a larger --steps trains on
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
+
+
+def test_resume_with_other_model_flags_exits_2_naming_them(tmp_path, capsys):
+    run = ["--out", str(tmp_path), "--steps", "2", "--resume", *FAST]
+    assert main(["--model", "cvivit", "--frames", "3", "--steps", "1", "--out", str(tmp_path), *FAST]) == 0
+    before = snapshot(tmp_path)
+    for flags, named in [(["--model", "cvivit", "--frames", "2"], "trained with --frames 3, not --frames 2"),
+                         (["--model", "vqvae"],
+                          "trained with --model cvivit, --frames 3, not --model vqvae, --frames 1"),
+                         (["--model", "cvivit", "--frames", "3", "--image-size", "16"],
+                          "trained with --image-size 8, not --image-size 16")]:
+        assert main([*run, *flags]) == 2, flags  # (flags last: FAST has an --image-size)
+        err = capsys.readouterr().err
+        assert f"pvkernels-train: error: --resume: {tmp_path / 'checkpoint.pt'} holds a model {named}" in err, err
+    assert snapshot(tmp_path) == before
+    assert main(["--model", "cvivit", "--frames", "3", "--lr", "1e-4", *run]) == 0  # other flags may change

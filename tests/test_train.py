@@ -1,11 +1,18 @@
-"""The training CLI's pseudo videos (--aug/--order/--schedule), backend, recipe and exit codes."""
+"""The training CLI's pseudo videos (--aug/--order/--schedule), backend, recipe, exit codes, --help,
+progress and what it says."""
+import argparse
+import io
+import json
 import os
+import re
+import sys
 
 import pytest
 import torch
 
 import pvkernels
 from pvkernels import schedules
+from pvkernels_models import train
 from pvkernels_models.train import Trainer, main, parse_args, pseudo_video_params
 
 from .utils import assert_close
@@ -117,3 +124,145 @@ def test_recipe_warmup_clipping_ema_and_separate_generators(tmp_path, monkeypatc
     image.train(), video.train()
     assert torch.equal(image.data_gen.get_state(), video.data_gen.get_state())
     assert not torch.equal(image.noise_gen.get_state(), video.noise_gen.get_state())
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
+def terminal(monkeypatch) -> Terminal:
+    """Makes stderr a terminal from here on in the test (a fixture cannot: pytest's capture resets sys.stderr)."""
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    monkeypatch.setenv("COLUMNS", "200")  # no status cut to the terminal's width
+    return term
+
+
+@pytest.fixture
+def quick_classifier(monkeypatch):
+    """A fresh process's caches, and the offline-metric classifier fitted in 3 steps (not 300)."""
+    real = train.train_classifier
+    monkeypatch.setattr(train, "train_classifier", lambda *a, **kw: real(*a, **kw, steps=3))
+    monkeypatch.setattr(train, "_CLASSIFIERS", {})
+    monkeypatch.setattr(train, "_INCEPTIONS", {})
+
+
+def statuses(err: str) -> list:
+    """Every state the progress lines went through, in order."""
+    return [s.rstrip() for s in err.replace("\n", "\r").split("\r") if s.strip()]
+
+
+def screen(err: str) -> list:
+    """The lines a terminal shows at the end (a carriage return goes back to overwrite)."""
+    return [line.split("\r")[-1].rstrip() for line in err.split("\n")]
+
+
+PROGRESS = [a for a in FAST if a != "--no-progress"]
+
+
+def test_progress_runs_through_the_evaluation_on_a_terminal(tmp_path, monkeypatch, quick_classifier):
+    stderr = terminal(monkeypatch)
+    assert main(["--model", "ddpm", "--steps", "2", "--out", str(tmp_path), *PROGRESS]) == 0
+    err = stderr.getvalue()
+    train_line, note, eval_line, rest = screen(err)  # training, the FID note on a line of its own, evaluation
+    assert re.fullmatch(r"\[#{30}\] step 2/2 loss [0-9.]+", train_line) and rest == ""
+    assert note.startswith("pvkernels-train: FID (InceptionV3) unavailable")
+    assert re.fullmatch(r"\[#{30}\] eval \(EMA\): done in [0-9.]+ s", eval_line)
+    shown = statuses(err)
+    for stage in ("eval (EMA): sampling 16 images, step 5/5", "eval (EMA): fitting the offline metrics' "
+                  "classifier (once per process), step 3/3", "eval (EMA): offline FID and KID", "drawing samples.png"):
+        assert any(s.endswith(stage) for s in shown), (stage, shown)
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["not a terminal", "--no-progress"])
+def test_no_progress_off_a_terminal_or_with_no_progress(tmp_path, monkeypatch, capsys, tty):
+    monkeypatch.setattr(train, "_INCEPTIONS", {None: None})  # (the FID note said already)
+    argv = ["--model", "vqvae", "--steps", "2", "--out", str(tmp_path), *PROGRESS]
+    if tty:
+        terminal(monkeypatch)
+        argv.append("--no-progress")
+    assert main(argv) == 0
+    assert (sys.stderr.getvalue() if tty else capsys.readouterr().err) == ""
+
+
+@pytest.mark.parametrize("model", ["vqvae", "cvivit", "ddpm", "video-diffusion"])
+def test_a_backend_that_cannot_run_here_exits_2_with_the_reason_for_every_model(model, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (conftest sets it on a CPU machine)
+    monkeypatch.setattr(pvkernels, "triton_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for backend, reason in (("triton", "the Triton kernels need a CUDA GPU and torch sees none"),
+                            ("cpp", None)):
+        if backend == "cpp":  # on a GPU machine the model trains on CUDA, where the C++ kernels cannot
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+            reason = "the C++ kernels take CPU tensors"
+        with pytest.raises(SystemExit) as exc:
+            main(["--model", model, "--steps", "1", "--backend", backend, "--out", str(out), *FAST])
+        assert exc.value.code == 2 and f"--backend {backend}: {reason}" in capsys.readouterr().err
+    monkeypatch.setattr(pvkernels, "triton_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["--model", model, "--backend", "triton", "--out", str(out), *FAST])
+    assert "--backend triton: triton is not installed" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_failed_run_leaves_no_out_folder(tmp_path, capsys):
+    for bad in (["--data", "cifar10", "--data-dir", str(tmp_path / "none")], ["--resume"],
+                ["--inception-weights", str(tmp_path / "none.pth")]):
+        assert main(["--model", "ddpm", "--steps", "1", "--out", str(tmp_path / "run"), *FAST, *bad]) == 2
+        assert "pvkernels-train: error:" in capsys.readouterr().err and not (tmp_path / "run").exists(), bad
+
+
+def help_blocks(text: str) -> dict:
+    """--help's text per option: {"--steps": "--steps STEPS optimiser steps ... (default: 200)"}."""
+    blocks, current = {}, None
+    for line in text.splitlines():
+        flag = re.match(r"\s{2}(-{1,2}[\w-]+)", line)
+        if flag:
+            current = flag.group(1)
+            blocks[current] = ""
+        if current is not None and line.startswith("  "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return blocks
+
+
+def test_help_shows_every_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    blocks = help_blocks(capsys.readouterr().out)
+    assert "(default: 200)" in blocks["--steps"] and "(default: 16)" in blocks["--image-size"]
+    defaults = [a for a in train.build_parser()._actions if a.option_strings
+                and a.default is not None and a.default is not False and a.default != argparse.SUPPRESS]
+    assert len(defaults) == 23  # (--seed 0 and the 0 weights too)
+    for action in defaults:
+        assert f"(default: {action.default})" in blocks[action.option_strings[-1]], action.option_strings
+    assert "(default: None)" not in str(blocks) and "(default: False)" not in str(blocks)
+
+
+def test_kid_is_shown_with_its_scale(tmp_path, monkeypatch, quick_classifier, capsys):
+    drawn = []
+    monkeypatch.setattr(train, "image_grid", lambda path, title, sections: drawn.append(sections))
+    assert main(["--model", "ddpm", "--steps", "1", "--out", str(tmp_path), *FAST]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["offline_note"].endswith("KID: the plain value, not x 1000")
+    heading = drawn[0][-1][0]  # the samples' heading in samples.png
+    assert re.fullmatch(r"samples: offline FID [0-9.]+, KID [0-9.e+-]+ \(the plain value, not x 1000\)", heading)
+
+
+def test_a_status_wider_than_the_terminal_loses_its_middle(monkeypatch):
+    stderr = terminal(monkeypatch)
+    monkeypatch.setenv("COLUMNS", "40")
+    progress = train.Progress(prefix="[1/4] video-diffusion: ", bar_width=10)
+    progress.show(progress.bar(5, 300) + " fitting the classifier, step 5/300")
+    progress.say("a note")
+    progress.close("the last state of a run, whole: it is not rewritten")
+    cut = "[1/4] video-diffusion:...er, step 5/300"
+    last = "[1/4] video-diffusion: the last state of a run, whole: it is not rewritten"
+    assert len(cut) == 39 and stderr.getvalue() == f"\r{cut}\r{' ' * 39}\ra note\n{cut}\r{last}\n"
