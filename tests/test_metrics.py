@@ -142,3 +142,21 @@ def test_cli_reports_inception_fid_when_the_weights_exist(inception_file, tmp_pa
     assert record["fid_inception"] > 0 and "offline_fid" in record and "InceptionV3" in record["fid_note"]
     assert train.main([*argv, str(tmp_path / "d"), "--inception-weights", str(tmp_path / "none.pth")]) == 2
     assert "--inception-weights: no file at" in capsys.readouterr().err
+
+
+def test_experiments_show_kid_with_its_scale(tmp_path, monkeypatch, capsys):
+    """KID is the plain value (hundreds or more on the offline features, which reads as the x 1000
+    of published KIDs): the table and the figures say so."""
+    from pvkernels_models import experiments
+
+    arms = experiments.grid("diffusion", experiments.BUDGETS["smoke"])
+    values = {(a.key, "offline_kid"): [100.0 + 3 * i, 140.0 + i] for i, a in enumerate(arms)}
+    results = experiments.Results(arms, values=values)
+    rows = [r for _, r in results.arm_rows()]
+    experiments.print_table(rows, [])
+    assert "offline_kid: offline KID (the plain value, not x 1000)" in capsys.readouterr().out
+    titles = []
+    monkeypatch.setattr(experiments, "line_plot", lambda path, title, *rest: titles.append(title))
+    experiments.draw(results, tmp_path)
+    assert titles == ["diffusion: offline KID (the plain value, not x 1000), small-classifier features (lower is "
+                      "better), mean +- std over 2 seeds"]
