@@ -6,7 +6,8 @@ benchmarks/results/triton-resources.json, which holds one set of rows per tested
 3.8, the range setup.py claims): each run replaces its own version's rows only.
 
 The launches come from the launchers' own planning functions (``_attention_fwd_launches``,
-``_attention_bwd_launches``, ``_vq_lookup_launches``, ``_pseudo_video_launches``) called on
+``_attention_bwd_launches``, ``_vq_lookup_launches``, ``_pseudo_video_launches``,
+``_lfq_entropy_fwd_launches``, ``_lfq_entropy_bwd_launches``) called on
 meta tensors, with the GPU settings (no interpreter), over the shapes below: every block class
 of each launcher's config function plus the benchmark and test shapes. A variant is one
 (kernel, pointer dtypes, constexprs, warps, stages); flags such as causal / bias / noise are
@@ -34,13 +35,15 @@ LOCAL_RESULTS_DIR = ROOT / "benchmarks" / "results" / "local"  # every other run
 SAVE_REFERENCE = "PVKERNELS_BENCH_SAVE_REFERENCE"  # as benchmarks/harness.py
 TARGETS = (80, 90)
 KERNELS = ("_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel",
-           "_attention_bwd_dq_kernel", "_vq_lookup_fwd_kernel", "_pseudo_video_kernel")
+           "_attention_bwd_dq_kernel", "_vq_lookup_fwd_kernel", "_pseudo_video_kernel", "_lfq_entropy_fwd_kernel",
+           "_lfq_entropy_bwd_kernel")
 # sequence lengths and head dims on both sides of every block-class boundary of attention's
 # _config, which include the benchmark shapes (T = 8, 18; S = 64, 256, 1024; Dh = 32, 64) and
 # the test shapes (N = 1 .. 150, Dh = 8 .. 128)
 ATTENTION_N = (1, 7, 18, 33, 64, 65, 256, 1024)
 ATTENTION_D = (8, 24, 40, 64, 100, 128)
 VQ_D = (3, 16, 25, 33, 64, 65, 256)  # (N, K) = (65536, 8192), the GPU benchmark's
+LFQ_D = tuple(range(1, 25))  # every bits per codebook the op takes (each half's tile class, odd halves)
 # (B, C, H, W), schedule: the GPU benchmark (1024 x 3 x 32 x 32, T = 18), the CPU ones, the tests'
 # odd sizes, and planes past one block (tiled, with the halo of sigma 3 and of sigma 8)
 PSEUDO_VIDEO = [((1024, 3, 32, 32), 3.0), ((4, 3, 16, 16), 3.0), ((3, 2, 17, 29), 3.0), ((2, 3, 5, 7), 3.0),
@@ -52,7 +55,7 @@ def gpu_launches() -> list:
     import torch
 
     from pvkernels import schedules
-    from pvkernels.ops import attention, pseudo_video, vq
+    from pvkernels.ops import attention, lfq, pseudo_video, vq
 
     meta = "meta"
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
@@ -83,6 +86,13 @@ def gpu_launches() -> list:
         out = torch.empty(B, 18, C, H, W, device=meta, dtype=dtype)
         launches += pseudo_video._pseudo_video_launches(x, out, None, p["blur_sigma"], p["noise_std"],
                                                         p["signal_scale"], order == "first", 1, 3.0)
+    for d, grad_avg in itertools.product(LFQ_D, (True, False)):
+        rows, codebooks = 16384, 2
+        lqp = torch.empty(rows, d, device=meta)
+        w = torch.empty(rows, device=meta)
+        launches += lfq._lfq_entropy_fwd_launches(lqp, lqp, w)
+        launches += lfq._lfq_entropy_bwd_launches(lqp, lqp, w, w, torch.empty(codebooks, 2 ** d, device=meta)
+                                                  if grad_avg else None, lqp, lqp)
     return [one for launch in launches for one in _configs_of(launch)]
 
 
