@@ -51,15 +51,16 @@ from .metrics import KID_SCALE, fid, find_inception_weights, offline_scores, psn
 from .pretrained import INCEPTION_FILE, load_inception
 from .tokenizers import CViViT, VQVAE
 
-MODELS = ("vqvae", "cvivit", "ddpm", "video-diffusion")
-VIDEO_MODELS = ("cvivit", "video-diffusion")
+MODELS = ("vqvae", "cvivit", "ddpm", "video-diffusion", "video-diffusion-ar")
+VIDEO_MODELS = ("cvivit", "video-diffusion", "video-diffusion-ar")
 TOKENIZERS = ("vqvae", "cvivit")
 AUGS = ("blur", "noise", "blur+noise", "identity")
 # --schedule per --aug (the first is the default); for blur+noise it names the noise's, the blur is linear
 SCHEDULES = {"blur": ("linear", "geometric"), "noise": ("linear", "cosine"), "blur+noise": ("linear", "cosine"),
              "identity": ()}
 NAMES = {"vqvae": "VQVAE (image)", "cvivit": "CViViT (pseudo video)", "ddpm": "DDPM (image)",
-         "video-diffusion": "VideoDiffusion (pseudo video)"}
+         "video-diffusion": "VideoDiffusion (pseudo video)",
+         "video-diffusion-ar": "VideoDiffusion-AR (pseudo video, autoregressive)"}
 
 # the flags that decide the model's parameters (their shapes; --data its channels): --resume keeps them
 MODEL_FLAGS = ("model", "frames", "image_size", "width", "timesteps", "codes_per_position", "data")
@@ -146,7 +147,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pvkernels-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--model", choices=MODELS, required=True, help="what to train")
+    p.add_argument("--model", choices=MODELS, required=True,
+                   help="what to train; video-diffusion generates the frames jointly (one t), video-diffusion-ar "
+                        "autoregressively (frame t by its own diffusion given frames < t)")
     p.add_argument("--frames", type=int, default=4, help="pseudo-video length (video models)")
     p.add_argument("--aug", choices=AUGS, default="blur",
                    help="pseudo-video frames: blur, noise (DDPM), blur+noise, or identity (T copies: the control)")
@@ -295,8 +298,9 @@ def build_model(args, channels: int) -> torch.nn.Module:
         return DDPM(channels, size, args.width, timesteps=args.timesteps)
     # blur and identity frames stay in [-1, 1]: every frame's x0 can be clipped; noise frames cannot
     clip = "last" if "noise" in args.aug else "all"
+    generation = "autoregressive" if args.model == "video-diffusion-ar" else "joint"
     return VideoDiffusion(channels, size, args.frames, args.width, timesteps=args.timesteps,
-                          other_weight=args.other_weight, clip_frames=clip, backend=backend)
+                          other_weight=args.other_weight, clip_frames=clip, generation=generation, backend=backend)
 
 
 def read_checkpoint(args) -> dict:

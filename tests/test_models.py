@@ -1,5 +1,6 @@
-"""pvkernels_models: shapes, fitting a batch, the sampler, VideoDiffusion = DDPM per frame at init, the
-frame-weighted loss, frames=1, resume, CLI, DDP, bad arguments."""
+"""pvkernels_models: shapes, fitting a batch, the sampler, VideoDiffusion = DDPM per frame at init (joint)
+and on the last frame (autoregressive), the autoregressive mask and sampler, the frame-weighted loss,
+frames=1, resume, CLI, DDP, bad arguments."""
 import json
 import os
 import subprocess
@@ -22,19 +23,21 @@ def make(name, frames=3):
     return {"vqvae": lambda: VQVAE(1, width=16, dim=8, codebook_size=16),
             "cvivit": lambda: CViViT(1, 8, frames, patch=4, dim=16, depth=1, heads=2, codebook_size=16),
             "ddpm": lambda: DDPM(1, 8, width=16, timesteps=10),
-            "video-diffusion": lambda: VideoDiffusion(1, 8, frames, width=16, heads=2, timesteps=10)}[name]()
+            "video-diffusion": lambda: VideoDiffusion(1, 8, frames, width=16, heads=2, timesteps=10),
+            "video-diffusion-ar": lambda: VideoDiffusion(1, 8, frames, width=16, heads=2, timesteps=10,
+                                                         generation="autoregressive")}[name]()
 
 
 def batch(name, frames=3):
-    return torch.rand(4, frames, 1, 8, 8) if name in ("cvivit", "video-diffusion") else torch.rand(4, 1, 8, 8)
+    return torch.rand(4, frames, 1, 8, 8) if name != "vqvae" and name != "ddpm" else torch.rand(4, 1, 8, 8)
 
 
-@pytest.mark.parametrize("name", ["vqvae", "cvivit", "ddpm", "video-diffusion"])
+@pytest.mark.parametrize("name", ["vqvae", "cvivit", "ddpm", "video-diffusion", "video-diffusion-ar"])
 def test_twenty_steps_fit_a_fixed_batch(name):
     """A convergence check: 20 Adam steps on one batch (same noise every step) cut the loss to
     well under its start, and the last steps are below the first ones throughout."""
     model, x = make(name), batch(name)
-    if name in ("ddpm", "video-diffusion"):
+    if name not in ("vqvae", "cvivit"):
         x = 2 * x - 1  # the diffusion models' scale
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
@@ -126,6 +129,97 @@ def test_video_diffusion_at_init_is_ddpm_on_every_frame():
         video.denoise(torch.randn(4, 2, 1, 8, 8), t)
 
 
+def _trained_ar(backend="reference", frames=3, steps=3):
+    """An autoregressive VideoDiffusion after a few steps (its temporal projections no longer zero)."""
+    torch.manual_seed(5)
+    model = VideoDiffusion(1, 8, frames, width=16, heads=2, timesteps=6, generation="autoregressive",
+                           backend=backend)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = 2 * torch.rand(4, frames, 1, 8, 8) - 1
+    for _ in range(steps):
+        opt.zero_grad()
+        model.loss(x).backward()
+        opt.step()
+    assert all(m.attn.proj.weight.abs().max() > 0 for m in model.temporal.values())
+    return model
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_autoregressive_video_diffusion_at_init_is_ddpm_on_the_last_frame(backend):
+    """As the joint model is DDPM on every frame at init, the autoregressive one is DDPM on every
+    noisy frame, each at its own t, whatever the context: the last frame's diffusion is DDPM's."""
+    torch.manual_seed(3)
+    ddpm = DDPM(1, 8, width=16, timesteps=10)
+    torch.manual_seed(3)
+    ar = VideoDiffusion(1, 8, 3, width=16, heads=2, timesteps=10, generation="autoregressive", backend=backend)
+    assert all(torch.equal(v, ar.state_dict()[k]) for k, v in ddpm.state_dict().items())
+    assert all(m.attn.causal for m in ar.temporal.values())
+    x, t = torch.randn(4, 3, 1, 8, 8), torch.randint(0, 10, (4, 3))
+    eps = ar.denoise_given(torch.randn(4, 2, 1, 8, 8), x, t)
+    assert torch.equal(eps[:, -1], ddpm.denoise(x[:, -1], t[:, -1]))
+    assert torch.equal(eps, ddpm.denoise(x.flatten(0, 1), t.flatten()).view_as(x))
+    # with one frame it is DDPM outright: the same loss for the same draws, the same samples
+    torch.manual_seed(3)
+    one = VideoDiffusion(1, 8, 1, width=16, heads=2, timesteps=10, generation="autoregressive", backend=backend)
+    x0 = 2 * torch.rand(4, 1, 8, 8) - 1
+    assert torch.equal(one.loss(x0.unsqueeze(1), torch.Generator().manual_seed(1)),
+                       ddpm.loss(x0, torch.Generator().manual_seed(1)))
+    assert torch.equal(one.sample(4, torch.Generator().manual_seed(2)), ddpm.sample(4, torch.Generator().manual_seed(2)))
+    with pytest.raises(RuntimeError, match="denoise_given"):
+        ar.denoise(x, t[:, 0])
+    with pytest.raises(ValueError, match="generation"):
+        VideoDiffusion(1, 8, 3, width=16, generation="parallel")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_autoregressive_frame_i_sees_the_clean_frames_before_it_and_itself_only(backend):
+    model = _trained_ar(backend)
+    context, x, t = torch.randn(4, 2, 1, 8, 8), torch.randn(4, 3, 1, 8, 8), torch.randint(0, 6, (4, 3))
+    with torch.no_grad():
+        eps = model.denoise_given(context, x, t)
+        for what, j in (("context", 0), ("context", 1), ("noisy", 0), ("noisy", 1), ("noisy", 2)):
+            c, n = context.clone(), x.clone()
+            (c if what == "context" else n)[:, j] += 1
+            changed = (model.denoise_given(c, n, t) - eps).flatten(2).abs().amax(2).amax(0) > 1e-6  # per frame
+            # noisy frame i depends on context frames < i and on noisy frame i alone
+            expected = [i > j if what == "context" else i == j for i in range(3)]
+            assert changed.tolist() == expected, (what, j, changed)
+    # the gradient reaches the relative-position bias through the masked attention, finite
+    model.zero_grad()
+    model.loss(2 * torch.rand(4, 3, 1, 8, 8) - 1).backward()
+    assert all(m.attn.rel_bias.grad.abs().max() > 0 for m in model.temporal.values())
+    assert all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
+
+
+def test_autoregressive_sampler_is_the_teacher_forced_model_frame_by_frame():
+    """The sampler (the context's attention qkv computed once per frame, reused at every step)
+    draws what the teacher-forced pass implies, frame by frame: the same video as a plain sampler
+    calling denoise_given with the frames generated so far as context."""
+    model = _trained_ar()
+    model.clip_frames = "all"  # (an unclipped frame of a barely trained model runs off to +-1000s)
+    n, T, shape = 5, 3, (5, 1, 8, 8)
+    gen = torch.Generator().manual_seed(7)
+    frames = []
+    with torch.no_grad():
+        for k in range(T):
+            context = torch.zeros(n, T - 1, 1, 8, 8)  # frames >= k: masked out, any value
+            context[:, :k] = torch.stack(frames, 1) if k else context[:, :0]
+            x = torch.randn(shape, generator=gen)
+            for step in range(model.timesteps - 1, -1, -1):
+                noisy = torch.zeros(n, T, 1, 8, 8)
+                noisy[:, k] = x
+                eps = model.denoise_given(context, noisy, torch.full((n, T), step))[:, k]
+                ab = model.alpha_bar[step]
+                x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+                x0 = x0.clamp(-1, 1)
+                x = model.posterior_step(x, x0, step, torch.randn(shape, generator=gen) if step else None)
+            frames.append(x)
+    calls = []
+    video = model.sample_video(n, torch.Generator().manual_seed(7), progress=lambda d, total: calls.append((d, total)))
+    assert_close(video, torch.stack(frames, 1), atol=1e-5, rtol=1e-5)
+    assert calls[-1] == (T * model.timesteps, T * model.timesteps) and len(calls) == T * model.timesteps
+
+
 @pytest.mark.parametrize("name", ["cvivit", "video-diffusion"])
 def test_video_loss_is_last_frame_plus_lambda_times_the_mean_of_the_others(name):
     sq = torch.rand(4, 3, 1, 8, 8)
@@ -154,7 +248,7 @@ def test_cvivit_with_one_frame_is_an_image_tokenizer():
         model(torch.rand(4, 2, 1, 8, 8))
 
 
-@pytest.mark.parametrize("model", ["vqvae", "cvivit", "ddpm", "video-diffusion"])
+@pytest.mark.parametrize("model", ["vqvae", "cvivit", "ddpm", "video-diffusion", "video-diffusion-ar"])
 def test_cli_smoke(tmp_path, model, capsys):
     assert main(["--model", model, "--frames", "3", "--steps", "2", "--out", str(tmp_path), *FAST]) == 0
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -174,7 +268,8 @@ def test_cli_gan(tmp_path, model):
     assert "disc" in state and "opt_d" in state
 
 
-@pytest.mark.parametrize("model, extra", [("cvivit", []), ("video-diffusion", []), ("vqvae", GAN), ("cvivit", GAN)])
+@pytest.mark.parametrize("model, extra", [("cvivit", []), ("video-diffusion", []), ("video-diffusion-ar", []),
+                                          ("vqvae", GAN), ("cvivit", GAN)])
 def test_resume_continues_bit_for_bit(tmp_path, model, extra):
     common = ["--model", model, "--frames", "3", *extra, "--out"]
     main([*common, str(tmp_path / "straight"), "--steps", "4", *FAST])

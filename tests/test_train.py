@@ -188,7 +188,7 @@ def test_no_progress_off_a_terminal_or_with_no_progress(tmp_path, monkeypatch, c
     assert (sys.stderr.getvalue() if tty else capsys.readouterr().err) == ""
 
 
-@pytest.mark.parametrize("model", ["vqvae", "cvivit", "ddpm", "video-diffusion"])
+@pytest.mark.parametrize("model", ["vqvae", "cvivit", "ddpm", "video-diffusion", "video-diffusion-ar"])
 def test_a_backend_that_cannot_run_here_exits_2_with_the_reason_for_every_model(model, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (conftest sets it on a CPU machine)
@@ -207,6 +207,23 @@ def test_a_backend_that_cannot_run_here_exits_2_with_the_reason_for_every_model(
         main(["--model", model, "--backend", "triton", "--out", str(out), *FAST])
     assert "--backend triton: triton is not installed" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_video_diffusion_ar_is_the_autoregressive_model_on_the_same_pseudo_videos(tmp_path):
+    """--model video-diffusion-ar: VideoDiffusion(generation="autoregressive"), causal in time, with
+    the joint model's initial weights and pseudo videos for the same seed (both arms pair by seed)."""
+    made = {}
+    for model in ("video-diffusion", "video-diffusion-ar"):
+        made[model] = Trainer(parse_args(["--model", model, "--frames", "3", "--aug", "noise", "--out",
+                                          str(tmp_path / model), *FAST]))
+    joint, ar = made["video-diffusion"], made["video-diffusion-ar"]
+    assert ar.model.autoregressive and not joint.model.autoregressive
+    assert ar.model.generation == "autoregressive" and ar.model.clip_frames == "last"
+    assert [m.attn.causal for m in ar.model.temporal.values()] == [True] * 3
+    assert all(torch.equal(v, ar.model.state_dict()[k]) for k, v in joint.model.state_dict().items())
+    images = torch.rand(4, 1, 8, 8)
+    assert torch.equal(joint.make_input(images, 0), ar.make_input(images, 0))
+    assert train.NAMES["video-diffusion-ar"].startswith("VideoDiffusion-AR")
 
 
 def test_a_failed_run_leaves_no_out_folder(tmp_path, capsys):
