@@ -9,6 +9,11 @@
   shapes).
 - video-diffusion-pytorch: ``Unet3D(dim=32, dim_mults=(1, 2, 4))`` in ``GaussianDiffusion``,
   one Adam training step on 2 videos of 8 frames, 32x32.
+- vector-quantize-pytorch's ``LFQ(dim=16, codebook_size=2**16)``: one training forward + backward
+  on 4096 tokens (the unpatched entropy builds 4096 x 65536 probabilities); ``LFQ`` with 2^18
+  codes on 16384 tokens, patched only (17 GB per dense matrix: the unpatched step cannot run
+  here); phenaki's default ``CViViT`` (LFQ with 2^16 codes, dim 256, 9 frames of 128x128, patch 8),
+  one Adam step. Peak-RSS growth of one step for each, each provider in a fresh subprocess.
 
 Provider "reference" is the peer's own code, unpatched; "patched" the same model after the patch.
 Needs the peers (``pip install -e ".[integrations]"``, see the README); skipped without them.
@@ -115,13 +120,59 @@ def unet3d_step(provider):
     return step
 
 
+LFQ_BITS, LFQ_TOKENS = (10, 512) if QUICK else (16, 4096)
+LFQ_BIG_BITS, LFQ_BIG_TOKENS = (12, 1024) if QUICK else (18, 16384)
+CVIVIT_LFQ_SIZE = 32 if QUICK else 128
+
+
+def lfq_step(bits, tokens):
+    """LFQ(dim=bits, codebook_size=2**bits) at its defaults, training forward + backward."""
+    def make(provider):
+        vqp = _peer("vector_quantize_pytorch")
+        torch.manual_seed(0)
+        lfq = vqp.LFQ(dim=bits, codebook_size=2 ** bits).train()
+        x = torch.randn(tokens // 1024 or 1, min(tokens, 1024), bits, requires_grad=True)
+        if provider == "patched":
+            integrations.patch_vector_quantize(lfq, strict=True)
+
+        def step():
+            quantized, _, aux_loss = lfq(x)
+            (quantized.sum() + aux_loss).backward()
+        return step
+    return make
+
+
+def cvivit_lfq_step(provider):
+    """phenaki's default CViViT (lookup_free_quantization=True, codebook 2^16), one Adam step."""
+    phenaki = _peer("phenaki_pytorch")
+    torch.manual_seed(0)
+    model = phenaki.CViViT(dim=256, codebook_size=65536, image_size=CVIVIT_LFQ_SIZE, patch_size=8,
+                           temporal_patch_size=2, spatial_depth=2, temporal_depth=2, dim_head=32, heads=8,
+                           use_vgg_and_gan=False)
+    video = torch.randn(1, 3, 9, CVIVIT_LFQ_SIZE, CVIVIT_LFQ_SIZE)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    if provider == "patched":
+        integrations.patch_phenaki(model, strict=True)
+
+    def step():
+        model(video).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 CASES = {
     f"VectorQuantize K={VQ_CODES} train step {tuple(VQ_SHAPE)}": (3, vq_step),
     f"phenaki CViViT train step 1x3x9x{CVIVIT_SIZE}x{CVIVIT_SIZE}": (5, cvivit_step),
     "phenaki spatial Attention fwd+bwd": (10, attention_step("spatial")),
     "phenaki temporal Attention fwd+bwd": (10, attention_step("temporal")),
     f"Unet3D(32, 1-2-4) train step 2x3x{UNET_FRAMES}x{UNET_SIZE}x{UNET_SIZE}": (5, unet3d_step),
+    f"LFQ 2^{LFQ_BITS} codes train step, {LFQ_TOKENS} tokens": (3, lfq_step(LFQ_BITS, LFQ_TOKENS)),
+    f"phenaki CViViT (LFQ 2^16) train step 1x3x9x{CVIVIT_LFQ_SIZE}x{CVIVIT_LFQ_SIZE}": (3, cvivit_lfq_step),
 }
+# steps whose peak memory is measured (fresh process per provider), and the patched-only one
+MEMORY_STEPS = {"vq": vq_step, "lfq": lfq_step(LFQ_BITS, LFQ_TOKENS), "lfq_big": lfq_step(LFQ_BIG_BITS, LFQ_BIG_TOKENS),
+                "cvivit_lfq": cvivit_lfq_step}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -132,12 +183,12 @@ def bench_integration(benchmark, provider, case):
         rounds=rounds, in_context=False)  # strict=True: a fallback would raise
 
 
-# memory of the VQ step --------------------------------------------------------------------
+# memory of one step -----------------------------------------------------------------------
 
 _MEMORY_CHILD = r"""
 import sys, torch
-from benchmarks.bench_integrations import vq_step
-step = vq_step(sys.argv[1])
+from benchmarks.bench_integrations import MEMORY_STEPS
+step = MEMORY_STEPS[sys.argv[1]](sys.argv[2])
 step()  # warm-up: lazily built state, thread pools
 def status_kb(field):
     for line in open("/proc/self/status"):
@@ -151,10 +202,14 @@ print((status_kb("VmHWM") - before) / 1024)
 """
 
 
-def vq_step_peak_rss_mb(provider: str) -> float:
-    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, provider], capture_output=True, text=True,
+def step_peak_rss_mb(name: str, provider: str) -> float:
+    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, name, provider], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[1])
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def vq_step_peak_rss_mb(provider: str) -> float:
+    return step_peak_rss_mb("vq", provider)
 
 
 def bench_vq_training_step_memory(benchmark):
@@ -165,6 +220,25 @@ def bench_vq_training_step_memory(benchmark):
     print(f"\nVectorQuantize training step, peak RSS growth (MB): {json.dumps(grown)}")
     if not QUICK:
         assert grown["patched"] < 200, grown
+
+
+@pytest.mark.parametrize("name", ["lfq", "cvivit_lfq"])
+def bench_lfq_training_step_memory(benchmark, name):
+    _peer("phenaki_pytorch" if name == "cvivit_lfq" else "vector_quantize_pytorch")
+    grown = {p: step_peak_rss_mb(name, p) for p in PROVIDERS}
+    benchmark.extra_info.update({f"peak_rss_growth_MB_{p}": v for p, v in grown.items()})
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    print(f"\n{name} training step, peak RSS growth (MB): {json.dumps(grown)}")
+
+
+def bench_lfq_big_codebook(benchmark):
+    """2^18 codes on 16384 tokens, patched only: seconds per step, tokens/s and peak RSS growth."""
+    _peer("vector_quantize_pytorch")
+    step = MEMORY_STEPS["lfq_big"]("patched")
+    run(benchmark, step, op="integrations", case=f"LFQ 2^{LFQ_BIG_BITS} codes train step, {LFQ_BIG_TOKENS} tokens",
+        provider="patched", bytes_moved=0, rounds=3, in_context=False,
+        extra={"peak_rss_growth_MB": step_peak_rss_mb("lfq_big", "patched")})
+    benchmark.extra_info["tokens_per_s"] = LFQ_BIG_TOKENS / (benchmark.extra_info["median_ms"] / 1e3)
 
 
 # alternating rounds -------------------------------------------------------------------------
@@ -187,7 +261,15 @@ def interleaved(cpu_time: bool) -> None:
         ratios = [a / b for a, b in zip(*times.values())]
         print(f"{case}: reference {ref:.1f} ms, patched {fast:.1f} ms, x{ref / fast:.2f} "
               f"(rounds {min(ratios):.2f}-{max(ratios):.2f})", flush=True)
-    print("peak RSS growth of one VQ step (MB):", {p: vq_step_peak_rss_mb(p) for p in PROVIDERS})
+    for name in ("vq", "lfq", "cvivit_lfq"):
+        print(f"peak RSS growth of one {name} step (MB):", {p: step_peak_rss_mb(name, p) for p in PROVIDERS},
+              flush=True)
+    big = MEMORY_STEPS["lfq_big"]("patched")
+    big()
+    start = clock()
+    big()
+    print(f"LFQ 2^{LFQ_BIG_BITS} codes, {LFQ_BIG_TOKENS} tokens, patched: {clock() - start:.2f} s, "
+          f"peak RSS growth {step_peak_rss_mb('lfq_big', 'patched'):.0f} MB")
 
 
 if __name__ == "__main__":
