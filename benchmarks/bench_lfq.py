@@ -45,8 +45,8 @@ def shapes(device: str = DEVICE, quick: bool = QUICK) -> list:
 
 def providers(N: int, d: int, device: str = DEVICE) -> list:
     fused = ["cpp"] if device == "cpu" else ["triton"]
-    dense_gb = N * 2 ** d * 4 / 2**30
-    return (["reference", "compiled"] if dense_gb <= 0.5 else []) + fused  # the dense form needs ~8 such matrices
+    dense_gb = N * 2 ** d * 4 / 2**30  # the dense form holds ~8 such matrices at once
+    return (["reference", "compiled"] if dense_gb <= (4.0 if device == "cuda" else 0.5) else []) + fused
 
 
 def dense_entropy(x, t):
