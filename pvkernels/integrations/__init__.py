@@ -18,23 +18,25 @@ from typing import Optional
 from torch import nn
 
 from ._patching import Patch, PeerVersionError
+from .diffusers import patch_diffusers
 from .magvit2 import patch_magvit2
 from .phenaki import patch_phenaki
 from .vector_quantize import patch_vector_quantize
 from .video_diffusion import patch_video_diffusion
 
-PEERS = ("vector_quantize", "phenaki", "video_diffusion", "magvit2")
+PEERS = ("vector_quantize", "phenaki", "video_diffusion", "magvit2", "diffusers")
 
 
 def patch(name: str, model: Optional[nn.Module] = None, **kwargs) -> Patch:
-    """``patch("vector_quantize" | "phenaki" | "video_diffusion" | "magvit2", model=None,
+    """``patch("vector_quantize" | "phenaki" | "video_diffusion" | "magvit2" | "diffusers", model=None,
     strict=False)``: the peer's ``patch_<name>`` function. The peers are imported only when a patch
     is made."""
     functions = {"vector_quantize": patch_vector_quantize, "phenaki": patch_phenaki,
-                 "video_diffusion": patch_video_diffusion, "magvit2": patch_magvit2}
+                 "video_diffusion": patch_video_diffusion, "magvit2": patch_magvit2,
+                 "diffusers": patch_diffusers}
     if name not in functions:
         raise ValueError(f"pvkernels.integrations.patch: name must be one of {PEERS}, got {name!r}")
     return functions[name](model, **kwargs)
 
-__all__ = ["PEERS", "Patch", "PeerVersionError", "patch", "patch_magvit2", "patch_phenaki", "patch_vector_quantize",
-           "patch_video_diffusion"]
+__all__ = ["PEERS", "Patch", "PeerVersionError", "patch", "patch_diffusers", "patch_magvit2", "patch_phenaki",
+           "patch_vector_quantize", "patch_video_diffusion"]

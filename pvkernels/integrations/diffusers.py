@@ -1,0 +1,272 @@
+"""Hugging Face diffusers: the self-attention of its factorised video models on pvkernels' attention.
+
+AnimateDiff's motion modules (``AnimateDiffTransformer3D``), ModelScope's ``TransformerTemporalModel``
+(UNet3D), SVD's temporal blocks (``TemporalBasicTransformerBlock``) and Latte's spatial and temporal
+blocks (``LatteTransformer3DModel``) attend with diffusers' ``Attention`` over (batch * pixels,
+frames, channels) or (batch * frames, patches, channels) and ``AttnProcessor2_0``'s SDPA. The patch
+sets a processor of ours on those layers (diffusers' own extension point) that computes what
+``AttnProcessor2_0`` computes: the same norms, projections, output projection, dropout, residual and
+rescale, the (batch, n, heads, head_dim) views of the projections handed in place to
+``pvkernels.temporal_attention`` (n <= 32) or ``spatial_attention``, no permute copies, no 65535
+batch limit. Other diffusers layers (the UNets' spatial transformers, SVD's spatial blocks) are
+not touched.
+
+Not computed here (AttnProcessor2_0 runs, the reason is counted): ``encoder_hidden_states``
+(cross-attention), an attention mask, qk norms, kv_heads != heads, a ``scale`` other than
+head_dim ** -0.5, float64, head_dim > 128 (AnimateDiff's 1280-channel level: 8 heads of 160), the
+deprecated ``scale`` argument. A processor other than ``AttnProcessor2_0`` found on a layer or set
+later (``set_attn_processor``, IP-adapter, xformers, fused projections) is left to diffusers and
+its calls are counted.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Optional
+
+import torch
+
+from ._attention import attend, unsupported
+from ._patching import Patch, attention_problems, check_peer, import_peer, missing, signature_problems
+
+DISTRIBUTION = "diffusers"
+TESTED = (("0.42.1", "0.43"),)
+# (module, class): the blocks whose attention layers are patched
+BLOCKS = (
+    ("diffusers.models.unets.unet_motion_model", "AnimateDiffTransformer3D"),
+    ("diffusers.models.transformers.transformer_temporal", "TransformerTemporalModel"),
+    ("diffusers.models.attention", "TemporalBasicTransformerBlock"),
+    ("diffusers.models.transformers.latte_transformer_3d", "LatteTransformer3DModel"),
+)
+_FORWARD_PARAMS = ("hidden_states", "encoder_hidden_states", "attention_mask", "cross_attention_kwargs")
+_PROCESSOR_PARAMS = ("attn", "hidden_states", "encoder_hidden_states", "attention_mask", "temb", "args", "kwargs")
+_ATTRIBUTES = ("heads", "inner_dim", "inner_kv_dim", "scale", "to_q", "to_k", "to_v", "to_out", "spatial_norm",
+               "group_norm", "norm_q", "norm_k", "residual_connection", "rescale_output_factor", "processor")
+
+
+def _peer():
+    mod = import_peer("diffusers.models.attention_processor", DISTRIBUTION)
+    blocks = []
+    for module, name in BLOCKS:
+        owner = import_peer(module, DISTRIBUTION)
+        blocks.append((owner, name))
+    return mod, blocks
+
+
+def _check(mod, blocks) -> None:
+    problems = missing(mod, ("Attention", "AttnProcessor2_0"), "diffusers.models.attention_processor")
+    for owner, name in blocks:
+        problems += missing(owner, (name,), owner.__name__)
+    if hasattr(mod, "Attention"):
+        problems += attention_problems(mod, _FORWARD_PARAMS, dict(query_dim=8, heads=2, dim_head=4),
+                                       _ATTRIBUTES + ("set_processor",))
+    if hasattr(mod, "AttnProcessor2_0"):
+        problems += signature_problems(mod.AttnProcessor2_0.__call__, _PROCESSOR_PARAMS, "AttnProcessor2_0.__call__")
+        try:
+            default = type(mod.Attention(query_dim=8, heads=2, dim_head=4).processor)
+            if default is not mod.AttnProcessor2_0:
+                problems.append(f"Attention's default processor is {default.__name__}, not AttnProcessor2_0")
+        except Exception:  # noqa: BLE001  reported by attention_problems
+            pass
+    check_peer(DISTRIBUTION, TESTED, problems)
+
+
+def _reason(attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs) -> Optional[str]:
+    """Why AttnProcessor2_0's call is not computed on the fused kernels (None: it is)."""
+    if args or kwargs.get("scale") is not None:
+        return "the deprecated scale argument"
+    if encoder_hidden_states is not None:
+        return "cross-attention (encoder_hidden_states)"
+    if attention_mask is not None:
+        return "attention mask"
+    if attn.norm_q is not None or attn.norm_k is not None:
+        return "qk norm"
+    if hidden_states.dim() not in (3, 4):
+        return f"hidden_states of {hidden_states.dim()} dims, not (batch, n, channels) or (batch, c, h, w)"
+    if hidden_states.device.type not in ("cpu", "cuda"):
+        return f"device {hidden_states.device.type}"
+    heads, inner = attn.heads, attn.inner_dim
+    if attn.inner_kv_dim != inner or inner % heads:
+        return f"kv width {attn.inner_kv_dim} / q width {inner} / {heads} heads (not plain multi-head attention)"
+    head_dim = inner // heads
+    if attn.scale != head_dim ** -0.5:
+        return f"scale {attn.scale} != head_dim ** -0.5"
+    # autocast casts fp32 to fp16/bf16 (both fused) and leaves fp64 (not fused): x's dtype decides
+    return unsupported(hidden_states.dtype, heads, head_dim, 0, None)
+
+
+def _forward(attn, hidden_states: torch.Tensor, temb) -> torch.Tensor:
+    """AttnProcessor2_0.__call__ for self-attention without a mask, line for line, with the fused
+    kernels reading (batch, n, heads, head_dim) views of the projections in place of
+    "transpose to (batch, heads, n, head_dim), SDPA, transpose back and copy"."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch_size, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    batch_size = hidden_states.shape[0]
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(hidden_states)
+    value = attn.to_v(hidden_states)
+    heads = attn.heads
+    head_dim = key.shape[-1] // heads
+    q, k, v = (t.view(batch_size, -1, heads, head_dim) for t in (query, key, value))
+    # SDPA's default scale is head_dim ** -0.5, the kernels' too (AttnProcessor2_0 passes none)
+    out = attend(q, k, v, None, causal=False)
+    hidden_states = out.view(batch_size, -1, heads * head_dim).to(query.dtype)
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if input_ndim == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
+class PvkernelsAttnProcessor:
+    """The processor ``patch_diffusers`` sets on an ``Attention``: what ``AttnProcessor2_0``
+    computes, on pvkernels' kernels where it can, else ``AttnProcessor2_0`` itself (counted).
+
+    One instance per patch, shared by the layers (it holds no per-layer state, as AttnProcessor2_0
+    holds none); a deep copy of a patched model shares it, so the copy is patched by the same
+    Patch. Once the patch is undone it is plain AttnProcessor2_0, uncounted.
+    """
+
+    def __init__(self, patch: "DiffusersPatch", original):
+        self.patch, self.original = patch, original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        # the same parameters as AttnProcessor2_0.__call__: Attention.forward filters the
+        # cross_attention_kwargs it passes by the processor's signature
+        patch = self.patch
+        if patch.active:
+            why = _reason(attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs)
+            if why is None:
+                patch.fast()
+                return _forward(attn, hidden_states, temb)
+            patch.fallback(why)
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self) -> str:
+        return f"PvkernelsAttnProcessor({'active' if self.patch.active else 'undone'})"
+
+
+def _foreign_counter(patch: "DiffusersPatch"):
+    """A forward pre-hook for a patched block's Attention: counts a call that another processor
+    (found there, or set after the patch) will compute. A plain function, so that a deep copy of
+    the model shares it instead of copying the Patch."""
+    def count(attn, args):
+        processor = attn.processor
+        if processor is not patch.processor and patch.active:
+            patch.fallback(f"processor {type(processor).__name__} (not AttnProcessor2_0: set by the user or a "
+                           "loader, left to diffusers)")
+    return count
+
+
+class DiffusersPatch(Patch):
+    """A :class:`Patch` that also sets processors: ``install(block)`` puts ours on every
+    ``Attention`` of the block whose processor is ``AttnProcessor2_0`` and a counting hook on
+    every one; ``unpatch()`` removes the hooks and gives each layer whose processor is still ours
+    the very processor object it had (a processor set after the patch is kept)."""
+
+    def __init__(self, strict: bool, attention_cls: type, default_cls: type):
+        super().__init__("diffusers", strict)
+        self.attention_cls, self.default_cls = attention_cls, default_cls
+        self.processor = PvkernelsAttnProcessor(self, default_cls())
+        self._count = _foreign_counter(self)
+        self._layers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Attention -> (previous, hook)
+
+    def install(self, block: torch.nn.Module) -> None:
+        for attn in block.modules():
+            if not isinstance(attn, self.attention_cls) or attn in self._layers:
+                continue
+            previous = attn.processor
+            hook = attn.register_forward_pre_hook(self._count)
+            # ours of an undone patch (a deep copy taken while patched) is AttnProcessor2_0 again
+            stale = isinstance(previous, PvkernelsAttnProcessor) and not previous.patch.active
+            if type(previous) is self.default_cls or stale:
+                attn.set_processor(self.processor)
+            self._layers[attn] = (previous, hook)
+
+    @property
+    def layers(self) -> int:
+        """Attention layers that run our processor now."""
+        return sum(attn.processor is self.processor for attn in self._layers.keys())
+
+    def unpatch(self) -> None:
+        for attn, (previous, hook) in list(self._layers.items()):
+            hook.remove()
+            if attn.processor is self.processor:
+                attn.set_processor(previous)
+        self._layers = weakref.WeakKeyDictionary()
+        super().unpatch()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._undo) or len(self._layers) > 0
+
+
+def patch_diffusers(model: Optional[torch.nn.Module] = None, *, strict: bool = False) -> DiffusersPatch:
+    """Puts pvkernels' attention into diffusers' factorised video models: the self-attention of
+    AnimateDiff's motion modules, ModelScope's UNet3D temporal transformers, SVD's temporal blocks
+    and Latte's spatial and temporal blocks, as an attention processor (``Attention.set_processor``).
+
+    Args:
+        model: a module (a ``UNetMotionModel``, ``UNet3DConditionModel``,
+            ``UNetSpatioTemporalConditionModel``, ``LatteTransformer3DModel``, a pipeline's
+            ``unet`` / ``transformer``, or one of the blocks): the blocks inside it now are
+            patched. None patches the block classes: every instance, existing or built later,
+            gets our processor on each forward for the layers it holds then, until ``unpatch()``.
+        strict: raise a ValueError naming the reason instead of falling back.
+
+    Returns:
+        A :class:`DiffusersPatch` (a :class:`Patch`; ``.stats``, ``.layers``, ``unpatch()``).
+
+    Example:
+        >>> from diffusers import UNetMotionModel
+        >>> unet = UNetMotionModel(block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
+        ...                        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        ...                        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"))
+        >>> video = torch.randn(1, 4, 16, 32, 32)                  # (batch, channels, frames, h, w)
+        >>> text = torch.randn(1, 7, 32).repeat_interleave(16, 0)  # the pipeline repeats it per frame
+        >>> with pvkernels.integrations.patch_diffusers(unet) as p:
+        ...     out = unet(video, 10, text).sample
+        >>> p.stats  # 11 motion modules x 2 self-attentions
+        {'fast': 22, 'fallback': {}}
+    """
+    mod, blocks = _peer()
+    _check(mod, blocks)
+    patch = DiffusersPatch(strict, mod.Attention, mod.AttnProcessor2_0)
+    classes = tuple(getattr(owner, name) for owner, name in blocks)
+    if model is None:
+        def make(original):
+            def forward(module, *args, **kwargs):
+                if patch.active:
+                    patch.install(module)  # new layers only: a processor set later stays
+                return original(module, *args, **kwargs)
+            return forward
+        for cls in classes:
+            patch.replace(cls, "forward", make)
+            patch.mark(cls)
+        return patch
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"pvkernels.integrations: model must be an nn.Module or None, got {type(model).__name__}")
+    found = [m for m in model.modules() if isinstance(m, classes)]
+    for block in found:
+        patch.install(block)
+        patch.mark(block)
+    if not found:
+        warnings.warn(f"pvkernels.integrations.patch_diffusers: {type(model).__name__} holds none of "
+                      f"{', '.join(c.__name__ for c in classes)}: nothing patched", RuntimeWarning, stacklevel=2)
+    return patch
+
+
+__all__ = ["patch_diffusers", "PvkernelsAttnProcessor", "DiffusersPatch", "TESTED"]
