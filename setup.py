@@ -40,7 +40,8 @@ setup(
         # and 3.6 (torch 2.11's, the GPU machine's); 3.9 removed APIs the ecosystem still uses
         "triton": ["triton>=3.6,<3.9"],
         "models": ["scikit-learn", "scipy", "pillow"],  # scipy: the experiments' Welch t-tests
-        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "scipy", "scikit-learn", "pillow", "triton>=3.6,<3.9"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "scipy", "scikit-learn", "pillow", "triton>=3.6,<3.9",
+                 "diffusers==0.42.1"],  # test_diffusers + bench_diffusers: ~100 MB, ~15 s, no torchvision
         "bench": ["pytest-benchmark>=4", "opencv-python-headless", "matplotlib", "faiss-cpu", "kornia"],
         # the peers pvkernels.integrations is tested against; they import torchvision, so install
         # torch==2.14.1 torchvision==0.29.1 first (README "Use with other repos")
