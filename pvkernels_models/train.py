@@ -19,10 +19,11 @@ take blur (or identity) pseudo videos only.
 
 The tokenizers take two optional loss terms on the last frame (the image): a PatchGAN hinge
 loss (``--gan-weight``, from ``--gan-start``) and an LPIPS perceptual loss
-(``--perceptual-weight``, needs torchvision's VGG16 weights file). Diffusion samples are scored
-with the offline FID and KID (on a small digits classifier's features, against every image of
-the data set; KID as computed, not x 1000) and, when pytorch-fid's weights file is found, with FID
-on InceptionV3 features.
+(``--perceptual-weight``, needs torchvision's VGG16 weights file). The last frames of diffusion
+samples and of tokenizer reconstructions (the paper's reconstruction FID; the tokenizers' PSNR
+beside it) are scored with the offline FID and KID (on a small digits classifier's features,
+against every image of the data set; KID as computed, not x 1000) and, when pytorch-fid's weights
+file is found, with FID on InceptionV3 features.
 Exit status 2 means bad arguments (or files they name that are missing); an error while
 training is raised as itself.
 """
@@ -47,7 +48,8 @@ from .data import DownloadError, load_dataset, sample_batch
 from .diffusion import DDPM, VideoDiffusion
 from .figures import image_grid, video_rows
 from .losses import PatchDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss, last_frame, load_lpips
-from .metrics import KID_SCALE, fid, find_inception_weights, offline_scores, psnr, train_classifier
+from .metrics import (KID_SCALE, fid, find_inception_weights, frechet_distance, offline_scores, psnr,
+                      train_classifier)
 from .pretrained import INCEPTION_FILE, load_inception
 from .tokenizers import CViViT, VQVAE
 
@@ -195,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lpips-weights", default=None, metavar="PATH",
                    help="the lpips package's vgg.pth channel weights (default: an installed lpips; else uniform)")
     p.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth for FID of diffusion samples "
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth for the FID of diffusion samples and "
+                        "tokenizer reconstructions "
                         "(default: $PVKERNELS_INCEPTION_WEIGHTS, then the torch hub cache)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress line on stderr (it is off anyway when stderr is not a terminal)")
@@ -242,9 +245,6 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--eval-samples must be >= 3, got {args.eval_samples}")
     if args.model not in TOKENIZERS and (args.gan_weight > 0 or args.perceptual_weight > 0):
         parser.error(f"--gan-weight and --perceptual-weight apply to the tokenizers (vqvae, cvivit), not {args.model}")
-    if args.model in TOKENIZERS and args.inception_weights:
-        parser.error(f"--inception-weights is for the FID of diffusion samples (ddpm, video-diffusion), "
-                     f"not {args.model}")
     if args.codes_per_position != 1 and args.model != "vqvae":
         parser.error(f"--codes-per-position is a vqvae option, not {args.model}'s")
     if args.codes_per_position < 1:
@@ -381,9 +381,9 @@ class Trainer:
         self.video = args.model in VIDEO_MODELS
         self.diffusion = args.model not in TOKENIZERS
         self.params = pseudo_video_params(args) if self.video else None
-        # for the diffusion samples' FID; an explicit path that does not exist fails here, not after training
-        self.inception_path, self.inception_looked = (find_inception_weights(args.inception_weights)
-                                                      if self.diffusion else (None, ""))
+        # for the FID of samples and reconstructions; an explicit path that does not exist fails here,
+        # not after training
+        self.inception_path, self.inception_looked = find_inception_weights(args.inception_weights)
         self.perceptual = None
         if args.perceptual_weight > 0:
             self.perceptual = load_lpips(args.perceptual_weights, args.lpips_weights).to(self.device)
@@ -524,9 +524,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Last-frame PSNR (tokenizers) or the offline FID/KID of samples (diffusion), with the
-        EMA weights; logged, drawn to OUT/samples.png and returned. ``self.shown_images`` keeps
-        16 last frames (reconstructions or samples; and the originals) for summary figures."""
+        """With the EMA weights: tokenizers, the last-frame PSNR and the reconstruction FID (the
+        paper's tokenizer metric: the last frames of the reconstructions against the data);
+        diffusion models, the FID/KID of samples' last frames. FID is the offline one (a small
+        classifier's features, against every image of the data set) and, when InceptionV3's
+        weights are found, the Inception one too. Logged, drawn to OUT/samples.png and returned.
+        ``self.shown_images`` keeps 16 last frames (reconstructions or samples; and the originals)
+        for summary figures."""
         args = self.args
         begin = time.perf_counter()
 
@@ -547,33 +551,44 @@ class Trainer:
             show(f"reconstructing {len(real)} images")
             x = self.make_input(real, -1)
             recon = model(x)[0]
-            record["psnr_last_frame"] = float(psnr(last_frame(recon), real).clamp(max=100).mean())
-            self.shown_images = {"original": real[:16], "output": last_frame(recon)[:16]}
-            shown = [(f"input: {'pseudo-video frames' if self.video else 'images'}", x),
-                     (f"reconstructions ({record['psnr_last_frame']:.2f} dB on the last frame)", recon)]
+            fake = last_frame(recon)
+            record["psnr_last_frame"] = float(psnr(fake, real).clamp(max=100).mean())
+            self.shown_images = {"original": real[:16], "output": fake[:16]}
         else:
             what = f"sampling {args.eval_samples} {'videos' if self.video else 'images'}, step"
             sampling = lambda done, total: show(f"{what} {done}/{total}", done, total)  # noqa: E731
             video = model.sample_video(args.eval_samples, eval_gen, progress=sampling) if self.video else None
             fake = ((video[:, -1] + 1) / 2 if self.video
                     else model.sample(args.eval_samples, eval_gen, progress=sampling))
-            fitting = lambda done, total: show(  # noqa: E731
-                f"fitting the offline metrics' classifier (once per process), step {done}/{total}", done, total)
-            classifier, real_features = _classifier(args.data, args.image_size, self.images, self.labels, fitting)
-            show("offline FID and KID")
-            record.update(offline_scores(real_features.to(self.device), fake, classifier.to(self.device)))
-            record["offline_note"] = ("offline FID / KID: on the features of a small digits classifier, against "
-                                      f"all {len(self.images)} images; not Inception FID; KID: {KID_SCALE}")
-            inception = _inception(self.inception_path, self.inception_looked,
-                                   say=self.progress.say if self.rank == 0 else None)
-            if inception is not None:
-                show("FID on InceptionV3 features")
-                n = min(len(real), len(fake))
-                record["fid_inception"] = fid(real[:n], fake[:n], inception.to(self.device))
-                record["fid_note"] = (f"FID (InceptionV3, pytorch-fid weights) on {n} samples: biased "
-                                      "upwards at this size, not comparable with 50k-sample FIDs")
             self.shown_images = {"output": fake[:16]}
-            scores = f"offline FID {record['offline_fid']:.1f}, KID {record['offline_kid']:.3g} ({KID_SCALE})"
+        fitting = lambda done, total: show(  # noqa: E731
+            f"fitting the offline metrics' classifier (once per process), step {done}/{total}", done, total)
+        classifier, real_features = _classifier(args.data, args.image_size, self.images, self.labels, fitting)
+        classifier, real_features = classifier.to(self.device), real_features.to(self.device)
+        show("offline FID and KID")
+        record.update(offline_scores(real_features, fake, classifier))
+        what = "the last frames of the reconstructions of" if not self.diffusion else "the last frames of"
+        record["offline_note"] = (f"offline FID / KID: of {what} {len(fake)} "
+                                  f"{'images' if not self.diffusion else 'samples'}, on the features of a small "
+                                  f"digits classifier, against all {len(self.images)} images; not Inception FID; "
+                                  f"KID: {KID_SCALE}")
+        if not self.diffusion:  # what a perfect reconstruction scores: the originals' own FID against the data
+            record["offline_fid_originals"] = frechet_distance(real_features, classifier.features(real))
+        inception = _inception(self.inception_path, self.inception_looked,
+                               say=self.progress.say if self.rank == 0 else None)
+        if inception is not None:
+            show("FID on InceptionV3 features")
+            n = min(len(real), len(fake))
+            record["fid_inception"] = fid(real[:n], fake[:n], inception.to(self.device))
+            record["fid_note"] = (f"FID (InceptionV3, pytorch-fid weights) on {n} "
+                                  f"{'reconstructions' if not self.diffusion else 'samples'}: biased upwards at "
+                                  "this size, not comparable with 50k-sample FIDs")
+        scores = f"offline FID {record['offline_fid']:.1f}, KID {record['offline_kid']:.3g} ({KID_SCALE})"
+        if not self.diffusion:
+            shown = [(f"input: {'pseudo-video frames' if self.video else 'images'}", x),
+                     (f"reconstructions ({record['psnr_last_frame']:.2f} dB on the last frame; "
+                      f"{scores.replace('offline FID', 'recon. offline FID')})", recon)]
+        else:
             shown = [("training input: " + ("pseudo-video frames" if self.video else "real images"),
                       (self.make_input(real[:8], -1) + 1) / 2),
                      (f"samples{', generated videos' if self.video else ''}: {scores}",

@@ -226,6 +226,33 @@ def test_video_diffusion_ar_is_the_autoregressive_model_on_the_same_pseudo_video
     assert train.NAMES["video-diffusion-ar"].startswith("VideoDiffusion-AR")
 
 
+def test_tokenizers_report_the_reconstruction_fid_of_the_last_frame(tmp_path, quick_classifier, monkeypatch):
+    """The paper's tokenizer metric beside PSNR: the offline FID of the last frames of the
+    reconstructions against every image; a perfect reconstruction scores the originals' own FID.
+    (CViViT: VQVAE's images take the same path, as one-frame videos' last frames.)"""
+    trainer = Trainer(parse_args(["--model", "cvivit", "--frames", "3", "--steps", "1", "--out", str(tmp_path), *FAST]))
+    record = trainer.evaluate()
+    assert {"psnr_last_frame", "offline_fid", "offline_kid", "offline_fid_originals"} <= set(record)
+    assert record["offline_fid"] > record["offline_fid_originals"] >= 0
+    assert "reconstructions of 16 images" in record["offline_note"] and "fid_inception" not in record
+    exact = trainer.ema.forward  # the EMA weights are evaluated: make them reconstruct exactly
+    trainer.ema.forward = lambda x: (x, *exact(x)[1:])
+    perfect = trainer.evaluate()
+    assert perfect["psnr_last_frame"] == 100  # (clamped: +inf)
+    assert perfect["offline_fid"] == pytest.approx(perfect["offline_fid_originals"], rel=1e-9)
+    assert perfect["offline_fid_originals"] == record["offline_fid_originals"]
+    # with InceptionV3's weights, its FID of the same last frames against the originals (the real
+    # network's FID is tested in test_metrics; a stand-in here, 299x299 Inception is slow on a CPU)
+    seen = []
+    inception = torch.nn.Identity()
+    monkeypatch.setattr(train, "_inception", lambda *a, **kw: inception)
+    monkeypatch.setattr(train, "fid", lambda real, fake, net: seen.append((real, fake, net)) or 12.5)
+    record = trainer.evaluate()
+    real, fake, net = seen[0]
+    assert record["fid_inception"] == 12.5 and net is inception and real.shape == fake.shape == (16, 1, 8, 8)
+    assert torch.equal(fake, real) and "16 reconstructions" in record["fid_note"]  # (still the exact ones)
+
+
 def test_a_failed_run_leaves_no_out_folder(tmp_path, capsys):
     for bad in (["--data", "cifar10", "--data-dir", str(tmp_path / "none")], ["--resume"],
                 ["--inception-weights", str(tmp_path / "none.pth")]):
