@@ -1,0 +1,322 @@
+"""diffusers' AnimateDiff motion module, unpatched (AttnProcessor2_0: SDPA) vs patch_diffusers.
+
+At Stable Diffusion 1.5's widths: a motion module (``AnimateDiffTransformer3D``, 8 heads, two
+self-attentions over 16 frames at every latent pixel) at each level of the UNet it meets, 320
+channels at 64x64 (a 512x512 video), 640 at 32x32, 1280 at 16x16 and 8x8 (1280 / 8 = head dim 160:
+past the kernels' 128, the patch falls back there and says so); forward (inference, no grad) and
+forward + backward. Three cases:
+- ``attention``: the lines AttnProcessor2_0 runs between the projections and the output
+  projection (view + transpose, SDPA, transpose + reshape copy) against the patch's (the
+  (batch, n, heads, head_dim) views to pvkernels' kernels), on (batch * pixels, frames, channels)
+  projections. On CUDA also each SDPA backend, and past 65535 sequences where they fail.
+- ``module``: the whole motion module; ``extra_info["attention_share"]``: its two attention
+  layers' share of its time (the ``attention`` lines timed alone at the module's shape).
+- ``unet step``: a small UNetMotionModel training step (forward, backward, Adam), the share of
+  every motion attention in it.
+
+Provider "reference" is diffusers' own code, unpatched; "patched" the same after the patch.
+Skipped without diffusers (``pip install -e ".[test]"`` installs it). On a shared machine,
+``python -m benchmarks.bench_diffusers [--cpu-time] [--rounds N]`` times the providers of every
+case in alternating rounds (``--cpu-time``: one thread's CPU time, which other jobs disturb far
+less) and prints the table of the README.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pvkernels import integrations
+from pvkernels.integrations._attention import attend
+from pvkernels.ops.attention import MAX_HEAD_DIM
+
+from . import harness
+from .harness import DEVICE, QUICK, case_key, run, sync, time_calls
+
+pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e '.[test]')")
+
+FRAMES = 4 if QUICK else 16
+HEADS = 2 if QUICK else 8
+
+
+def levels(device: str = DEVICE, quick: bool = QUICK) -> list:
+    """(channels, latent side, batch) of the motion modules a 512x512 SD 1.5 video meets."""
+    if quick:
+        return [(32, 8, 1)]
+    out = [(320, 64, 1), (640, 32, 1), (1280, 16, 1), (1280, 8, 1)]
+    if device == "cuda":  # 128 x 128 latent at batch 4: 65536 sequences, where SDPA's kernels fail
+        out += [(320, 128, 4)]
+    return out
+
+
+def providers(device: str = DEVICE) -> list:
+    if device == "cuda":
+        return ["reference", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "patched"]
+    return ["reference", "patched"]
+
+
+def _level_name(level) -> str:
+    C, side, B = level
+    return f"{C}ch {side}x{side}" + (f" b{B}" if B > 1 else "")
+
+
+# the attention lines ------------------------------------------------------------------------
+
+def diffusers_core(query, key, value, heads):
+    """AttnProcessor2_0's lines between the projections and to_out (no mask, no qk norm)."""
+    batch_size = query.shape[0]
+    head_dim = key.shape[-1] // heads
+    q, k, v = (t.view(batch_size, -1, heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
+
+
+def patched_core(query, key, value, heads):
+    """The same lines in the patch's processor: views of the projections to the fused kernels."""
+    batch_size = query.shape[0]
+    head_dim = key.shape[-1] // heads
+    q, k, v = (t.view(batch_size, -1, heads, head_dim) for t in (query, key, value))
+    return attend(q, k, v, None, causal=False).view(batch_size, -1, heads * head_dim)
+
+
+def core_fn(provider: str):
+    if provider == "patched":
+        return patched_core
+    if provider.startswith("sdpa_"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        chosen = getattr(SDPBackend, {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                                      "cudnn": "CUDNN_ATTENTION", "math": "MATH"}[provider[5:]])
+
+        def fn(*args):
+            with sdpa_kernel(chosen):
+                return diffusers_core(*args)
+        return fn
+    return diffusers_core
+
+
+def core_call(provider: str, n_seq: int, frames: int, channels: int, mode: str, device: str = DEVICE):
+    """A call of the attention lines on fresh (n_seq, frames, channels) projections."""
+    fn = core_fn(provider)
+    qkv = [torch.randn(n_seq, frames, channels, device=device, requires_grad=mode != "fwd") for _ in range(3)]
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                return fn(*qkv, HEADS)
+        return call
+    grad = torch.randn(n_seq, frames, channels, device=device)
+    return lambda: torch.autograd.grad(fn(*qkv, HEADS), qkv, grad)
+
+
+def _warm_or_skip(call, provider):
+    try:
+        call()
+    except (RuntimeError, ValueError) as exc:  # an SDPA backend refusing the shape (65535 sequences)
+        pytest.skip(f"{provider} cannot run this case on {DEVICE}: {str(exc).strip().splitlines()[0][:200]}")
+
+
+@pytest.mark.parametrize("level, mode, provider", [(lv, m, p) for lv in levels() for m in ("fwd", "fwd+bwd")
+                                                   for p in providers()])
+def bench_motion_attention(benchmark, level, mode, provider):
+    C, side, B = level
+    if provider == "patched" and C // HEADS > MAX_HEAD_DIM:
+        pytest.skip(f"head dim {C // HEADS} > {MAX_HEAD_DIM}: the patch falls back to AttnProcessor2_0 here")
+    n_seq = B * side * side
+    call = core_call(provider, n_seq, FRAMES, C, mode)
+    _warm_or_skip(call, provider)
+    numel = n_seq * FRAMES * C
+    flops = 4 * n_seq * FRAMES * FRAMES * C * (1 if mode == "fwd" else 3.5)
+    run(benchmark, call, "diffusers", case_key("attention", mode, _level_name(level), f"{FRAMES} frames"), provider,
+        (4 if mode == "fwd" else 12) * numel * 4, flops=flops)
+
+
+# the motion module --------------------------------------------------------------------------
+
+def motion_module(channels: int, device: str = DEVICE):
+    """AnimateDiff's motion module as UNetMotionModel / MotionAdapter build it at this width."""
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+    torch.manual_seed(0)
+    return AnimateDiffTransformer3D(num_attention_heads=HEADS, attention_head_dim=channels // HEADS,
+                                    in_channels=channels, norm_num_groups=8 if QUICK else 32,
+                                    activation_fn="geglu", positional_embeddings="sinusoidal",
+                                    num_positional_embeddings=32, double_self_attention=True).to(device)
+
+
+def module_call(provider: str, level, mode: str, device: str = DEVICE):
+    """(call, patch or None): one forward (no grad) or forward + backward of the motion module."""
+    C, side, B = level
+    module = motion_module(C, device)
+    p = integrations.patch_diffusers(module) if provider == "patched" else None
+    x = torch.randn(B * FRAMES, C, side, side, device=device, requires_grad=mode != "fwd")
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                return module(x, num_frames=FRAMES)
+        return call, p
+    params = list(module.parameters())
+    return lambda: torch.autograd.grad(module(x, num_frames=FRAMES).square().mean(), [x] + params), p
+
+
+def attention_seconds(provider: str, shapes: dict, mode: str, rounds: int, device: str = DEVICE) -> float:
+    """The attention lines alone at the (n_seq, frames, channels) shapes a run met, each times
+    its count: seconds per run."""
+    total = 0.0
+    for (n_seq, frames, channels), count in shapes.items():
+        core = "patched" if provider == "patched" and channels // HEADS <= MAX_HEAD_DIM else "reference"
+        call = core_call(core, n_seq, frames, channels, mode, device)
+        call()
+        total += count * time_calls(call, rounds, device)[0]
+    return total
+
+
+def attention_shapes(model, run_once) -> dict:
+    """{(n_seq, frames, channels): calls} of the motion modules' self-attention in one run."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+    shapes: dict = {}
+
+    def record(attn, args, kwargs):
+        key = tuple((args[0] if args else kwargs["hidden_states"]).shape)
+        shapes[key] = shapes.get(key, 0) + 1
+    hooks = [a.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()
+             if isinstance(m, AnimateDiffTransformer3D) for a in m.modules() if isinstance(a, Attention)]
+    try:
+        run_once()
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+@pytest.mark.parametrize("level, mode, provider", [(lv, m, p) for lv in levels() if lv[2] == 1
+                                                   for m in ("fwd", "fwd+bwd") for p in ("reference", "patched")])
+def bench_motion_module(benchmark, level, mode, provider):
+    C, side, B = level
+    call, p = module_call(provider, level, mode)
+    rounds = 3 if QUICK else 5
+    run(benchmark, call, "diffusers", case_key("module", mode, _level_name(level), f"{FRAMES} frames"), provider,
+        bytes_moved=0, rounds=rounds, in_context=False)
+    attention = attention_seconds(provider, {(B * side * side, FRAMES, C): 2}, mode, rounds)
+    extra = {"attention_ms": attention * 1e3, "attention_share": attention / benchmark.stats.stats.median}
+    if p is not None:
+        extra.update(patch_fast=p.stats["fast"], patch_fallback=dict(p.stats["fallback"]))
+    benchmark.extra_info.update(extra)
+    harness._rows[-1].update(extra)
+
+
+# a small UNetMotionModel training step ------------------------------------------------------
+
+UNET_CHANNELS, UNET_SIDE = ((16, 32), 8) if QUICK else ((64, 128, 256), 32)
+
+
+def unet_step(provider: str, device: str = DEVICE):
+    """(step, patch or None, model): one Adam step of a small UNetMotionModel on one 16-frame video."""
+    import diffusers
+
+    torch.manual_seed(0)
+    n = len(UNET_CHANNELS)
+    model = diffusers.UNetMotionModel(
+        block_out_channels=UNET_CHANNELS, layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlockMotion",) * (n - 1) + ("DownBlockMotion",),
+        up_block_types=("UpBlockMotion",) + ("CrossAttnUpBlockMotion",) * (n - 1), num_attention_heads=HEADS,
+        motion_num_attention_heads=HEADS, motion_max_seq_length=32, sample_size=UNET_SIDE).to(device)
+    p = integrations.patch_diffusers(model) if provider == "patched" else None
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(1, 4, FRAMES, UNET_SIDE, UNET_SIDE, device=device)
+    text = torch.randn(1, 7, 32, device=device).repeat_interleave(FRAMES, dim=0)
+    t = torch.tensor([500], device=device)
+
+    def step():
+        model(x, t, text).sample.square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, p, model
+
+
+@pytest.mark.parametrize("provider", ["reference", "patched"])
+def bench_unet_step(benchmark, provider):
+    step, p, model = unet_step(provider)
+    rounds = 3 if QUICK else 5
+    run(benchmark, step, "diffusers", case_key("unet step", "x".join(map(str, UNET_CHANNELS)),
+                                               f"{UNET_SIDE}x{UNET_SIDE}", f"{FRAMES} frames"),
+        provider, bytes_moved=0, rounds=rounds, in_context=False)
+    shapes = attention_shapes(model, step)
+    attention = attention_seconds(provider, shapes, "fwd+bwd", rounds)
+    extra = {"attention_ms": attention * 1e3, "attention_share": attention / benchmark.stats.stats.median}
+    if p is not None:
+        extra.update(patch_fast=p.stats["fast"], patch_fallback=dict(p.stats["fallback"]))
+    benchmark.extra_info.update(extra)
+    harness._rows[-1].update(extra)
+
+
+# alternating rounds -------------------------------------------------------------------------
+
+def _clocked(call, rounds: int, clock) -> list:
+    times = []
+    for _ in range(rounds):
+        start = clock()
+        call()
+        sync("cpu")
+        times.append(clock() - start)
+    return times
+
+
+def interleaved(cpu_time: bool, rounds: int) -> None:
+    """Every case's two providers in alternating rounds: medians, the ratio's range over the
+    rounds and the attention share (its lines timed alone, the same clock); a markdown table."""
+    if cpu_time:
+        torch.set_num_threads(1)
+    clock = time.thread_time if cpu_time else time.perf_counter
+    both = ("reference", "patched")
+    cases = []  # (name, {provider: call}, {provider: attention shapes} or None, mode)
+    for level in levels("cpu"):
+        C, side, B = level
+        shape = {(B * side * side, FRAMES, C): 2}
+        for mode in ("fwd", "fwd+bwd"):
+            if C // HEADS <= MAX_HEAD_DIM:
+                cases.append((f"attention {mode}, {_level_name(level)}",
+                              {p: core_call(p, B * side * side, FRAMES, C, mode, "cpu") for p in both}, None, mode))
+            cases.append((f"motion module {mode}, {_level_name(level)}",
+                          {p: module_call(p, level, mode, "cpu")[0] for p in both}, {p: shape for p in both}, mode))
+    steps = {p: unet_step(p, "cpu") for p in both}
+    cases.append((f"UNetMotionModel {'-'.join(map(str, UNET_CHANNELS))} step, {UNET_SIDE}x{UNET_SIDE}",
+                  {p: s[0] for p, s in steps.items()},
+                  {p: attention_shapes(s[2], s[0]) for p, s in steps.items()}, "fwd+bwd"))
+    print(f"{FRAMES} frames, {HEADS} heads, {'one thread, CPU time' if cpu_time else 'wall clock'}, "
+          f"{rounds} alternating rounds")
+    print("| case | reference ms | patched ms | x | rounds' x range | attention share, ref -> patched |")
+    print("|---|---:|---:|---:|---|---|")
+    for name, calls, shapes, mode in cases:
+        for c in calls.values():
+            c()  # warm-up
+        times = {p: [] for p in both}
+        for _ in range(rounds):
+            for p in both:
+                times[p] += _clocked(calls[p], 1, clock)
+        ref, fast = (statistics.median(times[p]) for p in both)
+        ratios = [a / b for a, b in zip(times["reference"], times["patched"])]
+        share = ""
+        if shapes is not None:
+            parts = []
+            for p, median in zip(both, (ref, fast)):
+                total = 0.0
+                for (n_seq, frames, channels), count in shapes[p].items():
+                    core = p if channels // HEADS <= MAX_HEAD_DIM else "reference"
+                    call = core_call(core, n_seq, frames, channels, mode, "cpu")
+                    call()
+                    total += count * statistics.median(_clocked(call, rounds, clock))
+                parts.append(total / median)
+            share = f"{parts[0]:.0%} -> {parts[1]:.0%}"
+        print(f"| {name} | {ref * 1e3:.1f} | {fast * 1e3:.1f} | {ref / fast:.2f} | {min(ratios):.2f}-{max(ratios):.2f} "
+              f"| {share} |", flush=True)
+
+
+if __name__ == "__main__":
+    interleaved(cpu_time="--cpu-time" in sys.argv,
+                rounds=int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 5)
