@@ -2,9 +2,11 @@
 
     python -m pvkernels_models.experiments {tokenizer,diffusion,all} --budget {smoke,cpu,gpu} --out DIR
 
-- tokenizer: VQVAE (image) against CViViT on T-frame blur pseudo videos, and the control
-  VQVAE with T codes per latent position (as many codes per image as CViViT's last frame can
-  draw on); metrics: the reconstruction FID of the last frame (the image) against the data,
+- tokenizer: VQVAE (image) against CViViT on T-frame blur pseudo videos, and at each T the
+  controls that attribute a difference: CViViT on identity pseudo videos (T copies of the image:
+  the architecture and compute without the pseudo-video signal), VQVAE trained for CViViT's
+  training FLOPs, and VQVAE with T codes per latent position (as many codes per image as
+  CViViT's last frame can draw on); metrics: the reconstruction FID of the last frame (the image) against the data,
   the paper's tokenizer metric (offline; on InceptionV3 too when its weights are given), and
   its PSNR.
 - diffusion: DDPM (image) against VideoDiffusion on T-frame pseudo videos of DDPM noise in
@@ -110,7 +112,7 @@ class Arm:
     order: Optional[str]
     argv: tuple
     baseline: bool = False
-    flops_of: Optional[str] = None  # the key of the arm whose training FLOPs this DDPM's steps match
+    flops_of: Optional[str] = None  # the key of the arm whose training FLOPs this image model's steps match
 
     @property
     def key(self) -> str:
@@ -128,6 +130,8 @@ class Arm:
             return NAMES[self.argv[1]]
         if self.model == "vqvae-matched-codes":
             return "VQVAE with T codes per position (control)"
+        if self.model == "vqvae-flops-matched":
+            return "VQVAE with CViViT's FLOPs at T (control)"
         if self.model == "ddpm-flops-matched":
             return "DDPM with the FLOPs of T frames (control)"
         name = {"cvivit": "CViViT", "video-diffusion": "VideoDiffusion",
@@ -138,13 +142,17 @@ class Arm:
 def grid(experiment: str, b: Budget) -> list[Arm]:
     """The arms of one experiment at budget b (the baseline first)."""
     if experiment == "tokenizer":
-        common = ("--image-size", str(b.tok_size), "--steps", str(b.tok_steps), "--batch-size", str(b.tok_batch))
-        arms = [Arm("tokenizer", "vqvae", 1, None, None, ("--model", "vqvae", *common), baseline=True)]
+        common = ("--image-size", str(b.tok_size), "--batch-size", str(b.tok_batch))
+        steps = ("--steps", str(b.tok_steps))
+        arms = [Arm("tokenizer", "vqvae", 1, None, None, ("--model", "vqvae", *steps, *common), baseline=True)]
         for T in b.tok_frames:
-            arms.append(Arm("tokenizer", "cvivit", T, "blur", "high",
-                            ("--model", "cvivit", "--frames", str(T), "--aug", "blur", "--order", "high", *common)))
+            cvivit = ("--model", "cvivit", "--frames", str(T), *steps, *common)
+            arms.append(Arm("tokenizer", "cvivit", T, "blur", "high", (*cvivit, "--aug", "blur", "--order", "high")))
+            arms.append(Arm("tokenizer", "cvivit", T, "identity", None, (*cvivit, "--aug", "identity")))
+            arms.append(Arm("tokenizer", "vqvae-flops-matched", T, None, None, ("--model", "vqvae", *common),
+                            flops_of=f"cvivit-T{T}-blur-high"))
             arms.append(Arm("tokenizer", "vqvae-matched-codes", T, None, None,
-                            ("--model", "vqvae", "--codes-per-position", str(T), *common)))
+                            ("--model", "vqvae", "--codes-per-position", str(T), *steps, *common)))
         return arms
     common = ("--image-size", str(b.diff_size), "--batch-size", str(b.diff_batch), "--timesteps", str(b.timesteps),
               "--width", str(b.width))
@@ -238,7 +246,9 @@ class Results:
         pairs = []
         by = {(a.model, a.frames, a.aug, a.order): a for a in self.arms}
         for a in self.arms:
-            if a.model == "cvivit":
+            if a.model == "cvivit" and a.aug != "identity":
+                pairs.append((a, by.get(("cvivit", a.frames, "identity", None))))
+                pairs.append((a, by.get(("vqvae-flops-matched", a.frames, None, None))))
                 pairs.append((a, by.get(("vqvae-matched-codes", a.frames, None, None))))
             if a.model.startswith("video-diffusion") and a.aug != "identity":
                 pairs.append((a, by.get(("ddpm-flops-matched", a.frames, None, None))))
@@ -272,9 +282,10 @@ def run(experiments: list, budget: Budget, out: Path, extra: dict, seeds: int) -
     common = ["--data", budget.data, "--eval-samples", str(budget.eval_samples), *budget.recipe]
     argvs = {arm.key: [*arm.argv, *common, *extra[arm.experiment]] for arm in arms}
     flops = {arm.key: step_flops(argvs[arm.key]) for arm in arms}
-    for arm in arms:  # the FLOP-matched DDPMs: steps for the video arm's training FLOPs
+    for arm in arms:  # the FLOP-matched image models: steps for the video arm's training FLOPs
         if arm.flops_of:
-            argvs[arm.key] += ["--steps", str(round(budget.diff_steps * flops[arm.flops_of] / flops[arm.key]))]
+            steps = budget.tok_steps if arm.experiment == "tokenizer" else budget.diff_steps
+            argvs[arm.key] += ["--steps", str(round(steps * flops[arm.flops_of] / flops[arm.key]))]
     results = Results(arms)
     total, start = len(arms) * seeds, time.perf_counter()
     for i, arm in enumerate(arms):

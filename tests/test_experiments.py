@@ -16,6 +16,11 @@ def test_the_grid_has_every_arm_and_control():
     b = experiments.BUDGETS["cpu"]
     tok = {(a.model, a.frames) for a in grid("tokenizer", b)}
     assert {("cvivit", T) for T in (4, 8, 18)} <= tok  # the paper's headline length among them
+    arms = {(a.model, a.frames, a.aug): a for a in grid("tokenizer", b)}
+    for T in (4, 8, 18):  # the attribution controls at each T: the signal, then the compute
+        assert ("cvivit", T, "identity") in arms and ("cvivit", T, "blur") in arms
+        assert arms[("vqvae-flops-matched", T, None)].flops_of == f"cvivit-T{T}-blur-high"
+        assert "--steps" not in arms[("vqvae-flops-matched", T, None)].argv  # set from the counted FLOPs
     diff = {(a.model, a.frames, a.aug, a.order) for a in grid("diffusion", b)}
     for T in (4, 8):
         assert {("video-diffusion", T, "noise", "first"), ("video-diffusion", T, "noise", "high"),
@@ -47,13 +52,16 @@ def test_experiments_all_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
         baseline = r["model"] in ("vqvae", "ddpm") and r["frames"] == 1
         assert (r["p_vs_baseline"] is None) == baseline, r
         assert r["seeds"] == 2 and r["std"] is not None and r["std"] >= 0
-    assert len(rows) == 3 * 2 + 2 * 6  # tokenizer: 3 arms x 2 metrics; diffusion: 6 arms x 2 metrics
+    assert len(rows) == 5 * 2 + 2 * 6  # tokenizer: 5 arms x 2 metrics; diffusion: 6 arms x 2 metrics
     assert all(0 <= run["offline_fid_originals"] for run in result["runs"] if run["arm"].startswith(("vq", "cv")))
     # the FLOP-matched DDPM trains for the video arm's FLOPs: more steps than the video arm
     steps = {run["arm"]: int(run["argv"][run["argv"].index("--steps") + 1]) for run in result["runs"]}
     assert steps["ddpm-flops-matched-T2"] > steps["video-diffusion-T2-noise-high"] == 2
+    assert steps["vqvae-flops-matched-T2"] > steps["cvivit-T2-blur-high"] == 1
     assert {c["b"] for c in result["comparisons"]} >= {"DDPM with the FLOPs of T frames (control), T=2",
-                                                       "VideoDiffusion, identity (control), T=2"}
+                                                       "VideoDiffusion, identity (control), T=2",
+                                                       "CViViT, identity (control), T=2",
+                                                       "VQVAE with CViViT's FLOPs at T (control), T=2"}
     assert {r["train_gflop"] > 0 for r in result["runs"]} == {True}
     out = capsys.readouterr().out
     assert "p vs base" in out and "ddpm-flops-matched" in out and "against the controls" in out
