@@ -119,8 +119,14 @@ def _warm_or_skip(call, provider):
         pytest.skip(f"{provider} cannot run this case on {DEVICE}: {str(exc).strip().splitlines()[0][:200]}")
 
 
-@pytest.mark.parametrize("level, mode, provider", [(lv, m, p) for lv in levels() for m in ("fwd", "fwd+bwd")
-                                                   for p in providers()])
+def _cases(rows: list) -> dict:
+    """parametrize kwargs with readable ids: "320ch_64x64-fwd-patched"."""
+    return dict(argvalues=rows, ids=["-".join(_level_name(v).replace(" ", "_") if i == 0 else v for i, v in enumerate(r))
+                                     for r in rows])
+
+
+@pytest.mark.parametrize("level, mode, provider", **_cases([(lv, m, p) for lv in levels() for m in ("fwd", "fwd+bwd")
+                                                            for p in providers()]))
 def bench_motion_attention(benchmark, level, mode, provider):
     C, side, B = level
     if provider == "patched" and C // HEADS > MAX_HEAD_DIM:
@@ -194,8 +200,8 @@ def attention_shapes(model, run_once) -> dict:
     return shapes
 
 
-@pytest.mark.parametrize("level, mode, provider", [(lv, m, p) for lv in levels() if lv[2] == 1
-                                                   for m in ("fwd", "fwd+bwd") for p in ("reference", "patched")])
+@pytest.mark.parametrize("level, mode, provider", **_cases([(lv, m, p) for lv in levels() if lv[2] == 1
+                                                            for m in ("fwd", "fwd+bwd") for p in ("reference", "patched")]))
 def bench_motion_module(benchmark, level, mode, provider):
     C, side, B = level
     call, p = module_call(provider, level, mode)
