@@ -10,6 +10,8 @@ at::Tensor pseudo_video_cpp(const at::Tensor& x, c10::ArrayRef<double> blur_sigm
                             c10::ArrayRef<double> signal_scale, bool first_order, int64_t seed,
                             const std::optional<at::Tensor>& noise, double truncate);
 std::tuple<at::Tensor, at::Tensor> vq_lookup_cpp(const at::Tensor& z, const at::Tensor& codebook, bool cosine);
+std::tuple<at::Tensor, at::Tensor> vq_lookup_topk_cpp(const at::Tensor& z, const at::Tensor& codebook, bool cosine,
+                                                      int64_t k);
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpp(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const std::optional<at::Tensor>& bias, bool temporal,
                                                      bool causal);
@@ -29,6 +31,7 @@ TORCH_LIBRARY(pvkernels_cpp, m) {
       "pseudo_video(Tensor x, float[] blur_sigma, float[] noise_std, float[] signal_scale, bool first_order, "
       "int seed, Tensor? noise, float truncate) -> Tensor");
   m.def("vq_lookup(Tensor z, Tensor codebook, bool cosine) -> (Tensor, Tensor)");
+  m.def("vq_lookup_topk(Tensor z, Tensor codebook, bool cosine, int k) -> (Tensor, Tensor)");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, bool temporal, bool causal) -> (Tensor, Tensor)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor out, Tensor lse, "
@@ -42,6 +45,7 @@ TORCH_LIBRARY(pvkernels_cpp, m) {
 TORCH_LIBRARY_IMPL(pvkernels_cpp, CPU, m) {
   m.impl("pseudo_video", &pvkernels::pseudo_video_cpp);
   m.impl("vq_lookup", &pvkernels::vq_lookup_cpp);
+  m.impl("vq_lookup_topk", &pvkernels::vq_lookup_topk_cpp);
   m.impl("attention_fwd", &pvkernels::attention_fwd_cpp);
   m.impl("attention_bwd", &pvkernels::attention_bwd_cpp);
   m.impl("lfq_entropy_fwd", &pvkernels::lfq_entropy_fwd_cpp);

@@ -2,8 +2,10 @@
 // (||z_i||^2 is constant per row, so it is dropped) plus the gather zq_i = e_{idx_i}, without
 // the N x K distance matrix. Rows are split into tiles of BN, the codebook into tiles of BK;
 // each (BN x BK) block of dot products is one small single-threaded GEMM (ATen's BLAS) into a
-// reused scratch, scanned at once by a kLanes-wide running min/argmin (simd.h). Parallel over row tiles;
-// extra memory O(threads * BN * BK) plus a fp32 copy of the codebook. Math in fp32.
+// reused scratch, scanned at once by a kLanes-wide running min/argmin (simd.h), or for the k nearest
+// codes (vq_lookup_topk) by a small sorted top-k per row that most groups of scores skip with one
+// compare against the row's k-th best. Parallel over row tiles; extra memory O(threads * BN * BK)
+// plus a fp32 copy of the codebook. Math in fp32.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +14,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -98,40 +101,84 @@ void scan_tile(const float* dots, int64_t ld, int64_t bn, const float* bias, int
   for (; i < bn; ++i) scan_rows<1>(dots, ld, i, bias, k0, n, rows);
 }
 
-template <typename scalar_t>
-void vq_lookup_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& cb,
-                      const std::vector<float>& bias_in, at::Tensor& idx, at::Tensor& zq) {
+// The k nearest codes of one row, best first: (value, index) ascending, lexicographically, so an
+// exact tie goes to the smaller index. Empty slots hold (+inf, kNoCode), worse than every code
+// (a NaN score counts as +inf: such a code still fills a slot, after every finite one).
+constexpr int32_t kNoCode = std::numeric_limits<int32_t>::max();
+constexpr int64_t kMaxTopK = 64;  // as pvkernels/ops/vq.py's MAX_TOPK
+
+inline bool before(float v, int32_t x, float w, int32_t y) { return v < w || (v == w && x < y); }
+
+inline void insert_sorted(float* value, int32_t* index, int k, float s, int32_t code) {
+  int pos = k - 1;
+  for (; pos > 0 && before(s, code, value[pos - 1], index[pos - 1]); --pos) {
+    value[pos] = value[pos - 1];
+    index[pos] = index[pos - 1];
+  }
+  value[pos] = s;
+  index[pos] = code;
+}
+
+// Scans one row of a tile of dot products (scores bias[j] - 2 dots[j], j in [0, n), n a multiple of
+// kLanes) into its sorted top-k. Most groups of kGroup scores hold nothing better than the row's
+// k-th best: their minimum (a running `s < m ? s : m`, which skips NaN lanes) is compared once, and
+// only a group that reaches it is walked score by score.
+constexpr int kGroup = 4;
+void scan_row_topk(const float* dots, const float* bias, int32_t k0, int64_t n, float* value, int32_t* index, int k) {
+  const float inf = std::numeric_limits<float>::infinity();
+  alignas(64) float s[kGroup * kLanes];
+  auto walk = [&](int64_t j, int count) {
+    for (int l = 0; l < count; ++l) {
+      const float v = s[l] == s[l] ? s[l] : inf;
+      const int32_t code = k0 + static_cast<int32_t>(j + l);
+      if (before(v, code, value[k - 1], index[k - 1])) insert_sorted(value, index, k, v, code);
+    }
+  };
+  int64_t j = 0;
+  for (; j + kGroup * kLanes <= n; j += kGroup * kLanes) {
+    vfloat m = simd::splat(inf);
+    for (int g = 0; g < kGroup; ++g) {
+      const vfloat v = simd::load(bias + j + g * kLanes) - 2.0f * simd::load(dots + j + g * kLanes);
+      simd::store(s + g * kLanes, v);
+      m = v < m ? v : m;
+    }
+    if (simd::reduce_min(m) <= value[k - 1]) walk(j, kGroup * kLanes);
+  }
+  for (; j < n; j += kLanes) {
+    const vfloat v = simd::load(bias + j) - 2.0f * simd::load(dots + j);
+    simd::store(s, v);
+    walk(j, kLanes);
+  }
+}
+
+// Row tiles x codebook tiles: each (bn x bk) block of dot products is one GEMM into a per-thread
+// scratch, scanned at once by `select`. Few row tiles (small N) would leave threads idle: the
+// codebook is then split too, each split keeps its own result per row, and `select.merge` combines
+// the splits in ascending k. Select provides Rows (per-thread state of BN rows), rows(),
+// reset(rows, bn), scan(dots, ld, bn, bias, k0, n, rows), finish(rows, n0, bn, split, splits),
+// merge(splits).
+template <typename scalar_t, typename Select>
+void scan_codebook(const at::Tensor& z, const at::Tensor& cb, const std::vector<float>& bias_in, Select& select) {
   const int64_t N = z.size(0), D = z.size(1), K = cb.size(0);
   const int64_t K_pad = simd::round_up(K);
   // padded columns score +inf - 2 * 0 = +inf and never win
   std::vector<float> bias(K_pad, std::numeric_limits<float>::infinity());
   std::copy(bias_in.begin(), bias_in.end(), bias.begin());
   const scalar_t* zp = z.const_data_ptr<scalar_t>();
-  const scalar_t* ep = codebook.const_data_ptr<scalar_t>();
   const float* cp = cb.const_data_ptr<float>();
-  int64_t* ip = idx.mutable_data_ptr<int64_t>();
-  scalar_t* qp = zq.mutable_data_ptr<scalar_t>();
   const int64_t n_tiles = (N + BN - 1) / BN;
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  // Few row tiles (small N) would leave threads idle: split the codebook too, keep each
-  // split's (min, argmin) per row, and merge the splits in ascending k (strict <: ties stay
-  // with the smallest index).
   const int64_t n_k_blocks = (K + BK - 1) / BK;
   const int64_t threads = at::get_num_threads();
   int64_t splits = n_tiles >= threads ? 1 : std::min(n_k_blocks, (threads + n_tiles - 1) / n_tiles);
   const int64_t blocks_per_split = (n_k_blocks + splits - 1) / splits;
   splits = (n_k_blocks + blocks_per_split - 1) / blocks_per_split;
-  std::vector<float> part_value(splits > 1 ? splits * N : 0);
-  std::vector<int32_t> part_index(splits > 1 ? splits * N : 0);
-  auto emit = [&](int64_t row, int64_t k) {
-    ip[row] = k;
-    std::memcpy(qp + row * D, ep + k * D, D * sizeof(scalar_t));
-  };
+  select.prepare(splits);
 
   at::parallel_for(0, n_tiles * splits, 1, [&](int64_t begin, int64_t end) {
     at::Tensor dots = at::empty({BN, std::min(BK, K_pad)}, f32);
     at::Tensor zt = std::is_same<scalar_t, float>::value ? at::Tensor() : at::empty({BN, D}, f32);
-    std::vector<RowMin> rows(BN);
+    typename Select::Rows rows = select.rows();
     int64_t loaded = -1;
     at::Tensor zs;
     for (int64_t item = begin; item < end; ++item) {
@@ -146,7 +193,7 @@ void vq_lookup_kernel(const at::Tensor& z, const at::Tensor& codebook, const at:
         }
         loaded = t;
       }
-      for (int64_t i = 0; i < bn; ++i) rows[i].reset();
+      select.reset(rows, bn);
       const int64_t k_begin = split * blocks_per_split * BK, k_end = std::min(K, k_begin + blocks_per_split * BK);
       for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
         const int64_t bk = std::min(BK, K - k0), bk_pad = std::min(BK, K_pad - k0);
@@ -158,20 +205,52 @@ void vq_lookup_kernel(const at::Tensor& z, const at::Tensor& codebook, const at:
         if (bk_pad > bk) {  // the padding tail of the last tile
           for (int64_t i = 0; i < bn; ++i) std::memset(dp + i * ld + bk, 0, (bk_pad - bk) * sizeof(float));
         }
-        scan_tile(dp, ld, bn, bias.data() + k0, static_cast<int32_t>(k0), bk_pad, rows.data());
+        select.scan(dp, ld, bn, bias.data() + k0, static_cast<int32_t>(k0), bk_pad, rows);
       }
-      for (int64_t i = 0; i < bn; ++i) {
-        const auto [v, k] = rows[i].best();
-        if (splits == 1) {
-          emit(n0 + i, k);
-        } else {
-          part_value[split * N + n0 + i] = v;
-          part_index[split * N + n0 + i] = k;
-        }
-      }
+      select.finish(rows, n0, bn, split, splits);
     }
   });
-  if (splits > 1) {
+  if (splits > 1) select.merge(splits);
+}
+
+// k = 1: a running (min, argmin) per row; writes idx (N) and zq (N, D).
+template <typename scalar_t>
+struct NearestCode {
+  using Rows = std::vector<RowMin>;
+  int64_t N, D;
+  const scalar_t* ep;
+  int64_t* ip;
+  scalar_t* qp;
+  std::vector<float> part_value;
+  std::vector<int32_t> part_index;
+
+  void prepare(int64_t splits) {
+    part_value.resize(splits > 1 ? splits * N : 0);
+    part_index.resize(splits > 1 ? splits * N : 0);
+  }
+  Rows rows() const { return Rows(BN); }
+  void reset(Rows& rows, int64_t bn) const {
+    for (int64_t i = 0; i < bn; ++i) rows[i].reset();
+  }
+  void scan(const float* dots, int64_t ld, int64_t bn, const float* bias, int32_t k0, int64_t n, Rows& rows) const {
+    scan_tile(dots, ld, bn, bias, k0, n, rows.data());
+  }
+  void emit(int64_t row, int64_t k) const {
+    ip[row] = k;
+    std::memcpy(qp + row * D, ep + k * D, D * sizeof(scalar_t));
+  }
+  void finish(const Rows& rows, int64_t n0, int64_t bn, int64_t split, int64_t splits) {
+    for (int64_t i = 0; i < bn; ++i) {
+      const auto [v, k] = rows[i].best();
+      if (splits == 1) {
+        emit(n0 + i, k);
+      } else {
+        part_value[split * N + n0 + i] = v;
+        part_index[split * N + n0 + i] = k;
+      }
+    }
+  }
+  void merge(int64_t splits) const {  // strict <: ties stay with the smallest index
     for (int64_t row = 0; row < N; ++row) {
       float v = part_value[row];
       int32_t k = part_index[row];
@@ -184,11 +263,75 @@ void vq_lookup_kernel(const at::Tensor& z, const at::Tensor& codebook, const at:
       emit(row, k);
     }
   }
-}
+};
+
+// k > 1: a sorted top-k per row; writes idx (N, k) and zq (N, k, D).
+template <typename scalar_t>
+struct NearestCodes {
+  struct Rows {
+    std::vector<float> value;
+    std::vector<int32_t> index;
+  };
+  int64_t N, D;
+  int k;
+  const scalar_t* ep;
+  int64_t* ip;
+  scalar_t* qp;
+  Rows parts;  // splits x N x k
+
+  void prepare(int64_t splits) {
+    parts.value.resize(splits > 1 ? splits * N * k : 0);
+    parts.index.resize(splits > 1 ? splits * N * k : 0);
+  }
+  Rows rows() const { return {std::vector<float>(BN * k), std::vector<int32_t>(BN * k)}; }
+  void reset(Rows& rows, int64_t bn) const {
+    std::fill_n(rows.value.begin(), bn * k, std::numeric_limits<float>::infinity());
+    std::fill_n(rows.index.begin(), bn * k, kNoCode);
+  }
+  void scan(const float* dots, int64_t ld, int64_t bn, const float* bias, int32_t k0, int64_t n, Rows& rows) const {
+    for (int64_t i = 0; i < bn; ++i) {
+      scan_row_topk(dots + i * ld, bias, k0, n, rows.value.data() + i * k, rows.index.data() + i * k, k);
+    }
+  }
+  void emit(int64_t row, const int32_t* index) const {
+    for (int j = 0; j < k; ++j) {
+      ip[row * k + j] = index[j];
+      std::memcpy(qp + (row * k + j) * D, ep + index[j] * D, D * sizeof(scalar_t));
+    }
+  }
+  void finish(const Rows& rows, int64_t n0, int64_t bn, int64_t split, int64_t splits) {
+    if (splits == 1) {
+      for (int64_t i = 0; i < bn; ++i) emit(n0 + i, rows.index.data() + i * k);
+      return;
+    }
+    const int64_t at = (split * N + n0) * k;
+    std::copy_n(rows.value.begin(), bn * k, parts.value.begin() + at);
+    std::copy_n(rows.index.begin(), bn * k, parts.index.begin() + at);
+  }
+  void merge(int64_t splits) const {  // each split's list is sorted: insert the later ones into the first
+    std::vector<float> value(k);
+    std::vector<int32_t> index(k);
+    for (int64_t row = 0; row < N; ++row) {
+      std::copy_n(parts.value.begin() + row * k, k, value.begin());
+      std::copy_n(parts.index.begin() + row * k, k, index.begin());
+      for (int64_t split = 1; split < splits; ++split) {
+        const int64_t at = (split * N + row) * k;
+        for (int j = 0; j < k; ++j) {
+          const float v = parts.value[at + j];
+          const int32_t x = parts.index[at + j];
+          if (!before(v, x, value[k - 1], index[k - 1])) break;  // the rest of this split is worse still
+          insert_sorted(value.data(), index.data(), k, v, x);
+        }
+      }
+      emit(row, index.data());
+    }
+  }
+};
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> vq_lookup_cpp(const at::Tensor& z, const at::Tensor& codebook, bool cosine) {
+namespace {
+void check_args(const at::Tensor& z, const at::Tensor& codebook) {
   TORCH_CHECK_VALUE(z.dim() == 2, "vq_lookup: the cpp kernel takes z as (N, D), got ", z.dim(), "-D");
   TORCH_CHECK_VALUE(codebook.dim() == 2, "vq_lookup: codebook must be 2-D (K, D), got ", codebook.dim(), "-D");
   TORCH_CHECK_VALUE(z.size(1) == codebook.size(1), "vq_lookup: z has D = ", z.size(1), " but the codebook has D = ",
@@ -201,6 +344,11 @@ std::tuple<at::Tensor, at::Tensor> vq_lookup_cpp(const at::Tensor& z, const at::
   TORCH_CHECK_TYPE(codebook.scalar_type() == z.scalar_type(), "vq_lookup: z is ", z.scalar_type(),
                    " but the codebook is ", codebook.scalar_type(), "; use the same dtype");
   TORCH_CHECK_VALUE(z.device().is_cpu() && codebook.device().is_cpu(), "vq_lookup: the cpp backend needs CPU tensors");
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> vq_lookup_cpp(const at::Tensor& z, const at::Tensor& codebook, bool cosine) {
+  check_args(z, codebook);
   const int64_t N = z.size(0), D = z.size(1);
   at::Tensor idx = at::empty({N}, z.options().dtype(at::kLong));
   at::Tensor zq = at::empty({N, D}, codebook.options());
@@ -209,7 +357,31 @@ std::tuple<at::Tensor, at::Tensor> vq_lookup_cpp(const at::Tensor& z, const at::
   simd::with_element_type(z.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const auto [cb, bias] = prepare_codebook<scalar_t>(ec, cosine);
-    vq_lookup_kernel<scalar_t>(zc, ec, cb, bias, idx, zq);
+    NearestCode<scalar_t> select{N, D, ec.const_data_ptr<scalar_t>(), idx.mutable_data_ptr<int64_t>(),
+                                 zq.mutable_data_ptr<scalar_t>()};
+    scan_codebook<scalar_t>(zc, cb, bias, select);
+  });
+  return {idx, zq};
+}
+
+std::tuple<at::Tensor, at::Tensor> vq_lookup_topk_cpp(const at::Tensor& z, const at::Tensor& codebook, bool cosine,
+                                                      int64_t k) {
+  check_args(z, codebook);
+  TORCH_CHECK_VALUE(k >= 1 && k <= codebook.size(0), "vq_lookup: k must be between 1 and K = ", codebook.size(0),
+                    " (the codebook size), got ", k);
+  TORCH_CHECK_VALUE(k <= kMaxTopK, "vq_lookup: k = ", k, " is more than the ", kMaxTopK,
+                    " nearest codes the kernels keep per row");
+  const int64_t N = z.size(0), D = z.size(1);
+  at::Tensor idx = at::empty({N, k}, z.options().dtype(at::kLong));
+  at::Tensor zq = at::empty({N, k, D}, codebook.options());
+  if (N == 0) return {idx, zq};
+  const at::Tensor zc = z.contiguous(), ec = codebook.contiguous();
+  simd::with_element_type(z.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const auto [cb, bias] = prepare_codebook<scalar_t>(ec, cosine);
+    NearestCodes<scalar_t> select{N, D, static_cast<int>(k), ec.const_data_ptr<scalar_t>(),
+                                  idx.mutable_data_ptr<int64_t>(), zq.mutable_data_ptr<scalar_t>(), {}};
+    scan_codebook<scalar_t>(zc, cb, bias, select);
   });
   return {idx, zq};
 }

@@ -227,6 +227,200 @@ def test_cpp_op_checks_directly():
         op(torch.randn(4, 3).long(), torch.randn(5, 3).long(), False)
 
 
+# k nearest codes ---------------------------------------------------------------------------
+
+def check_near_optimal_topk(z, codebook, idx, zq, metric, k):
+    """idx (..., k): k distinct codes whose exact scores are, slot by slot, the k smallest within fp32
+    rounding (so the right set, nearest first, up to near-ties); zq is codebook[idx]."""
+    D = codebook.shape[1]
+    assert idx.dtype == torch.int64 and idx.shape == (*z.shape[:-1], k)
+    assert zq.shape == (*z.shape[:-1], k, D) and zq.dtype == codebook.dtype
+    flat = idx.reshape(-1, k).cpu()
+    assert torch.equal(zq.reshape(-1, k, D).cpu(), codebook.cpu()[flat])
+    if flat.numel() == 0:
+        return
+    assert int(flat.min()) >= 0 and int(flat.max()) < codebook.shape[0]
+    assert bool((flat.sort(1).values.diff(dim=1) > 0).all()), "a code is listed twice in a row"
+    s = exact_scores(z, codebook, metric)
+    chosen = s.gather(1, flat)
+    best = s.sort(1).values[:, :k]
+    if metric == "l2":
+        zn = z.double().cpu().reshape(-1, D).pow(2).sum(1, keepdim=True)
+        scale = zn + codebook.double().cpu().pow(2).sum(1).max()
+    else:
+        scale = torch.ones_like(best[:, :1])
+    excess = (chosen - best).abs() / scale
+    assert float(excess.max()) <= 1e-5, f"slot score off the k smallest by {float(excess.max()):.3g} (relative)"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N, K, D", [(1, 7, 3), (3, 4099, 64), (1000, 600, 25), (37, 1300, 256)])
+@pytest.mark.parametrize("k", [2, 5, 32])
+def test_topk_near_optimal(backend, N, K, D, k):
+    N = small_for_interpreter(backend, N, K * max(1, D // 64) * k)
+    k = min(k, K)
+    z = torch.randn(N, D, device=dev(backend))
+    codebook = torch.randn(K, D, device=dev(backend))
+    idx, zq = pvkernels.vq_lookup(z, codebook, backend=backend, k=k)
+    check_near_optimal_topk(z, codebook, idx, zq, "l2", k)
+    one, _ = pvkernels.vq_lookup(z, codebook, backend=backend)
+    if dev(backend) == "cpu":  # the same fp32 scores as the k = 1 kernel's (on a GPU, other tiles)
+        assert torch.equal(idx[:, 0], one), "the nearest of the k is the k = 1 answer"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_topk_dtypes_and_metrics(backend, dtype, metric):
+    # fp16/bf16 values are exact in fp64 and scores are accumulated in fp32, as for k = 1
+    z = torch.randn(3, 5, 7, 48, device=dev(backend)).to(dtype)
+    codebook = (torch.randn(301, 48, device=dev(backend)) * torch.rand(301, 1, device=dev(backend))).to(dtype)
+    idx, zq = pvkernels.vq_lookup(z, codebook, metric=metric, backend=backend, k=5)
+    check_near_optimal_topk(z, codebook, idx, zq, metric, 5)
+    one, _ = pvkernels.vq_lookup(z, codebook, metric=metric, backend=backend)
+    if dev(backend) == "cpu":
+        assert torch.equal(idx[..., 0], one)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_topk_ties_in_index_order(backend, metric):
+    # small integers: every score exact in fp32; codes repeated up to 4 times, across the tiles of
+    # every backend, so whole runs of equal scores straddle the k-th slot
+    D, K = 6, 1300
+    base = torch.randint(-2, 3, (K, D)).float()
+    base[base.abs().sum(1) == 0] = 1.0
+    for a, copies in ((5, (700, 1299, 64)), (600, (601, 602)), (100, (1100,))):
+        for b in copies:
+            base[b] = base[a]
+    z = torch.cat([base[[5, 600, 100, 1299]], torch.randint(-2, 3, (30, D)).float()])
+    if metric == "cosine":
+        z = z * 2.0
+    N = small_for_interpreter(backend, z.shape[0], K * 8)
+    z = z[:N].to(dev(backend))
+    s = exact_scores(z, base, metric)
+    for k in (2, 5, 8):
+        idx, zq = pvkernels.vq_lookup(z, base.to(dev(backend)), metric=metric, backend=backend, k=k)
+        if metric == "l2":
+            assert torch.equal(idx.cpu(), s.sort(dim=1, stable=True).indices[:, :k]), k  # by score, then index
+        else:  # normalisation rounds (parallel codes need not tie); copies of one code tie exactly
+            check_near_optimal_topk(z, base.to(dev(backend)), idx, zq, metric, k)
+    idx, _ = pvkernels.vq_lookup(z[:2], base.to(dev(backend)), metric=metric, backend=backend, k=8)
+    for row, copies in zip(idx.cpu().tolist(), ([5, 64, 700, 1299], [600, 601, 602])):
+        assert [c for c in row if c in copies] == copies, row  # all there, in index order
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_whole_codebook_and_identical_codes(backend):
+    z = torch.randn(9, 5, device=dev(backend))
+    codebook = torch.randn(23, 5, device=dev(backend))
+    idx, zq = pvkernels.vq_lookup(z, codebook, backend=backend, k=23)  # k = K: every code, ranked
+    assert torch.equal(idx.sort(1).values.cpu(), torch.arange(23).expand(9, 23))
+    check_near_optimal_topk(z, codebook, idx, zq, "l2", 23)
+    # integer inputs: exact dots (a BLAS may round identical columns differently, as numpy does
+    # under the Triton interpreter)
+    z = torch.randint(-3, 4, (9, 5), device=dev(backend)).float()
+    idx, _ = pvkernels.vq_lookup(z, torch.ones(40, 5, device=dev(backend)), backend=backend, k=32)
+    assert torch.equal(idx.cpu(), torch.arange(32).expand(9, 32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_nan_row_gives_valid_codes(backend):
+    # a NaN score counts as +inf distance: the row's codes are then the first k, in order
+    z = torch.randn(4, 8, device=dev(backend))
+    z[1, 3] = float("nan")
+    codebook = torch.randn(70, 8, device=dev(backend))
+    idx, zq = pvkernels.vq_lookup(z, codebook, backend=backend, k=6)
+    assert idx[1].cpu().tolist() == list(range(6))
+    assert torch.equal(zq, codebook[idx])
+    check_near_optimal_topk(z[[0, 2, 3]], codebook, idx[[0, 2, 3]], zq[[0, 2, 3]], "l2", 6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_shapes(backend):
+    B, T, S, D, k = 2, 3, 5, 16, 3
+    z = torch.randn(B, T, S, D, device=dev(backend))
+    codebook = torch.randn(33, D, device=dev(backend))
+    idx, zq = pvkernels.vq_lookup(z, codebook, backend=backend, k=k)
+    assert idx.shape == (B, T, S, k) and zq.shape == (B, T, S, k, D) and zq.is_contiguous()
+    flat_idx, flat_zq = pvkernels.vq_lookup(z.reshape(-1, D), codebook, backend=backend, k=k)
+    assert torch.equal(idx.reshape(-1, k), flat_idx) and torch.equal(zq.reshape(-1, k, D), flat_zq)
+    one_idx, one_zq = pvkernels.vq_lookup(z[0, 0, 0], codebook, backend=backend, k=k)  # a single (D,) vector
+    assert one_idx.shape == (k,) and one_zq.shape == (k, D) and torch.equal(one_idx, idx[0, 0, 0])
+    empty_idx, empty_zq = pvkernels.vq_lookup(z[:0], codebook, backend=backend, k=k)
+    assert empty_idx.shape == (0, T, S, k) and empty_zq.shape == (0, T, S, k, D)
+    strided = torch.randn(40, 2 * D, device=dev(backend))[:, ::2]
+    idx, zq = pvkernels.vq_lookup(strided, codebook, backend=backend, k=k)
+    assert torch.equal(idx, pvkernels.vq_lookup(strided.contiguous(), codebook, backend=backend, k=k)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_codebook_gradient(backend):
+    z = torch.randn(20, 16, device=dev(backend))
+    codebook = torch.randn(50, 16, device=dev(backend), requires_grad=True)
+    idx, zq = pvkernels.vq_lookup(z, codebook, backend=backend, k=4)
+    g = torch.randn_like(zq)
+    (zq * g).sum().backward()
+    expected = torch.zeros(50, 16, device=dev(backend)).index_add_(0, idx.reshape(-1), g.reshape(-1, 16))
+    assert_close(codebook.grad, expected, torch.float32)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 7])
+def test_topk_cpp_codebook_splits(threads):
+    # few rows: the cpp kernel splits the codebook across threads and merges the splits' top-k
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        z, codebook = torch.randn(5, 24), torch.randn(3000, 24)
+        codebook[2900] = codebook[7]  # a tie across splits
+        z[0] = codebook[7]
+        idx, zq = pvkernels.vq_lookup(z, codebook, backend="cpp", k=32)
+        check_near_optimal_topk(z, codebook, idx, zq, "l2", 32)
+        assert idx[0, :2].tolist() == [7, 2900]
+        ref, _ = pvkernels.vq_lookup(z, codebook, backend="reference", k=32)
+        assert torch.equal(idx[:, :2], ref[:, :2])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_topk_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    fn = torch.compile(lambda z, e: pvkernels.vq_lookup(z, e, backend="cpp", k=3), fullgraph=True)
+    z, e = torch.randn(2, 5, 8), torch.randn(11, 8)
+    idx, zq = fn(z, e)
+    ref_idx, ref_zq = pvkernels.vq_lookup(z, e, backend="reference", k=3)
+    assert idx.shape == (2, 5, 3) and torch.equal(idx, ref_idx) and torch.equal(zq, ref_zq)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_bad_k(backend):
+    z, e = torch.randn(4, 8, device=dev(backend)), torch.randn(70, 8, device=dev(backend))
+    for k in (0, -1):
+        with pytest.raises(ValueError, match="k must be between 1 and K = 70"):
+            pvkernels.vq_lookup(z, e, backend=backend, k=k)
+    with pytest.raises(ValueError, match="k must be between 1 and K = 5 .the codebook size., got k = 6"):
+        pvkernels.vq_lookup(z, e[:5], backend=backend, k=6)
+    with pytest.raises(ValueError, match="k = 65 is more than the 64 nearest codes"):
+        pvkernels.vq_lookup(z, e, backend=backend, k=65)
+    for k in (2.0, True, "2", None):
+        with pytest.raises(TypeError, match="k must be an int"):
+            pvkernels.vq_lookup(z, e, backend=backend, k=k)
+    idx, _ = pvkernels.vq_lookup(z, e, backend=backend, k=torch.tensor(64))  # anything with __index__
+    assert idx.shape == (4, 64)
+
+
+def test_cpp_topk_op_checks_directly():
+    op = torch.ops.pvkernels_cpp.vq_lookup_topk
+    with pytest.raises(ValueError, match="between 1 and K = 5"):
+        op(torch.randn(4, 3), torch.randn(5, 3), False, 6)
+    with pytest.raises(ValueError, match="between 1 and K = 5"):
+        op(torch.randn(4, 3), torch.randn(5, 3), False, 0)
+    with pytest.raises(ValueError, match="more than the 64"):
+        op(torch.randn(4, 3), torch.randn(70, 3), False, 65)
+    with pytest.raises(ValueError, match="D = 3"):
+        op(torch.randn(4, 3), torch.randn(5, 4), False, 2)
+
+
 # VectorQuantizer ---------------------------------------------------------------------------
 
 def vq_module(**kw):
