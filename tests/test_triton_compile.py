@@ -35,14 +35,15 @@ LOCAL_RESULTS_DIR = ROOT / "benchmarks" / "results" / "local"  # every other run
 SAVE_REFERENCE = "PVKERNELS_BENCH_SAVE_REFERENCE"  # as benchmarks/harness.py
 TARGETS = (80, 90)
 KERNELS = ("_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel",
-           "_attention_bwd_dq_kernel", "_vq_lookup_fwd_kernel", "_pseudo_video_kernel", "_lfq_entropy_fwd_kernel",
-           "_lfq_entropy_bwd_kernel")
+           "_attention_bwd_dq_kernel", "_vq_lookup_fwd_kernel", "_vq_topk_fwd_kernel", "_pseudo_video_kernel",
+           "_lfq_entropy_fwd_kernel", "_lfq_entropy_bwd_kernel")
 # sequence lengths and head dims on both sides of every block-class boundary of attention's
 # _config, which include the benchmark shapes (T = 8, 18; S = 64, 256, 1024; Dh = 32, 64) and
 # the test shapes (N = 1 .. 150, Dh = 8 .. 128)
 ATTENTION_N = (1, 7, 18, 33, 64, 65, 256, 1024)
 ATTENTION_D = (8, 24, 40, 64, 100, 128)
 VQ_D = (3, 16, 25, 33, 64, 65, 256)  # (N, K) = (65536, 8192), the GPU benchmark's
+VQ_K = (1, 2, 32, 64)  # nearest codes per row: the argmin, and each class of top-k slots (vq._top_slots)
 LFQ_D = tuple(range(1, 25))  # every bits per codebook the op takes (each half's tile class, odd halves)
 # (B, C, H, W), schedule: the GPU benchmark (1024 x 3 x 32 x 32, T = 18), the CPU ones, the tests'
 # odd sizes, and planes past one block (tiled, with the halo of sigma 3 and of sigma 8)
@@ -72,14 +73,15 @@ def gpu_launches() -> list:
             launches += attention._attention_fwd_launches(q, k, v, bias, out, lse, temporal, causal)
             launches += attention._attention_bwd_launches(out, q, k, v, bias, out, lse, lse, out, out, out, dbias,
                                                           temporal, causal, bias_state == "grad")
-    for D, dtype, cosine in itertools.product(VQ_D, dtypes, (False, True)):
+    for D, dtype, cosine, k in itertools.product(VQ_D, dtypes, (False, True), VQ_K):
         z = torch.empty(65536, D, device=meta, dtype=dtype)
         codebook = torch.empty(8192, D, device=meta, dtype=dtype)
         dot_fp32 = cosine or dtype == torch.float32
         e = torch.empty(8192, D, device=meta) if dot_fp32 else codebook
+        top = () if k == 1 else (k,)
         launches += vq._vq_lookup_launches(z, codebook, e, torch.empty(8192, device=meta),
-                                           torch.empty(65536, dtype=torch.int64, device=meta),
-                                           torch.empty(65536, D, device=meta, dtype=dtype), dot_fp32)
+                                           torch.empty(65536, *top, dtype=torch.int64, device=meta),
+                                           torch.empty(65536, *top, D, device=meta, dtype=dtype), dot_fp32, k)
     for ((B, C, H, W), sigma), dtype, order in itertools.product(PSEUDO_VIDEO, dtypes, ("high", "first")):
         x = torch.empty(B, C, H, W, device=meta, dtype=dtype)
         p = schedules.combine(schedules.linear_blur(18, sigma, order), schedules.ddpm_noise(18, "linear", order))
