@@ -2,19 +2,26 @@
 ``pvkernels.lfq_entropy``: ``vector_quantize_lfq.py``).
 
 The codebook's forward (``Codebook`` since 1.27; ``EuclideanCodebook`` / ``CosineSimCodebook``
-before) builds the N x K distance matrix, an N x K one-hot of the argmax, a one-hot GEMM to
-gather the codes and another for the EMA sums. The patched forward finds the nearest code with
-the fused lookup (no N x K matrix), gathers the codes by index and accumulates the EMA counts
-and sums by index; everything else (kmeans init, affine parameters, Laplace smoothing,
-dead-code expiry, rotation trick, masks, heads, shared codebooks, DDP all-reduces, RNG use)
-is the peer's own code, called as it would call it.
+before) builds the N x K distance matrix, an N x K one-hot of the argmax (of the ``topk``, for
+beam search), a one-hot GEMM to gather the codes and another for the EMA sums. The patched forward
+finds the nearest code (the k nearest, nearest first) with the fused lookup (no N x K matrix),
+gathers the codes by index and accumulates the EMA counts and sums by index; the manual EMA
+update from given indices (``update_indices`` / ``update_ema_indices``, which beam search and
+``ema_update=False`` users call) accumulates by index too. So every lookup and every EMA sum of a
+patched model is ours, and they agree with each other bit for bit (``topk=1`` is the plain
+lookup; an update from the indices a forward returned equals that forward's own update).
+Everything else (kmeans init, affine parameters, Laplace smoothing, dead-code expiry, rotation
+trick, masks, heads, shared codebooks, DDP all-reduces, RNG use) is the peer's own code, called as
+it would call it.
 
 Not computed here (the original runs, the reason is counted): stochastic (Gumbel) or
-straight-through-softmax sampling, ``topk``, ``codebook_transform_fn``, a loss that needs the
-distance matrix (``indices=``, cross-entropy commitment, codebook diversity), a Codebook called
+straight-through-softmax sampling, ``topk`` above 64, ``codebook_transform_fn``, a loss that needs
+the distance matrix (``indices=``, cross-entropy commitment, codebook diversity), a Codebook called
 directly (its distances are part of what it returns), a cosine codebook whose codes are not unit
-vectors. Indices can differ from the peer's on near-ties (two codes whose distances agree to
-fp32 rounding); NaN inputs poison only their own code's EMA sum, not every code's.
+vectors, indices outside the codebook given to ``update_indices`` (the peer's error). Indices can
+differ from the peer's on near-ties (two codes whose distances agree to fp32 rounding), and the
+order of exactly tied codes in a top-k is by index (the peer's ``topk`` does not say); NaN inputs
+poison only their own code's EMA sum, not every code's.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from ..ops.vq import vq_lookup
+from ..ops.vq import MAX_TOPK, vq_lookup
 from . import vector_quantize_lfq as lfq
 from ._patching import Patch, check_peer, import_peer, missing, patch_modules, signature_problems
 
@@ -36,6 +43,9 @@ _VQ_PARAMS = ("x", "indices", "mask", "lens", "?topk", "sample_codebook_temp", "
               "return_loss_breakdown", "codebook_transform_fn", "ema_update_weight", "accum_ema_update", "?ema_update")
 _CODEBOOK_PARAMS = ("x", "sample_codebook_temp", "mask", "freeze_codebook", "codebook_transform_fn",
                     "ema_update_weight", "accum_ema_update", "?ema_update", "?topk", "?update_usage")
+# Codebook.update_indices (1.27+; alias update_ema_indices): the EMA update from given indices
+_UPDATE_PARAMS = ("x", "embed_ind", "mask", "ema_update_weight", "accum_ema_update", "ema_update")
+_UPDATE_METHODS = ("update_indices", "update_ema_indices")
 _HELPERS = ("pack_one", "repeat", "rearrange", "gumbel_sample", "ema_inplace", "accum_grad_", "default")
 
 # Set by a patched VectorQuantize.forward for the duration of the call: (its codebook, whether
@@ -72,6 +82,8 @@ def _check(mod) -> None:
                                            "update_affine"), "Codebook")
     for cls in classes:
         problems += signature_problems(cls.forward, _CODEBOOK_PARAMS, f"{cls.__name__}.forward")
+        for name in _update_methods(cls):
+            problems += signature_problems(getattr(cls, name), _UPDATE_PARAMS, f"{cls.__name__}.{name}")
     if hasattr(mod, "VectorQuantize"):
         problems += signature_problems(mod.VectorQuantize.forward, _VQ_PARAMS, "VectorQuantize.forward")
     check_peer(DISTRIBUTION, TESTED, problems)
@@ -98,8 +110,8 @@ def _codebook_reason(mod, cb, a) -> Optional[str]:
         return "Codebook called outside VectorQuantize (its distance matrix is part of what it returns)"
     if a.get("codebook_transform_fn") is not None:
         return "codebook_transform_fn (a transformed codebook per row)"
-    if a.get("topk") is not None:
-        return "topk (several codes per row)"
+    if a.get("topk") is not None and int(a["topk"]) > MAX_TOPK:
+        return f"topk > {MAX_TOPK} (the fused lookup keeps at most {MAX_TOPK} codes per row)"
     sample = cb.gumbel_sample
     if not (isinstance(sample, functools.partial) and sample.func is mod.gumbel_sample and not sample.args):
         return "a custom gumbel_sample function"
@@ -122,14 +134,21 @@ def _is_cosine(cb) -> bool:
     return bool(getattr(cb, "use_cosine_sim", False)) or type(cb).__name__ == "CosineSimCodebook"
 
 
-def _lookup(flatten: torch.Tensor, embed: torch.Tensor, cosine: bool):
-    """(h, N, d) rows against (h, K, d) codes -> (h, N) indices, (h, N, d) codes (differentiable
-    in ``embed`` as the peer's one-hot product is)."""
+def _lookup(flatten: torch.Tensor, embed: torch.Tensor, cosine: bool, topk: Optional[int] = None):
+    """(h, N, d) rows against (h, K, d) codes, or one (1, K, d) codebook for every group, as the
+    peer's batched cdist broadcasts it (beam search's 4-D residuals) -> (h, N) indices, (h, N, d)
+    codes (differentiable in ``embed`` as the peer's one-hot product is); with ``topk``, (h, N, k)
+    and (h, N, k, d), nearest first. ``topk=1`` is the plain lookup, so it agrees with a call
+    without topk."""
     metric = "cosine" if cosine else "l2"
-    pairs = [vq_lookup(flatten[i], embed[i], metric) for i in range(flatten.shape[0])]
-    if len(pairs) == 1:
-        return pairs[0][0].unsqueeze(0), pairs[0][1].unsqueeze(0)
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    k = 1 if topk is None else int(topk)
+    pairs = [vq_lookup(flatten[i], embed[i if embed.shape[0] > 1 else 0], metric, k=k)
+             for i in range(flatten.shape[0])]
+    idx, codes = (pairs[0][0].unsqueeze(0), pairs[0][1].unsqueeze(0)) if len(pairs) == 1 else \
+        (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+    if topk is not None and k == 1:
+        idx, codes = idx.unsqueeze(-1), codes.unsqueeze(-2)
+    return idx, codes
 
 
 def _counts_and_sums(flatten: torch.Tensor, idx: torch.Tensor, mask: Optional[torch.Tensor], K: int):
@@ -146,6 +165,7 @@ def _counts_and_sums(flatten: torch.Tensor, idx: torch.Tensor, mask: Optional[to
 
 
 def _fast_codebook_forward(mod, new_layout: bool, cb, a):
+    """The peer's codebook forward on the fused lookup: (quantize, embed_ind, None), or why not (a str)."""
     x, mask, training = a["x"], a["mask"], cb.training
     needs_codebook_dim = x.ndim < 4
     x = x.float()
@@ -169,13 +189,17 @@ def _fast_codebook_forward(mod, new_layout: bool, cb, a):
     cosine = _is_cosine(cb)
     if cosine and float((embed.detach().norm(dim=-1) - 1.0).abs().amax()) > 1e-4:
         # the peer ranks by the raw dot product; only for unit codes is that the angle
-        return None  # init_embed_ above is idempotent: the original can run from the start
-    idx, quantize = _lookup(flatten, embed, cosine)
-    embed_ind = unpack_one(idx, "h *")
-    quantize = unpack_one(quantize, "h * d")
+        # init_embed_ above is idempotent: the original can run from the start
+        return "cosine codebook whose codes are not unit vectors (the peer ranks by raw dot product)"
+    if embed.shape[0] not in (1, flatten.shape[0]):
+        return f"{flatten.shape[0]} row groups against {embed.shape[0]} codebooks (the peer's cdist refuses)"
+    topk = a.get("topk")
+    idx, quantize = _lookup(flatten, embed, cosine, topk)
+    embed_ind = unpack_one(idx, "h *" if topk is None else "h * k")
+    quantize = unpack_one(quantize, "h * d" if topk is None else "h * k d")
 
-    if new_layout:
-        if training and a["update_usage"] and not a["freeze_codebook"]:
+    if new_layout:  # a top-k call updates nothing: beam search updates from the chosen indices after
+        if training and a["update_usage"] and not a["freeze_codebook"] and topk is None:
             cb.update_codebook(flatten, _Assignments(idx), mask=mask, ema_update_weight=a["ema_update_weight"],
                                accum_ema_update=a["accum_ema_update"], ema_update=a["ema_update"])
     elif training and cb.ema_update and not a["freeze_codebook"]:
@@ -237,6 +261,51 @@ def _make_track(mod):
     return make
 
 
+def _update_methods(cls) -> tuple:
+    """The manual EMA update methods ``cls`` defines (1.27+; none before)."""
+    return tuple(name for name in _UPDATE_METHODS if callable(getattr(cls, name, None)))
+
+
+def _make_update_indices(patch: Patch, mod, cls, name: str):
+    """Codebook.update_indices (and its alias update_ema_indices): the peer's lines with the code
+    indices handed on as ``_Assignments`` instead of a one-hot, so the patched
+    ``track_cluster_size_and_embed_avg`` sums by index, as the patched forward's own update does."""
+    signature = inspect.signature(getattr(cls, name))
+
+    def make(original):
+        def update_indices(cb, *args, **kwargs):
+            bound = signature.bind(cb, *args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            x, embed_ind, mask = a["x"], a["embed_ind"], a["mask"]
+            needs_codebook_dim = x.ndim < 4
+            x = x.float()
+            if needs_codebook_dim:
+                x = mod.rearrange(x, "... -> 1 ...")
+                embed_ind = mod.rearrange(embed_ind, "... -> 1 ...")
+            flatten, _ = mod.pack_one(x, "h * d")
+            embed_ind, _ = mod.pack_one(embed_ind, "h *")
+            embed_ind = embed_ind.masked_fill(embed_ind == -1, 0)  # masked positions, left out by the mask
+            if embed_ind.dtype != torch.int64:
+                why = f"indices of dtype {embed_ind.dtype} (the peer's one_hot takes int64 only)"
+            elif embed_ind.numel() and not (0 <= int(embed_ind.min()) and int(embed_ind.max()) < cb.codebook_size):
+                why = "indices outside the codebook (the peer's one_hot raises)"
+            else:
+                why = None
+            if why is not None:
+                patch.fallback(why)
+                return original(cb, *args, **kwargs)
+            patch.fast()
+            if mask is not None:
+                mask = mod.repeat(mask, "b n -> c (b h n)", c=flatten.shape[0],
+                                  h=flatten.shape[-2] // (mask.shape[0] * mask.shape[1]))
+            cb.update_codebook(flatten, _Assignments(embed_ind), mask=mask,
+                               ema_update_weight=a["ema_update_weight"], accum_ema_update=a["accum_ema_update"],
+                               ema_update=a["ema_update"])
+        return update_indices
+    return make
+
+
 def _make_codebook_forward(patch: Patch, mod, new_layout: bool, cls):
     signature = inspect.signature(cls.forward)
 
@@ -251,10 +320,10 @@ def _make_codebook_forward(patch: Patch, mod, new_layout: bool, cls):
             why = _codebook_reason(mod, cb, a)
             if why is None:
                 out = _fast_codebook_forward(mod, new_layout, cb, a)
-                if out is not None:
+                if not isinstance(out, str):
                     patch.fast()
                     return out
-                why = "cosine codebook whose codes are not unit vectors (the peer ranks by raw dot product)"
+                why = out
             patch.fallback(why)
             return original(cb, *args, **kwargs)
         return forward
@@ -335,6 +404,7 @@ def install(patch: Patch, mod, model: Optional[torch.nn.Module]) -> None:
         makers = {"forward": _make_codebook_forward(patch, mod, new_layout, cls)}
         if new_layout:
             makers["track_cluster_size_and_embed_avg"] = _make_track(mod)
+            makers.update({name: _make_update_indices(patch, mod, cls, name) for name in _update_methods(cls)})
         patch_modules(patch, model, cls, makers)
     patch_modules(patch, model, mod.VectorQuantize, {"forward": _make_vq_forward(patch, mod)})
 

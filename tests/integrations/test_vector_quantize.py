@@ -18,6 +18,7 @@ from vector_quantize_pytorch import vector_quantize_pytorch as peer  # noqa: E40
 from pvkernels import integrations  # noqa: E402
 from pvkernels.integrations import PeerVersionError  # noqa: E402
 
+from ..utils import assert_close  # noqa: E402
 from .parity import compare, fake_version, instance_and_class, train  # noqa: E402
 
 NEW_LAYOUT = hasattr(peer, "Codebook")
@@ -141,15 +142,138 @@ def test_unsupported_calls_fall_back(name):
 
 
 @pytest.mark.skipif(not NEW_LAYOUT, reason="topk and the distance-returning Codebook call are 1.30+ features")
-def test_topk_and_indices_calls_fall_back():
-    vq = VectorQuantize(dim=D, codebook_size=K)
+def test_indices_calls_and_topk_past_64_fall_back():
+    vq = VectorQuantize(dim=D, codebook_size=K + 16)
     x = torch.randn(2, 9, D)
     with integrations.patch_vector_quantize(vq) as p:
-        vq(x, topk=2)
         vq(x, indices=torch.randint(0, K, (2, 9)))
         vq._codebook(x[None])  # direct call: the caller reads its distances
+        vq.eval()(x, topk=65)
     reasons = " | ".join(p.stats["fallback"])
-    assert p.stats["fast"] == 0 and "topk" in reasons and "indices=" in reasons and "outside VectorQuantize" in reasons
+    assert p.stats["fast"] == 0 and "indices=" in reasons and "outside VectorQuantize" in reasons, reasons
+    assert "topk > 64" in reasons
+
+
+def topk_step(k, mask=False):
+    def step(model, x):
+        kwargs = {"topk": k}
+        if mask:
+            kwargs["mask"] = torch.arange(x.shape[1]).expand(x.shape[0], -1) < torch.tensor([[x.shape[1]], [7], [30]])
+        quantized, indices, loss = model(x, **kwargs)
+        return quantized.square().mean() + loss.sum(), {"quantized": quantized, "indices": indices}
+    return step
+
+
+@pytest.mark.skipif(not NEW_LAYOUT, reason="topk is a 1.27+ feature")
+@pytest.mark.parametrize("k, mode, mask", [(1, "train", False), (4, "train", True), (3, "eval", False),
+                                           (12, "eval", False)])
+def test_topk_parity(k, mode, mask):
+    # k well below K: ranking all K codes meets near-ties (the peer ranks cdist's rounding, we rank
+    # ||e||^2 - 2 <z, e>), which test_topk_agrees_with_the_plain_lookup_bit_for_bit allows for
+    def build():
+        model = VectorQuantize(dim=D, codebook_size=K, decay=0.8, learnable_codebook=True, ema_update=False)
+        return model.eval() if mode == "eval" else model
+    by_instance, by_class = instance_and_class(build, integrations.patch_vector_quantize, tokens(),
+                                               topk_step(k, mask))
+    for p in (by_instance, by_class):
+        assert p.stats == {"fast": 5, "fallback": {}}, p.stats
+
+
+@pytest.mark.skipif(not NEW_LAYOUT, reason="topk is a 1.27+ feature")
+def test_topk_agrees_with_the_plain_lookup_bit_for_bit():
+    torch.manual_seed(3)
+    vq = VectorQuantize(dim=256, codebook_size=512).eval()
+    x = torch.randn(1, 1024, 256)  # D = 256: near-ties to fp32 rounding occur
+    with integrations.patch_vector_quantize(vq) as p:
+        q1, i1, _ = vq(x)
+        q2, i2, _ = vq(x, topk=1)
+        q5, i5, _ = vq(x, topk=5)
+    assert i2.shape == (1, 1024, 1) and i5.shape == (1, 1024, 5) and q5.shape == (1, 1024, 5, 256)
+    assert torch.equal(i1, i2[..., 0]) and torch.equal(q1, q2[..., 0, :])
+    assert torch.equal(i1, i5[..., 0]) and torch.equal(q1, q5[..., 0, :])
+    d = torch.cdist(x[0].double(), vq.codebook.double())
+    chosen = d.gather(1, i5[0])
+    assert bool((chosen.diff(dim=1) >= -1e-5 * chosen[:, 1:]).all()), "not nearest first"
+    assert p.stats == {"fast": 3, "fallback": {}}
+
+
+@pytest.mark.skipif(not NEW_LAYOUT, reason="update_ema_indices and topk are 1.27+ features")
+@pytest.mark.parametrize("seed", range(4))
+def test_manual_ema_update_equals_the_forward_update_bit_for_bit(seed):
+    """The peer's own test_topk_and_manual_ema_update (8 of 20 seeds failed when only the plain
+    forward was ours): a plain training forward against a topk=1 forward without EMA update
+    followed by update_ema_indices with its indices, at D = 256 where near-ties occur."""
+    torch.manual_seed(seed)
+    vq1 = VectorQuantize(dim=256, codebook_size=512)
+    vq2 = VectorQuantize(dim=256, codebook_size=512)
+    vq2.load_state_dict(vq1.state_dict())
+    x = torch.randn(1, 1024, 256)
+    mask = torch.randint(0, 2, (1, 1024)).bool()
+    with integrations.patch_vector_quantize() as p:  # class level, as the peer-suite plugin
+        _, indices1, _ = vq1.train()(x, mask=mask)
+        _, indices2, _ = vq2.train()(x, mask=mask, topk=1, ema_update=False)
+        vq2.update_ema_indices(x, indices2[..., 0], mask=mask)
+    assert torch.equal(indices1, indices2[..., 0])
+    for name in ("cluster_size", "embed_avg", "embed"):
+        a, b = getattr(vq1._codebook, name), getattr(vq2._codebook, name)
+        assert torch.equal(a, b), f"{name}: {int((a != b).sum())} entries differ"
+    assert p.stats == {"fast": 3, "fallback": {}}, p.stats  # two forwards and the update
+
+
+@pytest.mark.skipif(not NEW_LAYOUT, reason="update_ema_indices is a 1.27+ feature")
+@pytest.mark.parametrize("heads", [1, 2])
+def test_update_indices_parity(heads):
+    """The peer's update from given indices (one-hot sums) against ours (index sums), masked,
+    then a forward that expires dead codes: buffers within fp32 rounding of the sums' order."""
+    torch.manual_seed(0)
+    kw = dict(dim=D, codebook_size=K, decay=0.8, threshold_ema_dead_code=1)
+    ref = VectorQuantize(heads=heads, separate_codebook_per_head=True, codebook_dim=8, **kw) if heads > 1 else \
+        VectorQuantize(**kw)
+    fast = copy.deepcopy(ref)
+    x = torch.randn(3, 20, D)
+    indices = torch.randint(0, K, (3, 20, heads) if heads > 1 else (3, 20))
+    indices[1, :4] = -1  # the peer's marker of masked positions
+    mask = torch.ones(3, 20, dtype=torch.bool)
+    mask[1, :4] = False
+    for model in (ref, fast):
+        model.train()
+    torch.manual_seed(7)  # dead codes are replaced by sampled rows
+    ref.update_ema_indices(x, indices, mask=mask)
+    torch.manual_seed(7)
+    with integrations.patch_vector_quantize(fast) as p:
+        fast.update_ema_indices(x, indices, mask=mask)
+    assert p.stats == {"fast": 1, "fallback": {}}, p.stats
+    for name, value in ref.state_dict().items():
+        assert_close(fast.state_dict()[name], value, torch.float32, name=name)
+
+
+@pytest.mark.skipif(not NEW_LAYOUT, reason="update_ema_indices is a 1.27+ feature")
+def test_update_indices_outside_the_codebook_fall_back():
+    vq = VectorQuantize(dim=D, codebook_size=K).train()
+    x = torch.randn(2, 5, D)
+    for bad in (torch.full((2, 5), K), torch.full((2, 5), -2), torch.zeros(2, 5, dtype=torch.int32)):
+        with pytest.raises(RuntimeError) as expected:
+            copy.deepcopy(vq).update_ema_indices(x, bad)
+        with integrations.patch_vector_quantize(vq) as p:
+            with pytest.raises(type(expected.value)):
+                vq.update_ema_indices(x, bad)
+        assert p.stats["fast"] == 0 and len(p.stats["fallback"]) == 1, p.stats
+
+
+@pytest.mark.skipif(not NEW_LAYOUT, reason="beam search is a 1.27+ feature")
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_residual_vq_beam_search(mode):
+    def build():
+        model = ResidualVQ(dim=D, num_quantizers=3, codebook_size=K, decay=0.8, beam_size=2, eval_beam_size=3)
+        return model.eval() if mode == "eval" else model
+
+    def step(model, x):
+        quantized, indices, losses = model(x)
+        return quantized.square().mean() + losses.sum(), {"quantized": quantized, "indices": indices}
+    by_instance, _ = instance_and_class(build, integrations.patch_vector_quantize, tokens(), step)
+    # 3 top-k lookups per step, then (training) the peer's update_indices after the search (it
+    # makes one call per step at 1.32)
+    assert by_instance.stats == {"fast": 5 * (4 if mode == "train" else 3), "fallback": {}}, by_instance.stats
 
 
 def test_codebook_transform_fn_falls_back():
