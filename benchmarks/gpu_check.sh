@@ -53,7 +53,7 @@ report_env() {
     echo "pvkernels from $PWD (PYTHONPATH); $("$PY" --version)"
     "$PY" - <<'EOF'
 import importlib.util, os
-missing = [m for m in ("torch", "triton", "pytest", "pytest_benchmark", "numpy", "scipy", "sklearn", "PIL")
+missing = [m for m in ("torch", "triton", "pytest", "pytest_benchmark", "numpy", "scipy", "sklearn", "PIL", "diffusers")
            if importlib.util.find_spec(m) is None]
 if missing:
     print("MISSING (not installed; the steps that import them fail):", " ".join(missing))

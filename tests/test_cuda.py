@@ -312,6 +312,53 @@ def test_lfq_entropy_past_the_dense_memory():
     assert torch.cuda.max_memory_allocated() < 1 << 30
 
 
+# diffusers ---------------------------------------------------------------------------------------
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_diffusers_motion_module_past_65535_sequences(dtype):
+    """AnimateDiff's motion module at SD 1.5's first width on a 128 x 128 latent at batch 4: 65536
+    sequences of 16 frames, where SDPA's fused kernels fail. Patched (strict), against the unpatched
+    module on SDPA's math backend in fp32; bf16 within 2x of the math backend's own bf16 error."""
+    pytest.importorskip("diffusers")
+    import copy
+
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pvkernels import integrations
+
+    torch.manual_seed(0)
+    block = AnimateDiffTransformer3D(num_attention_heads=8, attention_head_dim=40, in_channels=320,
+                                     norm_num_groups=32, positional_embeddings="sinusoidal",
+                                     num_positional_embeddings=32).cuda()
+    x, grad = torch.randn(64, 320, 128, 128, device="cuda"), torch.randn(64, 320, 128, 128, device="cuda")
+
+    def run(module, dt, patched):
+        m = copy.deepcopy(module).to(dt)
+        x_ = x.to(dt).requires_grad_(True)
+        if patched:
+            with integrations.patch_diffusers(m, strict=True) as p:
+                out = m(x_, num_frames=16)
+                out.backward(grad.to(dt))
+            assert p.stats == {"fast": 2, "fallback": {}}
+        else:
+            with sdpa_kernel(SDPBackend.MATH):
+                out = m(x_, num_frames=16)
+                out.backward(grad.to(dt))
+        return out.float(), x_.grad.float()
+
+    exact = run(block, torch.float32, False)
+    got = run(block, dtype, True)
+    if dtype == torch.float32:
+        assert_close(got[0], exact[0], rtol=1e-4, atol=1e-4)
+        assert_close(got[1], exact[1], rtol=1e-4, atol=1e-4 * float(exact[1].abs().max()))
+    else:
+        own = run(block, dtype, False)
+        for e, g, o in zip(exact, got, own):
+            assert float((g - e).abs().max()) <= 2 * float((o - e).abs().max())
+
+
 # torch.compile ----------------------------------------------------------------------------
 
 def test_torch_compile_fullgraph():
