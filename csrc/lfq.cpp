@@ -183,7 +183,10 @@ std::tuple<at::Tensor, at::Tensor> lfq_entropy_bwd_cpp(const at::Tensor& lqp, co
         }
         am[i] += sums[0], ap[i] += sums[1];
       }
-      for (int i = 0; i < s.d; ++i) AP[r * s.d + i] = static_cast<float>(ap[i]), AM[r * s.d + i] = static_cast<float>(am[i]);
+      for (int i = 0; i < s.d; ++i) {
+        AP[r * s.d + i] = static_cast<float>(ap[i]);
+        AM[r * s.d + i] = static_cast<float>(am[i]);
+      }
     }
   });
   return {plus, minus};

@@ -208,7 +208,7 @@ def test_quantizer_loss_is_the_entropy_loss_of_the_oracle(spherical):
     x = torch.randn(2, 33, 12)
     mask = torch.rand(2, 33) > 0.3
     (q, idx, loss), (q_r, idx_r, loss_r) = layer(x, mask=mask), ref(x, mask=mask)
-    assert torch.equal(idx, idx_r)
+    assert torch.equal(idx, idx_r) and torch.equal(q, q_r)
     assert_close(loss, loss_r, rtol=1e-5, atol=1e-6)
     loss.backward()
     loss_r.backward()
