@@ -236,6 +236,30 @@ class _TemporalMixer(nn.Module):
         o = packed_attention(qkv, temporal=True, causal=causal, bias=bias, backend=attn.backend)
         return attn.proj(o.flatten(3))
 
+    def attend_last(self, qkv: torch.Tensor, context: Optional[tuple]) -> torch.Tensor:
+        """The causal attention's projected output for one new frame, (B, 1, S, C), from its packed
+        qkv (B, 1, S, 3, H, Dh) and the earlier frames' keys and values (``context_kv``'s) or
+        None: the last row of ``attend`` over the K + 1 frames. One query row is a product per
+        (b, s, h) with K + 1 keys, which the fused kernels (T queries by T keys) do not offer:
+        plain PyTorch, in fp32."""
+        attn = self.attn
+        q, k, v = (x.float() for x in qkv.unbind(3))  # (B, 1, S, H, Dh) each
+        scores = (q * k).sum(-1)  # (B, 1, S, H): the frame's own key
+        if context is not None:
+            scores = torch.cat([(q * context[0]).sum(-1), scores], 1)  # (B, K + 1, S, H)
+        L = scores.shape[1]
+        bias = attn.position_bias(L, q.device, torch.float32)[:, -1]  # (H, L): the last row's
+        probs = (scores / math.sqrt(attn.head_dim) + bias.T[None, :, None]).softmax(1)
+        o = probs[:, -1:, :, :, None] * v
+        if context is not None:
+            o = o + (probs[:, :-1, :, :, None] * context[1]).sum(1, keepdim=True)
+        return attn.proj(o.to(qkv.dtype).flatten(3))
+
+    @staticmethod
+    def context_kv(qkv: torch.Tensor) -> tuple:
+        """The keys and values (B, K, S, H, Dh) each, fp32, of the context frames' packed qkv."""
+        return qkv[:, :, :, 1].float().contiguous(), qkv[:, :, :, 2].float().contiguous()
+
 
 GENERATIONS = ("joint", "autoregressive")
 CLEAN_T = -1  # the diffusion time the autoregressive model's clean context frames are embedded at
@@ -375,9 +399,9 @@ class VideoDiffusion(DDPM):
     @torch.no_grad()
     def _sample_autoregressive(self, n: int, generator: Optional[torch.Generator], progress) -> torch.Tensor:
         """Frame by frame: frame k by the ancestral sampler given the clean frames < k. The clean
-        frames go through the U-Net once per frame; their attention qkv per level is kept and
-        joined to the noisy frame's at every step (causal attention over k + 1 frames: the
-        teacher-forced mask restricted to them)."""
+        frames go through the U-Net once per frame; their attention keys and values per level are kept, and at
+        every step the noisy frame's query attends to their keys and its own (the last row of the
+        causal attention over k + 1 frames: the teacher-forced mask restricted to them)."""
         device = self.alpha_bar.device
         where = generator.device if generator is not None else device
         shape = (n, self.channels, self.image_size, self.image_size)
@@ -390,16 +414,16 @@ class VideoDiffusion(DDPM):
                 def record(level, h):
                     m = self.temporal[level]
                     tokens = m.tokens(h, k)
-                    cache[level] = m.qkv(tokens)
-                    return m.untokens(tokens + m.attend(cache[level]))
+                    qkv = m.qkv(tokens)
+                    cache[level] = m.context_kv(qkv)
+                    return m.untokens(tokens + m.attend(qkv))
                 times = torch.full((n, k), CLEAN_T, dtype=torch.int64, device=device)
                 self._unet(context.flatten(0, 1), self._frame_temb(times, torch.arange(k, device=device)), record)
 
             def step_mix(level, h):
                 m = self.temporal[level]
                 tokens = m.tokens(h, 1)
-                qkv = torch.cat([cache[level], m.qkv(tokens)], 1) if k else m.qkv(tokens)
-                return m.untokens(tokens + m.attend(qkv)[:, -1:])
+                return m.untokens(tokens + m.attend_last(m.qkv(tokens), cache.get(level)))
             clip = self.clip_frames == "all" or k == self.frames - 1
             x = torch.randn(shape, generator=generator, device=where).to(device)
             frame = torch.full((1,), k, dtype=torch.int64, device=device)

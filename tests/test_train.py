@@ -209,9 +209,10 @@ def test_a_backend_that_cannot_run_here_exits_2_with_the_reason_for_every_model(
     assert not out.exists()
 
 
-def test_video_diffusion_ar_is_the_autoregressive_model_on_the_same_pseudo_videos(tmp_path):
+def test_video_diffusion_ar_is_the_autoregressive_model_with_the_joint_models_start(tmp_path):
     """--model video-diffusion-ar: VideoDiffusion(generation="autoregressive"), causal in time, with
-    the joint model's initial weights and pseudo videos for the same seed (both arms pair by seed)."""
+    the joint model's initial weights and first pseudo videos for the same seed (later ones differ:
+    its loss draws a t per frame from the same noise stream)."""
     made = {}
     for model in ("video-diffusion", "video-diffusion-ar"):
         made[model] = Trainer(parse_args(["--model", model, "--frames", "3", "--aug", "noise", "--out",
