@@ -618,11 +618,19 @@ _CLASSIFIERS: dict = {}
 
 def _classifier(data: str, size: int, images: torch.Tensor, labels: torch.Tensor, progress=None):
     """The offline-metric feature extractor and the features of every image, computed once per
-    dataset and size in a process (``progress(step, steps)`` while it is fitted)."""
+    dataset and size in a process (``progress(step, steps)`` while it is fitted). Fitted on one
+    thread: 300 Adam steps carry the rounding of a multi-threaded reduction into the weights
+    (about 1% of an FID between 1 and 2 threads), so the features, and the offline FIDs, would
+    depend on how many threads the process runs (the experiments' --jobs)."""
     if (data, size) not in _CLASSIFIERS:
-        classifier = train_classifier(images, labels, seed=0, progress=progress)
-        with torch.no_grad():
-            _CLASSIFIERS[(data, size)] = classifier, classifier.features(images)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            classifier = train_classifier(images, labels, seed=0, progress=progress)
+            with torch.no_grad():
+                _CLASSIFIERS[(data, size)] = classifier, classifier.features(images)
+        finally:
+            torch.set_num_threads(threads)
     return _CLASSIFIERS[(data, size)]
 
 
