@@ -366,17 +366,19 @@ def test_topk_codebook_gradient(backend):
 
 
 @pytest.mark.parametrize("threads", [1, 3, 7])
-def test_topk_cpp_codebook_splits(threads):
+@pytest.mark.parametrize("K", [3000, 513])
+def test_topk_cpp_codebook_splits(threads, K):
     # few rows: the cpp kernel splits the codebook across threads and merges the splits' top-k
+    # (K = 513: the last split holds one code and padding)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        z, codebook = torch.randn(5, 24), torch.randn(3000, 24)
-        codebook[2900] = codebook[7]  # a tie across splits
+        z, codebook = torch.randn(5, 24), torch.randn(K, 24)
+        codebook[K - 1] = codebook[7]  # a tie across splits (the last code)
         z[0] = codebook[7]
         idx, zq = pvkernels.vq_lookup(z, codebook, backend="cpp", k=32)
         check_near_optimal_topk(z, codebook, idx, zq, "l2", 32)
-        assert idx[0, :2].tolist() == [7, 2900]
+        assert idx[0, :2].tolist() == [7, K - 1]
         ref, _ = pvkernels.vq_lookup(z, codebook, backend="reference", k=32)
         assert torch.equal(idx[:, :2], ref[:, :2])
     finally:
