@@ -123,7 +123,8 @@ def test_cli_perceptual_loss(vgg_file, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--model", "ddpm", "--gan-weight", "0.1"], "apply to the tokenizers"),
     (["--model", "vqvae", "--perceptual-weight", "-1"], "--perceptual-weight must be >= 0"),
-    (["--model", "vqvae", "--inception-weights", "x.pth"], "--inception-weights is for the FID of diffusion"),
+    # the tokenizers take --inception-weights too (their reconstruction FID): a missing file is exit 2
+    (["--model", "vqvae", "--inception-weights", "x.pth"], "--inception-weights: no file at x.pth"),
 ])
 def test_loss_flags_bad_arguments_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
