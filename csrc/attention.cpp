@@ -39,8 +39,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    v.scalar_type());
   TORCH_CHECK_VALUE(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), name,
                     ": the cpp backend needs CPU tensors");
-  TORCH_CHECK_VALUE(q.size(4) <= 128, name, ": head dim Dh = ", q.size(4),
-                    " > 128 is not supported by the cpp kernel (use backend='reference')");
+  TORCH_CHECK_VALUE(q.size(4) <= attention::kMaxHeadDim, name, ": head dim Dh = ", q.size(4), " > ",
+                    attention::kMaxHeadDim, " is not supported by the cpp kernel (use backend='reference')");
   if (bias.has_value()) {
     const int64_t N = temporal ? q.size(1) : q.size(2);
     TORCH_CHECK_VALUE(bias->dim() == 3 && bias->size(0) == q.size(3) && bias->size(1) == N && bias->size(2) == N, name,

@@ -69,6 +69,9 @@ inline Sizes sizes_of(const at::Tensor& q, bool temporal) {
   return {q.size(0), temporal ? q.size(2) : q.size(1), temporal ? q.size(1) : q.size(2), q.size(3), q.size(4)};
 }
 
+// The largest head dim the kernels take (attention.py's MAX_HEAD_DIM["cpp"] says the same).
+constexpr int64_t kMaxHeadDim = 256;
+
 // Outputs past this size are written with non-temporal stores: they would not stay in L2
 // anyway, and streaming skips reading each line before it is overwritten.
 constexpr int64_t kStreamBytes = 4 << 20;

@@ -138,7 +138,7 @@ void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_
 
 using RowsTimesMat = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, int, const float*,
                               int64_t);
-// rows_times_mat for a head dim of Dp floats (DC = 1 .. 128 / kLanes vectors)
+// rows_times_mat for a head dim of Dp floats (DC = 1 .. kMaxHeadDim / kLanes vectors)
 template <bool COLUMN, int... DC>
 RowsTimesMat rows_times_mat_pick(int64_t Dp, std::integer_sequence<int, DC...>) {
   static const RowsTimesMat table[] = {rows_times_mat<DC + 1, COLUMN>...};
@@ -146,7 +146,7 @@ RowsTimesMat rows_times_mat_pick(int64_t Dp, std::integer_sequence<int, DC...>) 
 }
 template <bool COLUMN>
 RowsTimesMat rows_times_mat_for(int64_t Dp) {
-  return rows_times_mat_pick<COLUMN>(Dp, std::make_integer_sequence<int, 128 / kLanes>{});
+  return rows_times_mat_pick<COLUMN>(Dp, std::make_integer_sequence<int, kMaxHeadDim / kLanes>{});
 }
 
 struct Padded {
