@@ -3,8 +3,8 @@
 At Stable Diffusion 1.5's widths: a motion module (``AnimateDiffTransformer3D``, 8 heads, two
 self-attentions over 16 frames at every latent pixel) at each level of the UNet it meets, 320
 channels at 64x64 (a 512x512 video), 640 at 32x32, 1280 at 16x16 and 8x8 (1280 / 8 = head dim 160:
-past the kernels' 128, the patch falls back there and says so); forward (inference, no grad) and
-forward + backward. Three cases:
+fused on the CPU, past the Triton kernels' 128 on a GPU, where the patch falls back and says so);
+forward (inference, no grad) and forward + backward. Three cases:
 - ``attention``: the lines AttnProcessor2_0 runs between the projections and the output
   projection (view + transpose, SDPA, transpose + reshape copy) against the patch's (the
   (batch, n, heads, head_dim) views to pvkernels' kernels), on (batch * pixels, frames, channels)
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from pvkernels import integrations
 from pvkernels.integrations._attention import attend
-from pvkernels.ops.attention import MAX_HEAD_DIM
+from pvkernels.ops.attention import fused_head_dim_limit
 
 from . import harness
 from .harness import DEVICE, QUICK, case_key, run, sync, time_calls
@@ -129,8 +129,9 @@ def _cases(rows: list) -> dict:
                                                             for p in providers()]))
 def bench_motion_attention(benchmark, level, mode, provider):
     C, side, B = level
-    if provider == "patched" and C // HEADS > MAX_HEAD_DIM:
-        pytest.skip(f"head dim {C // HEADS} > {MAX_HEAD_DIM}: the patch falls back to AttnProcessor2_0 here")
+    limit = fused_head_dim_limit(torch.device(DEVICE))
+    if provider == "patched" and C // HEADS > limit:
+        pytest.skip(f"head dim {C // HEADS} > {limit}: the patch falls back to AttnProcessor2_0 here")
     n_seq = B * side * side
     call = core_call(provider, n_seq, FRAMES, C, mode)
     _warm_or_skip(call, provider)
@@ -173,7 +174,8 @@ def attention_seconds(provider: str, shapes: dict, mode: str, rounds: int, devic
     its count: seconds per run."""
     total = 0.0
     for (n_seq, frames, channels), count in shapes.items():
-        core = "patched" if provider == "patched" and channels // HEADS <= MAX_HEAD_DIM else "reference"
+        fused = channels // HEADS <= fused_head_dim_limit(torch.device(device))
+        core = "patched" if provider == "patched" and fused else "reference"
         call = core_call(core, n_seq, frames, channels, mode, device)
         call()
         total += count * time_calls(call, rounds, device)[0]
@@ -263,6 +265,12 @@ def bench_unet_step(benchmark, provider):
 
 # alternating rounds -------------------------------------------------------------------------
 
+# Tensors of (n_seq, frames, channels) each path must read or write once per call (the attention's
+# memory floor; fp32). Patched: q, k, v read and o written; backward q, k, v, dO read and dq, dk,
+# dv written. diffusers: the same, plus SDPA's output copied by transpose + reshape (read and
+# written; its backward the same for dO) and O read again by SDPA's backward.
+MOVED = {"fwd": {"reference": 6, "patched": 4}, "fwd+bwd": {"reference": 6 + 2 + 8, "patched": 4 + 7}}
+
 def _clocked(call, rounds: int, clock) -> list:
     times = []
     for _ in range(rounds):
@@ -281,13 +289,16 @@ def interleaved(cpu_time: bool, rounds: int) -> None:
     clock = time.thread_time if cpu_time else time.perf_counter
     both = ("reference", "patched")
     cases = []  # (name, {provider: call}, {provider: attention shapes} or None, mode)
+    roofline = {}  # attention case -> bytes each provider must move
     for level in levels("cpu"):
         C, side, B = level
         shape = {(B * side * side, FRAMES, C): 2}
         for mode in ("fwd", "fwd+bwd"):
-            if C // HEADS <= MAX_HEAD_DIM:
-                cases.append((f"attention {mode}, {_level_name(level)}",
-                              {p: core_call(p, B * side * side, FRAMES, C, mode, "cpu") for p in both}, None, mode))
+            if C // HEADS <= fused_head_dim_limit(torch.device("cpu")):
+                name = f"attention {mode}, {_level_name(level)}"
+                calls = {p: core_call(p, B * side * side, FRAMES, C, mode, "cpu") for p in both}
+                cases.append((name, calls, None, mode))
+                roofline[name] = {p: n * B * side * side * FRAMES * C * 4 for p, n in MOVED[mode].items()}
             cases.append((f"motion module {mode}, {_level_name(level)}",
                           {p: module_call(p, level, mode, "cpu")[0] for p in both}, {p: shape for p in both}, mode))
     steps = {p: unet_step(p, "cpu") for p in both}
@@ -298,6 +309,7 @@ def interleaved(cpu_time: bool, rounds: int) -> None:
           f"{rounds} alternating rounds")
     print("| case | reference ms | patched ms | x | rounds' x range | attention share, ref -> patched |")
     print("|---|---:|---:|---:|---|---|")
+    measured = {}
     for name, calls, shapes, mode in cases:
         for c in calls.values():
             c()  # warm-up
@@ -306,6 +318,7 @@ def interleaved(cpu_time: bool, rounds: int) -> None:
             for p in both:
                 times[p] += _clocked(calls[p], 1, clock)
         ref, fast = (statistics.median(times[p]) for p in both)
+        measured[name] = (ref, fast)
         ratios = [a / b for a, b in zip(times["reference"], times["patched"])]
         share = ""
         if shapes is not None:
@@ -313,7 +326,7 @@ def interleaved(cpu_time: bool, rounds: int) -> None:
             for p, median in zip(both, (ref, fast)):
                 total = 0.0
                 for (n_seq, frames, channels), count in shapes[p].items():
-                    core = p if channels // HEADS <= MAX_HEAD_DIM else "reference"
+                    core = p if channels // HEADS <= fused_head_dim_limit(torch.device("cpu")) else "reference"
                     call = core_call(core, n_seq, frames, channels, mode, "cpu")
                     call()
                     total += count * statistics.median(_clocked(call, rounds, clock))
@@ -321,6 +334,17 @@ def interleaved(cpu_time: bool, rounds: int) -> None:
             share = f"{parts[0]:.0%} -> {parts[1]:.0%}"
         print(f"| {name} | {ref * 1e3:.1f} | {fast * 1e3:.1f} | {ref / fast:.2f} | {min(ratios):.2f}-{max(ratios):.2f} "
               f"| {share} |", flush=True)
+    bw = harness.copy_bandwidth("cpu")  # after set_num_threads(1): one thread's
+    print(f"\nroofline: one thread's copy bandwidth {bw / 1e9:.1f} GB/s (read + written); bytes: the tensors each "
+          "path reads and writes once (MOVED)")
+    print("| case | MB reference | MB patched | x if both ran at copy bandwidth | reference, % of copy bandwidth "
+          "| patched, % of copy bandwidth |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, moved in roofline.items():
+        ref, fast = measured[name]
+        print(f"| {name} | {moved['reference'] / 1e6:.0f} | {moved['patched'] / 1e6:.0f} "
+              f"| {moved['reference'] / moved['patched']:.2f} | {moved['reference'] / ref / bw:.0%} "
+              f"| {moved['patched'] / fast / bw:.0%} |")
 
 
 if __name__ == "__main__":

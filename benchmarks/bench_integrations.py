@@ -66,22 +66,26 @@ def vq_step(provider):
     return step
 
 
-def cvivit_step(provider):
-    phenaki = _peer("phenaki_pytorch")
-    torch.manual_seed(0)
-    model = phenaki.CViViT(dim=CVIVIT_DIM, codebook_size=8192, image_size=CVIVIT_SIZE, patch_size=8,
-                           temporal_patch_size=2, spatial_depth=2, temporal_depth=2, dim_head=32, heads=8,
-                           use_vgg_and_gan=False, lookup_free_quantization=False)
-    video = torch.randn(1, 3, 9, CVIVIT_SIZE, CVIVIT_SIZE)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    if provider == "patched":
-        integrations.patch_phenaki(model, strict=True)
+def cvivit_step(lfq: bool, size: int, dim: int, codebook_size: int):
+    """One Adam step of phenaki's CViViT on a 1x3x9 video of size x size, with its LFQ (the peer's
+    default) or a VectorQuantize (``lookup_free_quantization=False``)."""
+    def make(provider):
+        phenaki = _peer("phenaki_pytorch")
+        torch.manual_seed(0)
+        model = phenaki.CViViT(dim=dim, codebook_size=codebook_size, image_size=size, patch_size=8,
+                               temporal_patch_size=2, spatial_depth=2, temporal_depth=2, dim_head=32, heads=8,
+                               use_vgg_and_gan=False, lookup_free_quantization=lfq)
+        video = torch.randn(1, 3, 9, size, size)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        if provider == "patched":
+            integrations.patch_phenaki(model, strict=True)
 
-    def step():
-        model(video).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+        def step():
+            model(video).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+    return make
 
 
 def attention_step(axis):
@@ -123,6 +127,8 @@ def unet3d_step(provider):
 LFQ_BITS, LFQ_TOKENS = (10, 512) if QUICK else (16, 4096)
 LFQ_BIG_BITS, LFQ_BIG_TOKENS = (12, 1024) if QUICK else (18, 16384)
 CVIVIT_LFQ_SIZE = 32 if QUICK else 128
+# phenaki's default CViViT (lookup_free_quantization=True, codebook 2^16)
+CVIVIT_LFQ_STEP = cvivit_step(True, CVIVIT_LFQ_SIZE, 256, 65536)
 
 
 def lfq_step(bits, tokens):
@@ -142,37 +148,19 @@ def lfq_step(bits, tokens):
     return make
 
 
-def cvivit_lfq_step(provider):
-    """phenaki's default CViViT (lookup_free_quantization=True, codebook 2^16), one Adam step."""
-    phenaki = _peer("phenaki_pytorch")
-    torch.manual_seed(0)
-    model = phenaki.CViViT(dim=256, codebook_size=65536, image_size=CVIVIT_LFQ_SIZE, patch_size=8,
-                           temporal_patch_size=2, spatial_depth=2, temporal_depth=2, dim_head=32, heads=8,
-                           use_vgg_and_gan=False)
-    video = torch.randn(1, 3, 9, CVIVIT_LFQ_SIZE, CVIVIT_LFQ_SIZE)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    if provider == "patched":
-        integrations.patch_phenaki(model, strict=True)
-
-    def step():
-        model(video).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
 CASES = {
     f"VectorQuantize K={VQ_CODES} train step {tuple(VQ_SHAPE)}": (3, vq_step),
-    f"phenaki CViViT train step 1x3x9x{CVIVIT_SIZE}x{CVIVIT_SIZE}": (5, cvivit_step),
+    f"phenaki CViViT train step 1x3x9x{CVIVIT_SIZE}x{CVIVIT_SIZE}":
+        (5, cvivit_step(False, CVIVIT_SIZE, CVIVIT_DIM, 8192)),
     "phenaki spatial Attention fwd+bwd": (10, attention_step("spatial")),
     "phenaki temporal Attention fwd+bwd": (10, attention_step("temporal")),
     f"Unet3D(32, 1-2-4) train step 2x3x{UNET_FRAMES}x{UNET_SIZE}x{UNET_SIZE}": (5, unet3d_step),
     f"LFQ 2^{LFQ_BITS} codes train step, {LFQ_TOKENS} tokens": (3, lfq_step(LFQ_BITS, LFQ_TOKENS)),
-    f"phenaki CViViT (LFQ 2^16) train step 1x3x9x{CVIVIT_LFQ_SIZE}x{CVIVIT_LFQ_SIZE}": (3, cvivit_lfq_step),
+    f"phenaki CViViT (LFQ 2^16) train step 1x3x9x{CVIVIT_LFQ_SIZE}x{CVIVIT_LFQ_SIZE}": (3, CVIVIT_LFQ_STEP),
 }
 # steps whose peak memory is measured (fresh process per provider), and the patched-only one
 MEMORY_STEPS = {"vq": vq_step, "lfq": lfq_step(LFQ_BITS, LFQ_TOKENS), "lfq_big": lfq_step(LFQ_BIG_BITS, LFQ_BIG_TOKENS),
-                "cvivit_lfq": cvivit_lfq_step}
+                "cvivit_lfq": CVIVIT_LFQ_STEP}
 
 
 @pytest.mark.parametrize("case", list(CASES))

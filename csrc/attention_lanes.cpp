@@ -11,6 +11,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -56,18 +57,28 @@ Lanes lanes_of(int64_t unit, const LaneSizes& s, int64_t A, const View& v) {
   return ln;
 }
 
-// dst[n][d][lane] = scale * x[lane's sequence, row n, d] for n < N, d < D; the other entries
-// are left as they are (zero from the workspace's allocation).
+// dst[n][d][lane] = scale * x[lane's sequence, row n, d] for n < N, d < D (zero on idle lanes);
+// the other entries are left as they are (zero from the workspace's allocation). Rows with unit
+// stride go kLanes elements at a time (a masked tail when kLanes does not divide D) through a
+// kLanes x kLanes transpose.
+// Rows are read kAhead rows ahead of use: a unit's rows of one tensor are two or more short
+// sequential runs (one per item), too short for the hardware prefetchers to catch up with.
+constexpr int64_t kAhead = 2;
 template <typename T>
 void gather_lanes(const T* base, const View& v, const Lanes& ln, int64_t N, int64_t D, int64_t Dq, float scale,
                   float* dst) {
-  if (v.sd == 1 && D % kLanes == 0 && ln.full) {
+  if (v.sd == 1) {
     vfloat r[kLanes];
     for (int64_t n = 0; n < N; ++n) {
       for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
-        for (int64_t l = 0; l < kLanes; ++l) r[l] = simd::load_f32(base + ln.off[l] + n * v.sn + d0);
+        const int w = static_cast<int>(std::min<int64_t>(kLanes, D - d0));
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const T* p = base + ln.off[l] + n * v.sn + d0;
+          if (n + kAhead < N) __builtin_prefetch(p + kAhead * v.sn);
+          r[l] = ln.off[l] < 0 ? vfloat{} : w == kLanes ? simd::load_f32(p) : simd::load_f32_partial(p, w);
+        }
         simd::transpose(r);
-        for (int64_t k = 0; k < kLanes; ++k) store(dst + (n * Dq + d0 + k) * kLanes, r[k] * scale);
+        for (int k = 0; k < w; ++k) store(dst + (n * Dq + d0 + k) * kLanes, r[k] * scale);
       }
     }
     return;
@@ -82,19 +93,27 @@ void gather_lanes(const T* base, const View& v, const Lanes& ln, int64_t N, int6
   }
 }
 
-// stream: write whole aligned lines with non-temporal stores (large outputs: skips reading each
-// line into the cache before overwriting it, a third of the kernel's memory traffic)
+// The inverse of gather_lanes (idle lanes are not written). stream: write whole aligned lines
+// with non-temporal stores (large outputs: skips reading each line into the cache before
+// overwriting it, a third of the kernel's memory traffic)
 template <typename T>
 void scatter_lanes(const float* src, int64_t N, int64_t D, int64_t Dq, float scale, T* base, const View& v,
                    const Lanes& ln, bool stream) {
-  if (v.sd == 1 && D % kLanes == 0 && ln.full) {
+  if (v.sd == 1) {
     vfloat r[kLanes];
     for (int64_t n = 0; n < N; ++n) {
       for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
-        for (int64_t k = 0; k < kLanes; ++k) r[k] = load(src + (n * Dq + d0 + k) * kLanes) * scale;
+        const int w = static_cast<int>(std::min<int64_t>(kLanes, D - d0));
+        for (int k = 0; k < kLanes; ++k) r[k] = k < w ? load(src + (n * Dq + d0 + k) * kLanes) * scale : vfloat{};
         simd::transpose(r);
         for (int64_t l = 0; l < kLanes; ++l) {
-          simd::store_from_f32(base + ln.off[l] + n * v.sn + d0, r[l], stream);
+          if (ln.off[l] < 0) continue;
+          T* p = base + ln.off[l] + n * v.sn + d0;
+          if (w == kLanes) {
+            simd::store_from_f32(p, r[l], stream);
+          } else {
+            simd::store_from_f32_partial(p, r[l], w);
+          }
         }
       }
     }
@@ -162,6 +181,10 @@ at::Tensor lane_heads(int64_t H) {  // [phase * kLanes + lane] -> head
   for (int64_t i = 0; i < H * kLanes; ++i) p[i] = (i / kLanes + i % kLanes) % H;
   return heads;
 }
+
+// Non-temporal stores pay only where they write whole lines: with Dh % kLanes != 0 a line of the
+// output holds the masked tail of one head and the start of the next, written by plain stores.
+bool streams(const at::Tensor& out, const Sizes& z) { return streamed(out) && z.D % kLanes == 0; }
 }  // namespace
 
 at::Tensor lane_bias(const at::Tensor& bias) {
@@ -179,7 +202,7 @@ void lanes_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const auto [qp, kp, vp, op, lp, qv, kv, vv, ov, lv] = fwd_operands<T>(q, k, v, out, lse, temporal);
   const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
   const int64_t N = s.N, N4 = s.N4, D = s.D, Dq = s.Dq, tile = N4 * Dq * kLanes;
-  const bool stream = streamed(out);
+  const bool stream = streams(out, z);
   at::parallel_for(0, s.units, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> ws(4 * tile + N4 * N4 * kLanes + N4 * kLanes + kLanes, 0.0f);
     float* Q = aligned(ws.data());  // [N4][Dq][kLanes], pre-scaled by 1/sqrt(Dh)
@@ -235,7 +258,7 @@ void lanes_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
       bwd_operands<T>(grad_out, q, k, v, lse, dq, dk, dv, temporal);
   const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
   const int64_t N = s.N, N4 = s.N4, D = s.D, Dq = s.Dq, tile = N4 * Dq * kLanes;
-  const bool stream = streamed(dq);
+  const bool stream = streams(dq, z);
   at::parallel_for(0, s.units, 1, [&](int64_t begin, int64_t end) {
     float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * s.H * N * N * kLanes : nullptr;
     std::vector<float> ws(5 * tile + 2 * N4 * N4 * kLanes + kLanes, 0.0f);

@@ -19,11 +19,13 @@ import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
+# why the fused kernels cannot take an input: one reason for both, or a function of the backend
+Unsupported = Union[None, str, Callable[[str], Optional[str]]]
 
 _cpp_state: dict = {"loaded": False, "error": None, "isa": None}
 
@@ -288,10 +290,12 @@ def requested_backend(op: str, backend: str) -> Tuple[str, bool]:
 
 
 def cannot_run(op: str, backend: str, device: torch.device, dtype: torch.dtype,
-               unsupported: Optional[str] = None) -> Optional[Exception]:
+               unsupported: Unsupported = None) -> Optional[Exception]:
     """Why ``backend`` cannot take this input, as the error an explicit request raises; None if it can."""
     if backend == "reference":
         return None
+    if callable(unsupported):
+        unsupported = unsupported(backend)
     if dtype == torch.float64:
         return TypeError(f"{op}: the {backend} backend computes in float32 and takes float32/float16/bfloat16 "
                          "inputs, got float64 (use backend='reference' for float64)")
@@ -313,7 +317,7 @@ def cannot_run(op: str, backend: str, device: torch.device, dtype: torch.dtype,
 
 
 def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype,
-                    unsupported: Optional[str] = None, slower: Optional[Callable[[str], bool]] = None) -> str:
+                    unsupported: Unsupported = None, slower: Optional[Callable[[str], bool]] = None) -> str:
     """The backend that runs this call: every op's dispatch.
 
     - An explicit ``backend`` runs as asked or raises the reason it cannot (never falls back).
@@ -325,7 +329,8 @@ def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dt
 
     Args:
         unsupported: why the fused (cpp/triton) kernels cannot take this input, e.g.
-            "head dim Dh = 160 > 128"; None when they can.
+            "head dim Dh = 300 > 256"; None when they can; or a function of the fused backend
+            ("cpp" / "triton") returning that, where their limits differ.
         slower: the op's measured crossovers (``cpp_slower``): called with the fused backend auto
             would take, True when it is slower than the reference at this input's shape class.
     """

@@ -272,6 +272,14 @@ def test_dispatch_limits_and_crossovers(monkeypatch):
     assert resolve_backend("op", "auto", cpu, f32, slower=slower) == "reference" and asked == ["cpp"]
     assert resolve_backend("op", "auto", cpu, f32, slower=lambda backend: False) == "cpp"
     assert resolve_backend("op", "cpp", cpu, f32, slower=slower) == "cpp" and asked == ["cpp"]
+    # a limit per backend: a function of the backend asked or auto's fused one
+    per_backend = lambda backend: "Dh = 160 > 128" if backend == "triton" else None  # noqa: E731
+    assert resolve_backend("op", "auto", cpu, f32, unsupported=per_backend) == "cpp"
+    assert resolve_backend("op", "cpp", cpu, f32, unsupported=per_backend) == "cpp"
+    monkeypatch.setattr(pvkernels._backend, "triton_interpret", lambda: True)
+    if pvkernels._backend.triton is not None:
+        with pytest.raises(ValueError, match="op: Dh = 160 > 128 is not supported by the triton kernels"):
+            resolve_backend("op", "triton", cpu, f32, unsupported=per_backend)
     monkeypatch.setenv("PVKERNELS_BACKEND", "cpp")
     assert resolve_backend("op", "auto", cpu, f32, unsupported="Dh = 160 > 128") == "reference"
     assert resolve_backend("op", "auto", cpu, f32, slower=slower) == "cpp"

@@ -10,19 +10,20 @@ from typing import Optional
 
 import torch
 
-from ..ops.attention import MAX_HEAD_DIM, spatial_attention, temporal_attention
+from ..ops.attention import fused_head_dim_limit, spatial_attention, temporal_attention
 
 # the cpp short-sequence kernel covers T <= 32 on the temporal op and only S <= 16 on the spatial one
 _TEMPORAL_UP_TO = 32
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def unsupported(q_dtype: torch.dtype, heads: int, head_dim: int, n: int, bias: Optional[torch.Tensor]) -> Optional[str]:
-    """Why a (B, n, heads, head_dim) attention with this bias is not run on the fused kernels."""
-    if q_dtype not in FUSED_DTYPES:
-        return f"dtype {q_dtype} (the fused attention takes float32/float16/bfloat16)"
-    if head_dim > MAX_HEAD_DIM:
-        return f"dim_head {head_dim} > {MAX_HEAD_DIM}"
+def unsupported(x: torch.Tensor, heads: int, head_dim: int, n: int, bias: Optional[torch.Tensor]) -> Optional[str]:
+    """Why a (B, n, heads, head_dim) attention of input ``x`` (its dtype and device) with this bias
+    is not run on the fused kernels."""
+    if x.dtype not in FUSED_DTYPES:
+        return f"dtype {x.dtype} (the fused attention takes float32/float16/bfloat16)"
+    if head_dim > fused_head_dim_limit(x.device):
+        return f"dim_head {head_dim} > {fused_head_dim_limit(x.device)}"
     if bias is not None and tuple(bias.shape) != (heads, n, n):
         return f"attention bias of shape {tuple(bias.shape)}, not (heads, n, n) = {(heads, n, n)}"
     return None

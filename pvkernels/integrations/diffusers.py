@@ -13,7 +13,8 @@ not touched.
 
 Not computed here (AttnProcessor2_0 runs, the reason is counted): ``encoder_hidden_states``
 (cross-attention), an attention mask, qk norms, kv_heads != heads, a ``scale`` other than
-head_dim ** -0.5, float64, head_dim > 128 (AnimateDiff's 1280-channel level: 8 heads of 160), the
+head_dim ** -0.5, float64, a head_dim past the fused kernels' limit (256 on the CPU, 128 on a
+GPU: AnimateDiff's 1280-channel levels, 8 heads of 160, run fused on the CPU only), the
 deprecated ``scale`` argument. A processor other than ``AttnProcessor2_0`` found on a layer or set
 later (``set_attn_processor``, IP-adapter, xformers, fused projections) is left to diffusers and
 its calls are counted.
@@ -92,7 +93,7 @@ def _reason(attn, hidden_states, encoder_hidden_states, attention_mask, args, kw
     if attn.scale != head_dim ** -0.5:
         return f"scale {attn.scale} != head_dim ** -0.5"
     # autocast casts fp32 to fp16/bf16 (both fused) and leaves fp64 (not fused): x's dtype decides
-    return unsupported(hidden_states.dtype, heads, head_dim, 0, None)
+    return unsupported(hidden_states, heads, head_dim, 0, None)
 
 
 def _forward(attn, hidden_states: torch.Tensor, temb) -> torch.Tensor:

@@ -8,10 +8,11 @@ hands that to the fused kernels as a pre-scaled q, the bias as the (H, n, n) add
 tensors. The layer norm, the projections and the ALiBi cache are the peer's own code.
 
 Not computed here (the original runs, the reason is counted): ``mask``, ``context``
-(cross-attention), null key/values, attention dropout in training, float64, dim_head > 128, a
-bias of another shape. CViViT's quantizer is patched too (``patch_vector_quantize``), inside the
-same Patch: its default ``LFQ`` (``lookup_free_quantization=True``) on ``pvkernels.lfq_entropy``,
-or its ``VectorQuantize`` with ``lookup_free_quantization=False``.
+(cross-attention), null key/values, attention dropout in training, float64, a dim_head past the
+fused kernels' limit (256 cpp, 128 triton), a bias of another shape. CViViT's quantizer is patched
+too (``patch_vector_quantize``), inside the same Patch: its default ``LFQ``
+(``lookup_free_quantization=True``) on ``pvkernels.lfq_entropy``, or its ``VectorQuantize`` with
+``lookup_free_quantization=False``.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def _reason(attn, a) -> Optional[str]:
     if x.dim() != 3:
         return f"input of {x.dim()} dims, not (batch, n, dim)"
     heads = attn.heads
-    return unsupported(x.dtype, heads, attn.to_q.out_features // heads, x.shape[1], a["attn_bias"])
+    return unsupported(x, heads, attn.to_q.out_features // heads, x.shape[1], a["attn_bias"])
 
 
 def _forward(attn, a) -> torch.Tensor:

@@ -10,7 +10,8 @@ attention: it is left as it is.
 
 Not computed here (the original runs, the reason is counted): a ``focus_present_mask`` with
 some samples set (per-sample masks), or with all set (the original skips attention then),
-float64, dim_head > 128, a bias of another shape.
+float64, a dim_head past the fused kernels' limit (256 cpp, 128 triton), a bias of another
+shape.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _reason(attn, a) -> Optional[str]:
         return ("focus_present_mask all set (the original skips attention)" if bool(focus.all())
                 else "focus_present_mask partly set (per-sample attention masks)")
     heads = attn.heads
-    return unsupported(x.dtype, heads, attn.to_qkv.out_features // (3 * heads), x.shape[-2], a["pos_bias"])
+    return unsupported(x, heads, attn.to_qkv.out_features // (3 * heads), x.shape[-2], a["pos_bias"])
 
 
 def _forward(attn, a) -> torch.Tensor:

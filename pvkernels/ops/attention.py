@@ -5,8 +5,8 @@ S tokens of a frame, per (b, t, h)) and temporal attention (over the T frames of
 per (b, s, h), causal by default). One kernel family serves both: the tensor is seen as
 (b, a, n, h, d) with n the attended axis, so any strides work (q, k, v may be views of one
 packed (B, T, S, 3, H, Dh) projection). Additive bias (H, N, N) with its gradient; fp32
-softmax; forward saves only the log-sum-exp, backward recomputes P. Limits: Dh <= 128 on the
-cpp/triton kernels (backend="auto" falls back to the reference beyond); the cpp backward keeps
+softmax; forward saves only the log-sum-exp, backward recomputes P. Limits: Dh <= 256 on the
+cpp kernels, <= 128 on the triton ones (backend="auto" falls back to the reference beyond); the cpp backward keeps
 a per-thread (H, N, N) fp32 accumulator when the bias needs a gradient.
 """
 from __future__ import annotations
@@ -20,7 +20,14 @@ import torch.nn.functional as F
 from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton, triton_interpret
 from ._triton import Launch, run
 
-MAX_HEAD_DIM = 128
+# The largest head dim each fused backend takes (csrc/attention.h's kMaxHeadDim; the Triton
+# kernels keep a Dh row of every tile in registers); "auto" takes the reference beyond.
+MAX_HEAD_DIM = {"cpp": 256, "triton": 128}
+
+
+def fused_head_dim_limit(device: torch.device) -> int:
+    """The head-dim limit of the fused backend "auto" takes on ``device``."""
+    return MAX_HEAD_DIM["triton" if device.type == "cuda" else "cpp"]
 
 
 # 1. reference -------------------------------------------------------------------------------
@@ -581,8 +588,9 @@ def _attention(name, q, k, v, bias, temporal, causal, backend, qkv=None):
     """Validates and dispatches; ``qkv``: the packed tensor q, k, v are views of (its gradient comes back packed)."""
     _check(name, q, k, v, bias, temporal)
     D = q.shape[-1]
-    # the fused kernels keep a Dh <= 128 row on chip; "auto" falls back to the reference beyond
-    unsupported = f"head dim Dh = {D} > {MAX_HEAD_DIM}" if D > MAX_HEAD_DIM else None
+    def unsupported(fused: str) -> Optional[str]:
+        return f"head dim Dh = {D} > {MAX_HEAD_DIM[fused]}" if D > MAX_HEAD_DIM[fused] else None
+
     slower = cpp_slower(name, dtype=q.dtype, n=q.shape[1 if temporal else 2])
     chosen = resolve_backend(name, backend, q.device, q.dtype, unsupported=unsupported, slower=slower)
     if chosen == "reference":

@@ -71,6 +71,55 @@ def _smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 if triton is not None:
     import triton.language as tl
 
+    @triton.jit
+    def _vq_row_tile(z_rows, z_stride_d, row_mask, dim, DOT_FP32: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+        """The block's rows as one (BLOCK_N, BLOCK_D) tile when ONE_CHUNK (BLOCK_D >= dim): loaded
+        once, outside the codebook loop. Otherwise _vq_block_scores loads them per chunk (the row
+        pointers stand in, unused)."""
+        z_tile = z_rows
+        if ONE_CHUNK:
+            ds = tl.arange(0, BLOCK_D)
+            z_tile = tl.load(z_rows + ds[None, :] * z_stride_d, mask=row_mask[:, None] & (ds < dim)[None, :], other=0.0)
+            if DOT_FP32:
+                z_tile = z_tile.to(tl.float32)
+        return z_tile
+
+    @triton.jit
+    def _vq_block_scores(z_rows, z_tile, z_stride_d, row_mask, e_ptr, e_stride_k, half_ptr, k0, n_codes, dim,
+                         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """<z, e_k> - ||e_k||^2 / 2 of the block's rows and codes k0 .. k0 + BLOCK_K, (BLOCK_N, BLOCK_K)
+        fp32 (padded codes at -inf: they never win)."""
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < n_codes
+        ds = tl.arange(0, BLOCK_D)
+        acc = tl.broadcast_to(-tl.load(half_ptr + cols, mask=col_mask, other=float("inf"))[None, :],
+                              [BLOCK_N, BLOCK_K])
+        for d0 in range(0, dim, BLOCK_D):
+            d_mask = (d0 + ds) < dim
+            if ONE_CHUNK:
+                zt = z_tile
+            else:
+                zt = tl.load(z_rows + (d0 + ds)[None, :] * z_stride_d, mask=row_mask[:, None] & d_mask[None, :],
+                             other=0.0)
+            et = tl.load(e_ptr + cols.to(tl.int64)[None, :] * e_stride_k + (d0 + ds)[:, None],
+                         mask=col_mask[None, :] & d_mask[:, None], other=0.0)
+            if DOT_FP32:  # fp32 products: bf16x6 on a GPU (fp32 accuracy; plain TF32 would move the argmin)
+                acc = tl.dot(zt.to(tl.float32), et.to(tl.float32), acc, input_precision=PRECISION)
+            else:  # fp16/bf16 l2: exact products of the stored values, fp32 sums (tensor cores)
+                acc = tl.dot(zt, et, acc)
+        return acc
+
+    @triton.jit
+    def _vq_gather(codebook_ptr, codebook_stride_k, code, dst, row_mask, dim, BLOCK_D: tl.constexpr):
+        """dst rows (row pointers, contiguous dim) = codebook[code]."""
+        ds = tl.arange(0, BLOCK_D)
+        src = codebook_ptr + code[:, None] * codebook_stride_k
+        for d0 in range(0, dim, BLOCK_D):
+            mask = row_mask[:, None] & ((d0 + ds) < dim)[None, :]
+            tl.store(dst + (d0 + ds)[None, :], tl.load(src + (d0 + ds)[None, :], mask=mask), mask=mask)
+
     @triton.jit(do_not_specialize=["n_rows", "n_codes"])
     def _vq_lookup_fwd_kernel(
         z_ptr, e_ptr, codebook_ptr, half_ptr, idx_ptr, zq_ptr,
@@ -84,43 +133,20 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < n_rows
         z_rows = z_ptr + rows.to(tl.int64)[:, None] * z_stride_n  # int64: N * D can pass 2**31
+        z_tile = _vq_row_tile(z_rows, z_stride_d, row_mask, dim, DOT_FP32, ONE_CHUNK, BLOCK_D)
         best = tl.full([BLOCK_N], float("-inf"), tl.float32)
         best_idx = tl.zeros([BLOCK_N], tl.int32)
-        ds = tl.arange(0, BLOCK_D)
-        if ONE_CHUNK:  # BLOCK_D >= dim: the rows' tile is loaded once, outside the codebook loop
-            z_tile = tl.load(z_rows + ds[None, :] * z_stride_d, mask=row_mask[:, None] & (ds < dim)[None, :], other=0.0)
-            if DOT_FP32:
-                z_tile = z_tile.to(tl.float32)
         for k0 in range(0, n_codes, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_mask = cols < n_codes
-            # the score starts at -||e||^2 / 2 (padded codes at -inf: they never win); the dots add <z, e>
-            acc = tl.broadcast_to(-tl.load(half_ptr + cols, mask=col_mask, other=float("inf"))[None, :],
-                                  [BLOCK_N, BLOCK_K])
-            for d0 in range(0, dim, BLOCK_D):
-                d_mask = (d0 + ds) < dim
-                if ONE_CHUNK:
-                    zt = z_tile
-                else:
-                    zt = tl.load(z_rows + (d0 + ds)[None, :] * z_stride_d, mask=row_mask[:, None] & d_mask[None, :],
-                                 other=0.0)
-                et = tl.load(e_ptr + cols.to(tl.int64)[None, :] * e_stride_k + (d0 + ds)[:, None],
-                             mask=col_mask[None, :] & d_mask[:, None], other=0.0)
-                if DOT_FP32:  # fp32 products: bf16x6 on a GPU (fp32 accuracy; plain TF32 would move the argmin)
-                    acc = tl.dot(zt.to(tl.float32), et.to(tl.float32), acc, input_precision=PRECISION)
-                else:  # fp16/bf16 l2: exact products of the stored values, fp32 sums (tensor cores)
-                    acc = tl.dot(zt, et, acc)
+            acc = _vq_block_scores(z_rows, z_tile, z_stride_d, row_mask, e_ptr, e_stride_k, half_ptr, k0, n_codes, dim,
+                                   DOT_FP32, PRECISION, ONE_CHUNK, BLOCK_N, BLOCK_K, BLOCK_D)
             # the first index reaching the block maximum; strict > across blocks keeps the first
             block_max, block_idx = tl.max(acc, axis=1, return_indices=True, return_indices_tie_break_left=True)
             better = block_max > best
             best = tl.where(better, block_max, best)
             best_idx = tl.where(better, k0 + block_idx, best_idx)
         tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_mask)
-        src = codebook_ptr + best_idx.to(tl.int64)[:, None] * codebook_stride_k
-        dst = zq_ptr + rows.to(tl.int64)[:, None] * dim
-        for d0 in range(0, dim, BLOCK_D):
-            mask = row_mask[:, None] & ((d0 + ds) < dim)[None, :]
-            tl.store(dst + (d0 + ds)[None, :], tl.load(src + (d0 + ds)[None, :], mask=mask), mask=mask)
+        _vq_gather(codebook_ptr, codebook_stride_k, best_idx.to(tl.int64), zq_ptr + rows.to(tl.int64)[:, None] * dim,
+                   row_mask, dim, BLOCK_D)
 
     # The top-k kernel keeps each row's best (score, code) pairs as int64 keys: the score's bits
     # mapped to a signed int of the same order in the high word, 2**31 - 1 - code in the low word,
@@ -165,29 +191,11 @@ if triton is not None:
         slots = tl.arange(0, K_TOP)
         top = tl.where(slots[None, :] < k, tl.full([BLOCK_N, K_TOP], KEY_NONE, tl.int64),
                        tl.full([BLOCK_N, K_TOP], KEY_KEPT, tl.int64))
-        ds = tl.arange(0, BLOCK_D)
-        if ONE_CHUNK:
-            z_tile = tl.load(z_rows + ds[None, :] * z_stride_d, mask=row_mask[:, None] & (ds < dim)[None, :], other=0.0)
-            if DOT_FP32:
-                z_tile = z_tile.to(tl.float32)
+        z_tile = _vq_row_tile(z_rows, z_stride_d, row_mask, dim, DOT_FP32, ONE_CHUNK, BLOCK_D)
         for k0 in range(0, n_codes, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_mask = cols < n_codes
-            acc = tl.broadcast_to(-tl.load(half_ptr + cols, mask=col_mask, other=float("inf"))[None, :],
-                                  [BLOCK_N, BLOCK_K])
-            for d0 in range(0, dim, BLOCK_D):
-                d_mask = (d0 + ds) < dim
-                if ONE_CHUNK:
-                    zt = z_tile
-                else:
-                    zt = tl.load(z_rows + (d0 + ds)[None, :] * z_stride_d, mask=row_mask[:, None] & d_mask[None, :],
-                                 other=0.0)
-                et = tl.load(e_ptr + cols.to(tl.int64)[None, :] * e_stride_k + (d0 + ds)[:, None],
-                             mask=col_mask[None, :] & d_mask[:, None], other=0.0)
-                if DOT_FP32:
-                    acc = tl.dot(zt.to(tl.float32), et.to(tl.float32), acc, input_precision=PRECISION)
-                else:
-                    acc = tl.dot(zt, et, acc)
+            acc = _vq_block_scores(z_rows, z_tile, z_stride_d, row_mask, e_ptr, e_stride_k, half_ptr, k0, n_codes, dim,
+                                   DOT_FP32, PRECISION, ONE_CHUNK, BLOCK_N, BLOCK_K, BLOCK_D)
+            col_mask = k0 + tl.arange(0, BLOCK_K) < n_codes
             # NaN and -inf scores rank last, as the lowest float (ties by code), so -inf is free to
             # mark what is not (or no longer) a candidate
             acc = tl.where(acc >= LOWEST, acc, LOWEST)
@@ -212,11 +220,8 @@ if triton is not None:
             top = tl.where(top == best[:, None], KEY_NONE, top)
             code = 2147483647 - (best - ((best >> 32) << 32))
             tl.store(idx_ptr + out_rows + j, code, mask=row_mask)
-            src = codebook_ptr + code[:, None] * codebook_stride_k
-            dst = zq_ptr + (out_rows + j)[:, None] * dim
-            for d0 in range(0, dim, BLOCK_D):
-                mask = row_mask[:, None] & ((d0 + ds) < dim)[None, :]
-                tl.store(dst + (d0 + ds)[None, :], tl.load(src + (d0 + ds)[None, :], mask=mask), mask=mask)
+            _vq_gather(codebook_ptr, codebook_stride_k, code, zq_ptr + (out_rows + j)[:, None] * dim, row_mask, dim,
+                       BLOCK_D)
 
 
 # 3. launchers -------------------------------------------------------------------------------

@@ -167,14 +167,14 @@ def test_every_option_of_attn_processor_2_0(n):
 
 def test_calls_it_does_not_compute_fall_back():
     block = motion_module()
-    block.transformer_blocks[0].attn2 = ap.Attention(query_dim=320, heads=2, dim_head=160)  # too wide a head
+    block.transformer_blocks[0].attn2 = ap.Attention(query_dim=320, heads=2, dim_head=272)  # past cpp's 256
     twin, twin64 = copy.deepcopy(block), copy.deepcopy(block).double()
     attn1, attn2 = (block.transformer_blocks[0].attn1, twin.transformer_blocks[0].attn1), (
         block.transformer_blocks[0].attn2, twin.transformer_blocks[0].attn2)
     x = torch.randn(3, 6, 8)
     cases = [(attn1, x, dict(encoder_hidden_states=torch.randn(3, 4, 8)), CROSS),
              (attn1, x, dict(attention_mask=torch.randn(3, 1, 6)), "attention mask"),
-             (attn2, torch.randn(2, 5, 320), {}, "dim_head 160 > 128")]
+             (attn2, torch.randn(2, 5, 320), {}, "dim_head 272 > 256")]
     with integrations.patch_diffusers(twin) as p:
         for (ref, patched), x_, kw, reason in cases:
             assert_close(patched(x_, **kw), ref(x_, **kw), rtol=1e-6, atol=1e-7)
