@@ -84,9 +84,9 @@ def signature_problems(func, expected: Iterable[str], label: str) -> list:
     not know (a new parameter may change what the call computes)."""
     params = list(inspect.signature(func).parameters)[1:]  # without self
     expected = list(expected)
-    gone = [p for p in params if p not in expected]
+    new = [p for p in params if p not in expected and "?" + p not in expected]  # "?name": optional
     lost = [p for p in expected if p not in params and not p.startswith("?")]
-    problems = [f"{label} has a new parameter {p!r}" for p in gone if "?" + p not in expected]
+    problems = [f"{label} has a new parameter {p!r}" for p in new]
     problems += [f"{label} lost its parameter {p!r}" for p in lost]
     return problems
 
