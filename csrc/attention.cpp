@@ -18,11 +18,37 @@
 namespace pvkernels {
 namespace {
 
-// The short-sequence kernel where it beats the blocked one, measured with 16 lanes (AVX-512) at
-// 8 heads, Dh 32 and 64: temporal attention up to T = 32 (1.4x at T = 8, 1.5x at T = 18, even at
-// T = 48, 0.9x at T = 64), spatial up to S = 16 (1.35x at S = 8, even at 32, 0.9x at 64):
-// spatially an item's rows are adjacent and the blocked kernel stages them cheaply.
-bool short_sequences(int64_t N, bool temporal) { return N <= (temporal ? 32 : 16); }
+// The kernel family of a call, chosen in this one place: short sequences side by side in vector
+// lanes (attention_lanes.cpp) where that kernel measured faster than the blocked one (temporal
+// T <= 32, spatial S <= 16: spatially an item's rows are adjacent and the blocked kernel stages
+// them cheaply; the measurements are in benchmarks/README.md), the blocked kernel otherwise.
+// Each family keeps the (H, N, N) bias and its gradient in its own fp32 layout.
+struct Family {
+  bool lanes;
+
+  at::Tensor bias(const std::optional<at::Tensor>& b) const {
+    if (!b.has_value()) return at::Tensor();
+    return lanes ? attention::lane_bias(*b) : attention::padded_bias(*b);
+  }
+  at::Tensor bias_grad_acc(int64_t H, int64_t N) const {
+    const int64_t threads = at::get_num_threads();
+    return lanes ? attention::lane_bias_grad_acc(threads, H, N) : attention::padded_bias_grad_acc(threads, H, N);
+  }
+  at::Tensor bias_grad(const at::Tensor& acc) const {
+    return lanes ? attention::lane_bias_grad(acc) : attention::padded_bias_grad(acc);
+  }
+  template <typename T>
+  auto forward() const {
+    return lanes ? attention::lanes_forward<T> : attention::blocked_forward<T>;
+  }
+  template <typename T>
+  auto backward() const {
+    return lanes ? attention::lanes_backward<T> : attention::blocked_backward<T>;
+  }
+};
+Family family_of(const at::Tensor& q, bool temporal) {
+  return {temporal ? q.size(1) <= 32 : q.size(2) <= 16};
+}
 
 const char* op_name(bool temporal) { return temporal ? "temporal_attention" : "spatial_attention"; }
 
@@ -58,13 +84,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpp(const at::Tensor& q, const 
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
-  const bool short_seq = short_sequences(temporal ? q.size(1) : q.size(2), temporal);
-  const at::Tensor bias32 =
-      bias.has_value() ? (short_seq ? attention::lane_bias(*bias) : attention::padded_bias(*bias)) : at::Tensor();
+  const Family family = family_of(q, temporal);
+  const at::Tensor bias32 = family.bias(bias);
   const float* bp = bias.has_value() ? bias32.const_data_ptr<float>() : nullptr;
   simd::with_element_type(q.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    (short_seq ? attention::lanes_forward<T> : attention::blocked_forward<T>)(q, k, v, bp, out, lse, temporal, causal);
+    family.forward<decltype(tag)>()(q, k, v, bp, out, lse, temporal, causal);
   });
   return {out, lse};
 }
@@ -91,29 +115,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpp(
     dq = at::empty(q.sizes(), opts), dk = at::empty(q.sizes(), opts), dv = at::empty(q.sizes(), opts);
   }
   const int64_t H = q.size(3), N = temporal ? q.size(1) : q.size(2);
-  const bool short_seq = short_sequences(N, temporal);
+  const Family family = family_of(q, temporal);
   // dbias is accumulated per thread (no atomics), in the kernel family's own layout
-  at::Tensor acc;
-  if (bias_grad) {
-    acc = short_seq ? attention::lane_bias_grad_acc(at::get_num_threads(), H, N)
-                    : attention::padded_bias_grad_acc(at::get_num_threads(), H, N);
-  }
+  const at::Tensor acc = bias_grad ? family.bias_grad_acc(H, N) : at::Tensor();
   if (q.numel() > 0) {
-    const at::Tensor bias32 =
-        bias.has_value() ? (short_seq ? attention::lane_bias(*bias) : attention::padded_bias(*bias)) : at::Tensor();
+    const at::Tensor bias32 = family.bias(bias);
     const float* bp = bias.has_value() ? bias32.const_data_ptr<float>() : nullptr;
     float* ap = bias_grad ? acc.mutable_data_ptr<float>() : nullptr;
     simd::with_element_type(q.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      (short_seq ? attention::lanes_backward<T> : attention::blocked_backward<T>)(grad_out, q, k, v, bp, lse, dq, dk,
-                                                                                  dv, ap, temporal, causal);
+      family.backward<decltype(tag)>()(grad_out, q, k, v, bp, lse, dq, dk, dv, ap, temporal, causal);
     });
   }
   at::Tensor dbias = at::empty({0}, q.options());
-  if (bias_grad) {
-    dbias = short_seq ? attention::lane_bias_grad(acc) : attention::padded_bias_grad(acc);
-    dbias = dbias.to(bias->scalar_type()).contiguous();
-  }
+  if (bias_grad) dbias = family.bias_grad(acc).to(bias->scalar_type()).contiguous();
   if (packed_grad) return {packed, at::empty({0}, q.options()), at::empty({0}, q.options()), dbias};
   return {dq, dk, dv, dbias};
 }
