@@ -109,8 +109,8 @@ inline void stream_fence() {
 inline bool stream_aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % sizeof(vfloat) == 0; }
 
 // ---- fp32 / bf16 / fp16 rows <-> fp32 lanes -----------------------------------------------
-// Vectorised (an element-wise static_cast is a scalar loop: bf16 inputs ran 2.7x slower than fp32
-// on it); conversions to 16 bits round to nearest even, as c10::BFloat16 / c10::Half do.
+// Vectorised (an element-wise static_cast is a scalar loop, which made bf16 inputs far slower
+// than fp32); conversions to 16 bits round to nearest even, as c10::BFloat16 / c10::Half do.
 inline vfloat load_f32(const float* p) { return load(p); }
 inline vfloat load_f32(const c10::BFloat16* p) {
   return bitcast_f(__builtin_convertvector(*reinterpret_cast<const vu16*>(p), vint) << 16);
