@@ -102,13 +102,16 @@ def _configs_of(launch) -> list:
     """An autotuned launch is every one of its configs (the GPU may pick any)."""
     from triton.runtime.autotuner import Autotuner
 
-    from pvkernels.ops._triton import Launch
-
     if not isinstance(launch.kernel, Autotuner):
         return [launch]
-    return [Launch(launch.kernel.fn, launch.grid, launch.args,
-                   dict(launch.meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+    return [launch._replace(kernel=launch.kernel.fn,
+                            meta=dict(launch.meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
             for c in launch.kernel.configs]
+
+
+def _keywords(launch) -> dict:
+    """What a launch passes by name: its runtime keyword arguments and its meta."""
+    return {**launch.kwargs, **launch.meta}
 
 
 def _worker(shard: int, n_shards: int) -> None:
@@ -118,15 +121,15 @@ def _worker(shard: int, n_shards: int) -> None:
 
     variants = {}
     for launch in gpu_launches():
-        variants.setdefault(variant_key(launch.kernel, launch.args, launch.meta), launch)
+        variants.setdefault(variant_key(launch.kernel, launch.args, _keywords(launch)), launch)
     rows = []
     for i, key in enumerate(sorted(variants)):
         if i % n_shards != shard:
             continue
         launch = variants[key]
         for arch in TARGETS:
-            row = compile_variant(launch.kernel, launch.args, launch.meta, arch)
-            row["variant"] = describe(launch.kernel, launch.args, launch.meta)
+            row = compile_variant(launch.kernel, launch.args, _keywords(launch), arch)
+            row["variant"] = describe(launch.kernel, launch.args, _keywords(launch))
             rows.append(row)
     json.dump(rows, sys.stdout)
 
