@@ -34,9 +34,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "triton-resources.json"  # the commi
 LOCAL_RESULTS_DIR = ROOT / "benchmarks" / "results" / "local"  # every other run's (gitignored)
 SAVE_REFERENCE = "PVKERNELS_BENCH_SAVE_REFERENCE"  # as benchmarks/harness.py
 TARGETS = (80, 90)
-KERNELS = ("_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel",
-           "_attention_bwd_dq_kernel", "_vq_lookup_fwd_kernel", "_vq_topk_fwd_kernel", "_pseudo_video_kernel",
-           "_lfq_entropy_fwd_kernel", "_lfq_entropy_bwd_kernel")
+KERNELS = ("_attention_fwd_kernel", "_attention_bwd_fused_kernel", "_attention_bwd_delta_kernel",
+           "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel", "_vq_lookup_fwd_kernel", "_vq_topk_fwd_kernel",
+           "_pseudo_video_kernel", "_lfq_entropy_fwd_kernel", "_lfq_entropy_bwd_kernel")
 # sequence lengths and head dims on both sides of every block-class boundary of attention's
 # _config, which include the benchmark shapes (T = 8, 18; S = 64, 256, 1024; Dh = 32, 64) and
 # the test shapes (N = 1 .. 150, Dh = 8 .. 128)
