@@ -38,7 +38,7 @@ KERNELS = ("_attention_fwd_kernel", "_attention_bwd_fused_kernel", "_attention_b
            "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel", "_vq_lookup_fwd_kernel", "_vq_topk_fwd_kernel",
            "_pseudo_video_kernel", "_lfq_entropy_fwd_kernel", "_lfq_entropy_bwd_kernel")
 # sequence lengths and head dims on both sides of every block-class boundary of attention's
-# _config, which include the benchmark shapes (T = 8, 18; S = 64, 256, 1024; Dh = 32, 64) and
+# _TILES, which include the benchmark shapes (T = 8, 18; S = 64, 256, 1024; Dh = 32, 64) and
 # the test shapes (N = 1 .. 150, Dh = 8 .. 128)
 ATTENTION_N = (1, 7, 18, 33, 64, 65, 256, 1024)
 ATTENTION_D = (8, 24, 40, 64, 100, 128)

@@ -417,43 +417,71 @@ def _sizes(q: torch.Tensor, temporal: bool, causal: bool) -> dict:
     return dict(n_other=A, n_seq=N, n_heads=H, head_dim=D, scale=1.0 / math.sqrt(D), causal=int(causal))
 
 
-def _tile(block_m: int, block_n: int, warps: int, stages: int) -> dict:
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+def _tile(block_m: int, block_n: int, warps: int, stages: int, block_d: int, interpreter: bool) -> dict:
+    """One kernel's meta: its tile, warps, pipeline stages and how it multiplies."""
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+                UPCAST=interpreter, PRECISION="ieee" if interpreter else "tf32x3")
+
+
+_ANY = math.inf
+# Each kernel's tile on a GPU: a kernel takes the first of its rows whose operands match and whose
+# bounds hold for the sequence length N and head dim Dh. Chosen from the registers / spills of every
+# class compiled for sm_80 and sm_90 with triton 3.6 and 3.8 (tests/test_triton_compile.py, table
+# in docs/gpu.md); "spilled" below: a measured spill the row avoids (bytes per thread, target,
+# triton). Every tile side is >= 16, tl.dot's minimum (BLOCK_D too; a shorter sequence or head dim
+# is masked). fp32 operands are split in two TF32 parts for the tensor cores (twice the operand
+# registers of fp16/bf16), so fp32 takes 16-row or 16-key steps and always the three-kernel
+# backward. A fp16/bf16 sequence of <= 32 (temporal attention) is one block loaded once (one
+# stage) and its backward the one "fused" launch; longer ones stream 32-key blocks. Warps: a tile
+# is spread over its threads, so more warps hold a wider tile in fewer registers each.
+_TILES = (
+    # kernel  operands  N <=  Dh <=  BLOCK_M BLOCK_N warps stages
+    ("fwd",   "fp32",   16,   64,    16,  16, 4, 1),  # one 16-key block; 2 stages spilled 8 B at Dh 64 (sm_90, 3.6)
+    ("fwd",   "fp32",   _ANY, 64,    32,  16, 4, 2),  # 16-key steps (two TF32 parts per operand), double buffered
+    ("fwd",   "fp32",   _ANY, _ANY,  16,  32, 8, 2),  # Dh 65-128: 16 queries, 8 warps for the wide q and accumulator
+    ("delta", "fp32",   _ANY, _ANY,  64,  16, 4, 1),  # rowsum(dO * O): no key loop, nothing to pipeline
+    ("dkdv",  "fp32",   _ANY, 16,    16,  16, 4, 2),  # 8 warps spilled 8 B at Dh 16 (sm_90, 3.6)
+    ("dkdv",  "fp32",   _ANY, 64,    16,  16, 8, 2),  # k, v, dK and dV stay across the query loop: 8 warps
+    ("dkdv",  "fp32",   _ANY, _ANY,  16,  16, 8, 3),  # 255 registers with every tile tried: ALLOWED_SPILL
+    ("dq",    "fp32",   _ANY, 32,    16,  16, 8, 2),  # q, dO and dQ stay across the key loop: 8 warps
+    ("dq",    "fp32",   _ANY, 64,    16,  16, 8, 3),  # 2 stages spilled 24 B (sm_80, 3.6), 1 stage 8 B (sm_90, 3.8)
+    ("dq",    "fp32",   _ANY, _ANY,  16,  16, 8, 2),  # as at Dh <= 32: no spill at 2 stages
+    ("fwd",   "16-bit", 16,   _ANY,  16,  16, 2, 1),  # 16 queries: 2 warps (16 x 16 scores are two 16 x 8 mma tiles)
+    ("fwd",   "16-bit", 32,   32,    32,  32, 2, 1),  # warps grow with the q tile, 16 elements a thread: 32 x 32 on 2
+    ("fwd",   "16-bit", 32,   64,    32,  32, 4, 1),  # 32 x 64 on 4
+    ("fwd",   "16-bit", 32,   _ANY,  32,  32, 8, 1),  # 32 x 128 on 8
+    ("fused", "16-bit", 16,   64,    16,  16, 4, 1),  # q, k, v, dO, P and dS of the whole sequence at once: 4 warps
+    ("fused", "16-bit", 16,   _ANY,  16,  16, 8, 1),  # the same, twice as wide: 8 warps
+    ("fused", "16-bit", 32,   64,    32,  32, 4, 1),  # as for 16, one 32-block
+    ("fused", "16-bit", 32,   _ANY,  32,  32, 8, 1),  # as for 16, one 32-block
+    ("fwd",   "16-bit", _ANY, 64,    128, 32, 8, 3),  # 128 queries, 32-key blocks through a 3-stage cp.async pipeline
+    ("fwd",   "16-bit", _ANY, _ANY,  64,  32, 8, 3),  # Dh 65-128: half the queries for the twice-wide q and accumulator
+    ("delta", "16-bit", _ANY, _ANY,  64,  32, 4, 2),  # rowsum(P * dP), P recomputed (the stored O is rounded): 2 stages
+    ("dkdv",  "16-bit", _ANY, 64,    32,  32, 4, 2),  # 32 keys, 32-query steps, 2 stages
+    ("dkdv",  "16-bit", _ANY, _ANY,  32,  32, 8, 2),  # Dh 65-128: 8 warps for the twice-wide rows
+    ("dq",    "16-bit", _ANY, 64,    32,  32, 4, 2),  # 32 queries, 32-key steps, 2 stages
+    ("dq",    "16-bit", _ANY, _ANY,  32,  32, 8, 2),  # Dh 65-128: 8 warps for the twice-wide rows
+)
 
 
 def _configs(N: int, D: int, dtype: torch.dtype) -> dict:
-    """Tiles, warps and pipeline stages of each kernel for one (sequence length, head dim, dtype).
-
-    Chosen from the registers / spills of every class compiled for sm_80 and sm_90
-    (tests/test_triton_compile.py, table in the README). fp16/bf16: a sequence of <= 32 (temporal
-    attention) is one block loaded once, and its backward is the one fused launch; longer ones
-    stream 32-key blocks (3-stage cp.async pipeline forward, 2 backward; the three-kernel
-    backward). fp32 operands are split in two TF32 parts for the tensor cores (twice the operand
-    registers), so fp32 takes 16-row or 16-key steps and always the three-kernel backward. The interpreter computes in fp32 (its bf16 dot is wrong) with one block per
-    sequence where it fits (it pays per program).
-    """
+    """The meta of each kernel launched for one (sequence length, head dim, dtype): "fwd", and
+    "fused" (the sequence is one block) or "delta", "dkdv" and "dq". On a GPU from _TILES; the
+    interpreter computes in fp32 (its bf16 dot is wrong) with one block per sequence where it
+    fits (it pays per program)."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    block = max(16, triton.next_power_of_2(N))
-    wide = BLOCK_D > 64
     if triton_interpret():
-        t = dict(_tile(min(block, 64), min(block, 64), 4, 1), BLOCK_D=BLOCK_D, UPCAST=True, PRECISION="ieee")
-        return dict(fwd=t, delta=t, dkdv=t, dq=t, fused=block <= 64)
-    if dtype == torch.float32:
-        # Measured with ptxas of triton 3.6 and 3.8 (both tested): at 2 stages, a sequence of <= 16 (one key
-        # block, nothing to pipeline) spilled 8 B at head dim 64 for sm_90 (3.6), hence 1 stage; dK/dV at head
-        # dim 16 with 8 warps spilled 8 B for sm_90 (3.6), hence 4; dQ at head dim 64 with 2 stages spilled 24 B
-        # for sm_80 (3.6) and with 1 stage 8 B for sm_90 (3.8), hence 3.
-        tiles = dict(fwd=_tile(16, 32, 8, 2) if wide else _tile(min(block, 32), 16, 4, 1 if block <= 16 else 2),
-                     delta=_tile(64, 16, 4, 1), dkdv=_tile(16, 16, 4 if BLOCK_D == 16 else 8, 3 if wide else 2),
-                     dq=_tile(16, 16, 8, 3 if BLOCK_D == 64 else 2), fused=False)
-    elif block <= 32:
-        one = _tile(block, block, 2 if block * BLOCK_D <= 32 * 32 or block == 16 else (8 if wide else 4), 1)
-        tiles = dict(fwd=one, delta=one, dkdv=_tile(block, block, 8 if wide else 4, 1), dq=one, fused=True)
-    else:
-        tiles = dict(fwd=_tile(64, 32, 8, 3) if wide else _tile(128, 32, 8, 3), delta=_tile(64, 32, 4, 2),
-                     dkdv=_tile(32, 32, 8 if wide else 4, 2), dq=_tile(32, 32, 8 if wide else 4, 2), fused=False)
-    gpu = dict(BLOCK_D=BLOCK_D, UPCAST=False, PRECISION="tf32x3")
-    return {k: (dict(gpu, **v) if k != "fused" else v) for k, v in tiles.items()}
+        block = min(max(16, triton.next_power_of_2(N)), 64)
+        tile = _tile(block, block, 4, 1, BLOCK_D, interpreter=True)
+        return dict(fwd=tile, fused=tile) if N <= 64 else dict(fwd=tile, delta=tile, dkdv=tile, dq=tile)
+    operands = "fp32" if dtype == torch.float32 else "16-bit"
+    tiles = {}
+    for kernel, ops, max_n, max_d, block_m, block_n, warps, stages in _TILES:
+        if ops == operands and N <= max_n and D <= max_d and kernel not in tiles:
+            tiles[kernel] = _tile(block_m, block_n, warps, stages, BLOCK_D, interpreter=False)
+    if "fused" in tiles:
+        return dict(fwd=tiles["fwd"], fused=tiles["fused"])
+    return tiles
 
 
 def _attention_fwd_launches(q, k, v, bias, out, lse, temporal, causal) -> list:
@@ -485,8 +513,8 @@ def _attention_bwd_launches(grad_out, q, k, v, bias, out, lse, delta, dq, dk, dv
                  **_sizes(q, temporal, causal))
     grads = _strides("grad", dq, temporal)
     dbias_arg = dbias if bias_grad else lse  # fp32 either way: one binary
-    if cfg["fused"]:
-        meta = dict(cfg["dkdv"], HAS_BIAS=has_bias)
+    if "fused" in cfg:
+        meta = dict(cfg["fused"], HAS_BIAS=has_bias)
         args = dict(reads, **grads, dq_ptr=dq, dk_ptr=dk, dv_ptr=dv, dbias_ptr=dbias_arg, bias_grad=int(bias_grad))
         return [Launch(_attention_bwd_fused_kernel, (rows, 1), args=(), meta=meta, kwargs=args)]
     # fp32: delta = dO . O; fp16/bf16: recomputed as rowsum(P * dP), since the stored O is rounded
