@@ -87,14 +87,61 @@ def test_long_sequence(backend, kind, shape):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_fp64_gradcheck(kind):
-    # the fused kernels compute in fp32; fp64 gradcheck validates the oracle path that their
-    # gradients are compared against above (including the bias gradient)
+@pytest.mark.parametrize("path", ["oracle", "reference backend"])
+def test_oracle_and_reference_backend_pass_fp64_gradcheck(kind, path):
+    # the gradients the tests compare with come from autograd through the fp64 oracle
+    # (tests.utils.attention_math); the reference backend is SDPA's. Both against finite
+    # differences, the bias gradient included
     B, T, S, H, D = 1, 3, 4, 2, 5
     q, k, v = (torch.randn(B, T, S, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
     N = S if kind == "spatial" else T
     bias = torch.randn(H, N, N, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda q, k, v, b: attend(kind, q, k, v, b, "reference"), (q, k, v, bias))
+
+    def fn(q, k, v, b):
+        if path == "oracle":
+            return attention_math(q, k, v, b, kind != "spatial", kind == "temporal_causal")
+        return attend(kind, q, k, v, b, "reference")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("kind, shape", [("spatial", (2, 5, 7, 3, 12)), ("temporal_causal", (2, 5, 7, 3, 12)),
+                                         ("temporal_full", (2, 5, 7, 3, 12)), ("spatial", (1, 2, 67, 1, 8)),
+                                         ("temporal_causal", (1, 67, 2, 1, 8))])
+def test_fused_gradients_pass_fp64_gradcheck(backend, kind, shape):
+    # gradcheck's fast mode for kernels that compute in fp32 (one block per sequence and, past
+    # 64, the multi-block backward): for random directions u of (q, k, v, bias) and w of the
+    # output, the fused backward's <w, J u> against central differences of the fp64 reference
+    # backend, on fresh random inputs; then every gradient element against the fp64 reference's
+    B, T, S, H, D = shape
+    device = dev(backend)
+    N = S if kind == "spatial" else T
+    leaves = [torch.randn(B, T, S, H, D, device=device, requires_grad=True) for _ in range(3)]
+    leaves.append(torch.randn(H, N, N, device=device, requires_grad=True))
+    out = attend(kind, *leaves, backend=backend)
+    w = torch.randn_like(out)
+    got = [g.double().cpu() for g in torch.autograd.grad(out, leaves, w)]
+    x64 = [x.detach().double().cpu() for x in leaves]
+
+    def ref(xs):
+        return attend(kind, *xs, backend="reference")
+
+    eps = 1e-6
+    for _ in range(3):
+        u = [torch.randn_like(x) for x in x64]
+        plus, minus = ref([x + eps * d for x, d in zip(x64, u)]), ref([x - eps * d for x, d in zip(x64, u)])
+        numeric = ((plus - minus) / (2 * eps) * w.double().cpu()).sum().item()
+        analytic = sum((g * d).sum() for g, d in zip(got, u)).item()
+        scale = sum((g * d).abs().sum() for g, d in zip(got, u)).item()  # fp32 rounding is relative to this
+        assert abs(analytic - numeric) <= 1e-5 * scale, f"<w, J u>: fused {analytic!r}, fp64 differences {numeric!r}"
+    x64 = [x.requires_grad_() for x in x64]
+    want = torch.autograd.grad(ref(x64), x64, w.double().cpu())
+    for g, r, name in zip(got, want, ("dq", "dk", "dv", "dbias")):
+        if name == "dbias":
+            assert_dbias_close(g, r, torch.float32, name=name)
+        else:
+            assert_close(g, r, torch.float32, name=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

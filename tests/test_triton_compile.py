@@ -34,11 +34,11 @@ RESULTS = ROOT / "benchmarks" / "results" / "triton-resources.json"  # the commi
 LOCAL_RESULTS_DIR = ROOT / "benchmarks" / "results" / "local"  # every other run's (gitignored)
 SAVE_REFERENCE = "PVKERNELS_BENCH_SAVE_REFERENCE"  # as benchmarks/harness.py
 TARGETS = (80, 90)
-KERNELS = ("_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel",
-           "_attention_bwd_dq_kernel", "_vq_lookup_fwd_kernel", "_vq_topk_fwd_kernel", "_pseudo_video_kernel",
-           "_lfq_entropy_fwd_kernel", "_lfq_entropy_bwd_kernel")
+KERNELS = ("_attention_fwd_kernel", "_attention_bwd_fused_kernel", "_attention_bwd_delta_kernel",
+           "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel", "_vq_lookup_fwd_kernel", "_vq_topk_fwd_kernel",
+           "_pseudo_video_kernel", "_lfq_entropy_fwd_kernel", "_lfq_entropy_bwd_kernel")
 # sequence lengths and head dims on both sides of every block-class boundary of attention's
-# _config, which include the benchmark shapes (T = 8, 18; S = 64, 256, 1024; Dh = 32, 64) and
+# _TILES, which include the benchmark shapes (T = 8, 18; S = 64, 256, 1024; Dh = 32, 64) and
 # the test shapes (N = 1 .. 150, Dh = 8 .. 128)
 ATTENTION_N = (1, 7, 18, 33, 64, 65, 256, 1024)
 ATTENTION_D = (8, 24, 40, 64, 100, 128)
@@ -102,13 +102,16 @@ def _configs_of(launch) -> list:
     """An autotuned launch is every one of its configs (the GPU may pick any)."""
     from triton.runtime.autotuner import Autotuner
 
-    from pvkernels.ops._triton import Launch
-
     if not isinstance(launch.kernel, Autotuner):
         return [launch]
-    return [Launch(launch.kernel.fn, launch.grid, launch.args,
-                   dict(launch.meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+    return [launch._replace(kernel=launch.kernel.fn,
+                            meta=dict(launch.meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
             for c in launch.kernel.configs]
+
+
+def _keywords(launch) -> dict:
+    """What a launch passes by name: its runtime keyword arguments and its meta."""
+    return {**launch.kwargs, **launch.meta}
 
 
 def _worker(shard: int, n_shards: int) -> None:
@@ -118,15 +121,15 @@ def _worker(shard: int, n_shards: int) -> None:
 
     variants = {}
     for launch in gpu_launches():
-        variants.setdefault(variant_key(launch.kernel, launch.args, launch.meta), launch)
+        variants.setdefault(variant_key(launch.kernel, launch.args, _keywords(launch)), launch)
     rows = []
     for i, key in enumerate(sorted(variants)):
         if i % n_shards != shard:
             continue
         launch = variants[key]
         for arch in TARGETS:
-            row = compile_variant(launch.kernel, launch.args, launch.meta, arch)
-            row["variant"] = describe(launch.kernel, launch.args, launch.meta)
+            row = compile_variant(launch.kernel, launch.args, _keywords(launch), arch)
+            row["variant"] = describe(launch.kernel, launch.args, _keywords(launch))
             rows.append(row)
     json.dump(rows, sys.stdout)
 

@@ -1,7 +1,7 @@
 """Compiles planned Triton launches for a GPU target without a GPU and reads their resources.
 
 Runs in a process without TRITON_INTERPRET (the kernels must be JIT functions, not the
-interpreter's). A launch is specialised exactly as ``kernel[grid](*args, **meta)`` would be on
+interpreter's). A launch is specialised exactly as ``kernel[grid](*args, **kwargs)`` would be on
 a device (triton's own binder: pointer alignment, integers equal to 1 or divisible by 16,
 constexprs, options), compiled with ``triton.compile`` for ``GPUTarget("cuda", arch, 32)``, and
 its cubin read by the wheel's ``cuobjdump --dump-resource-usage`` (registers, stack = spill
@@ -26,21 +26,22 @@ SM_LIMITS = {80: (65536, 64, 32, 167936, 166912), 90: (65536, 64, 32, 233472, 23
 _USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
-def specialise(kernel, args: tuple, meta: dict, target: GPUTarget):
-    """(signature, constexprs, attrs, options) of ``kernel[grid](*args, **meta)`` on ``target``."""
+def specialise(kernel, args: tuple, kwargs: dict, target: GPUTarget):
+    """(signature, constexprs, attrs, options) of ``kernel[grid](*args, **kwargs)`` on ``target``:
+    ``kwargs`` holds the arguments passed by name and the meta (constexprs, warps, stages)."""
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    kwargs = dict(meta, debug=False, instrumentation_mode="")
+    kwargs = dict(kwargs, debug=False, instrumentation_mode="")
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     return signature, constexprs, attrs, options
 
 
-def variant_key(kernel, args: tuple, meta: dict) -> str:
+def variant_key(kernel, args: tuple, kwargs: dict) -> str:
     """What makes two launches the same tiles and code (target aside): argument types, constexprs,
     warps and stages. Launches that differ only in which integers divide by 16 (alignment hints)
     share a key; the first one planned stands for them."""
-    signature, constexprs, _, options = specialise(kernel, args, meta, GPUTarget("cuda", 90, 32))
+    signature, constexprs, _, options = specialise(kernel, args, kwargs, GPUTarget("cuda", 90, 32))
     return json.dumps([kernel.fn.__name__, signature, sorted((str(k), str(v)) for k, v in constexprs.items()),
                        options.num_warps, options.num_stages])
 
@@ -55,9 +56,9 @@ def occupancy(arch: int, registers: int, shared: int, warps: int) -> tuple[int, 
     return blocks, blocks * warps / max_warps
 
 
-def compile_variant(kernel, args: tuple, meta: dict, arch: int) -> dict:
+def compile_variant(kernel, args: tuple, kwargs: dict, arch: int) -> dict:
     target = GPUTarget("cuda", arch, 32)
-    signature, constexprs, attrs, options = specialise(kernel, args, meta, target)
+    signature, constexprs, attrs, options = specialise(kernel, args, kwargs, target)
     row = {"kernel": kernel.fn.__name__, "target": f"sm_{arch}"}
     try:
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
@@ -80,9 +81,9 @@ def compile_variant(kernel, args: tuple, meta: dict, arch: int) -> dict:
     return row
 
 
-def describe(kernel, args: tuple, meta: dict) -> str:
+def describe(kernel, args: tuple, kwargs: dict) -> str:
     """A readable variant name: the first pointer's dtype and the constexpr arguments."""
-    signature, constexprs, _, options = specialise(kernel, args, meta, GPUTarget("cuda", 90, 32))
+    signature, constexprs, _, options = specialise(kernel, args, kwargs, GPUTarget("cuda", 90, 32))
     dtypes = [t[1:] for t in signature.values() if isinstance(t, str) and t.startswith(("*fp", "*bf"))]
     dtype = "/".join(dict.fromkeys(dtypes[:1] + [t for t in dtypes if t != "fp32"]))  # first, then any 16-bit
     names = [p.name for p in kernel.params]

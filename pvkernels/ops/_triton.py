@@ -5,17 +5,20 @@ dispatch launches on a GPU.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 
 class Launch(NamedTuple):
     kernel: object  # a @triton.jit function
     grid: tuple
-    args: tuple
+    args: tuple  # runtime arguments by position
     meta: dict  # constexpr arguments, num_warps, num_stages
+    kwargs: Mapping = MappingProxyType({})  # runtime arguments by name (pointers, strides, sizes)
 
     def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.meta)
+        self.kernel[self.grid](*self.args, **self.kwargs, **self.meta)
 
 
 def run(launches) -> None:

@@ -59,8 +59,9 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
 # Forward: one program per (sequence, BLOCK_M queries), online softmax over BLOCK_N key blocks.
 # Backward in the shape of Triton's tutorial 06: a delta kernel, a dK/dV kernel (one key block,
 # loop over queries) and a dQ kernel (one query block, loop over keys). A fp16/bf16 sequence that
-# fits one block (temporal attention, T <= 32) takes a single fused launch instead: its dK/dV
-# program sees every query, so it also forms delta = rowsum(P * dP), dQ and dbias.
+# fits one block (temporal attention, T <= 32) takes one launch of a kernel of its own instead: its
+# program sees every query and key, so it forms delta = rowsum(P * dP), dQ, dK, dV and dbias at once.
+# A tensor is seen as (b, a, n, h, d) and passed with its strides by name: q_stride_b, ..., q_stride_d.
 
 if triton is not None:
     import triton.language as tl
@@ -76,6 +77,17 @@ if triton is not None:
         h = (row % n_heads).to(tl.int64)
         ba = row // n_heads
         return (ba // n_other).to(tl.int64), (ba % n_other).to(tl.int64), h
+
+    @triton.jit
+    def _sequence_offset(b, a, h, stride_b, stride_a, stride_h):
+        """Where sequence (b, a, h) starts in a tensor seen as (b, a, n, h[, d]), in elements (int64, as
+        b, a, h are). Tensors of one layout share it: lse and delta; dq, dk and dv."""
+        return b * stride_b + a * stride_a + h * stride_h
+
+    @triton.jit
+    def _sequence_base(ptr, b, a, h, stride_b, stride_a, stride_h):
+        """The base pointer of sequence (b, a, h) of one tensor."""
+        return ptr + _sequence_offset(b, a, h, stride_b, stride_a, stride_h)
 
     @triton.jit
     def _mm(a, b, PRECISION: tl.constexpr):
@@ -95,6 +107,12 @@ if triton is not None:
         if UPCAST:
             x = x.to(tl.float32)
         return x
+
+    @triton.jit
+    def _store_rows(base, offs_n, stride_n, offs_d, stride_d, x, mask):
+        """Stores the (len(offs_n), BLOCK_D) tile x in the tensor's dtype."""
+        tl.store(base + offs_n[:, None].to(tl.int64) * stride_n + offs_d[None, :] * stride_d,
+                 x.to(base.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _scores(q, k, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n, mask_m,
@@ -136,10 +154,11 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < n_seq
         mask_d = offs_d < head_dim
-        q = _load_rows(q_ptr + b * q_stride_b + a * q_stride_a + h * q_stride_h, offs_m, q_stride_n, offs_d, q_stride_d,
-                       mask_m[:, None] & mask_d[None, :], UPCAST)
-        k_base = k_ptr + b * k_stride_b + a * k_stride_a + h * k_stride_h
-        v_base = v_ptr + b * v_stride_b + a * v_stride_a + h * v_stride_h
+        qd_mask = mask_m[:, None] & mask_d[None, :]
+        q = _load_rows(_sequence_base(q_ptr, b, a, h, q_stride_b, q_stride_a, q_stride_h), offs_m, q_stride_n,
+                       offs_d, q_stride_d, qd_mask, UPCAST)
+        k_base = _sequence_base(k_ptr, b, a, h, k_stride_b, k_stride_a, k_stride_h)
+        v_base = _sequence_base(v_ptr, b, a, h, v_stride_b, v_stride_a, v_stride_h)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -164,11 +183,10 @@ if triton is not None:
             acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
             m_i = m_new
         acc = acc / l_i[:, None]
-        tl.store(o_ptr + b * o_stride_b + a * o_stride_a + h * o_stride_h + offs_m[:, None].to(tl.int64) * o_stride_n
-                 + offs_d[None, :] * o_stride_d, acc.to(o_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_d[None, :])
-        tl.store(lse_ptr + b * lse_stride_b + a * lse_stride_a + h * lse_stride_h + offs_m.to(tl.int64) * lse_stride_n,
-                 m_i + tl.log(l_i), mask=mask_m)
+        _store_rows(_sequence_base(o_ptr, b, a, h, o_stride_b, o_stride_a, o_stride_h), offs_m, o_stride_n, offs_d,
+                    o_stride_d, acc, qd_mask)
+        lse_base = _sequence_base(lse_ptr, b, a, h, lse_stride_b, lse_stride_a, lse_stride_h)
+        tl.store(lse_base + offs_m.to(tl.int64) * lse_stride_n, m_i + tl.log(l_i), mask=mask_m)
 
     @triton.jit(do_not_specialize=_RUNTIME)
     def _attention_bwd_delta_kernel(
@@ -185,21 +203,23 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """delta = rowsum(dO * O) = rowsum(P * dP) of BLOCK_M queries, in fp32. RECOMPUTE (fp16/bf16,
-        whose stored O is rounded): rowsum(P * dP) with P recomputed from lse, over the key blocks."""
+        whose stored O is rounded): rowsum(P * dP) with P recomputed from lse, over the key blocks.
+        delta has lse's layout (lse_stride_*)."""
         b, a, h = _sequence(tl.program_id(0), n_other, n_heads)
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < n_seq
         qd_mask = mask_m[:, None] & (offs_d < head_dim)[None, :]
-        do = _load_rows(do_ptr + b * do_stride_b + a * do_stride_a + h * do_stride_h, offs_m, do_stride_n, offs_d,
-                        do_stride_d, qd_mask, UPCAST)
-        lse_off = b * lse_stride_b + a * lse_stride_a + h * lse_stride_h + offs_m.to(tl.int64) * lse_stride_n
+        do = _load_rows(_sequence_base(do_ptr, b, a, h, do_stride_b, do_stride_a, do_stride_h), offs_m, do_stride_n,
+                        offs_d, do_stride_d, qd_mask, UPCAST)
+        lse_off = (_sequence_offset(b, a, h, lse_stride_b, lse_stride_a, lse_stride_h)
+                   + offs_m.to(tl.int64) * lse_stride_n)
         if RECOMPUTE:
-            q = _load_rows(q_ptr + b * q_stride_b + a * q_stride_a + h * q_stride_h, offs_m, q_stride_n, offs_d,
-                           q_stride_d, qd_mask, UPCAST)
+            q = _load_rows(_sequence_base(q_ptr, b, a, h, q_stride_b, q_stride_a, q_stride_h), offs_m, q_stride_n,
+                           offs_d, q_stride_d, qd_mask, UPCAST)
             lse = tl.load(lse_ptr + lse_off, mask=mask_m, other=0.0)
-            k_base = k_ptr + b * k_stride_b + a * k_stride_a + h * k_stride_h
-            v_base = v_ptr + b * v_stride_b + a * v_stride_a + h * v_stride_h
+            k_base = _sequence_base(k_ptr, b, a, h, k_stride_b, k_stride_a, k_stride_h)
+            v_base = _sequence_base(v_ptr, b, a, h, v_stride_b, v_stride_a, v_stride_h)
             delta = tl.zeros([BLOCK_M], tl.float32)
             end_n = n_seq
             if causal:
@@ -214,29 +234,84 @@ if triton is not None:
                            mask_m, mask_n, causal, HAS_BIAS, PRECISION)
                 delta += tl.sum(p * _mm(do, tl.trans(v), PRECISION), 1)
         else:
-            o = _load_rows(o_ptr + b * o_stride_b + a * o_stride_a + h * o_stride_h, offs_m, o_stride_n, offs_d,
-                           o_stride_d, qd_mask, UPCAST)
+            o = _load_rows(_sequence_base(o_ptr, b, a, h, o_stride_b, o_stride_a, o_stride_h), offs_m, o_stride_n,
+                           offs_d, o_stride_d, qd_mask, UPCAST)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         tl.store(delta_ptr + lse_off, delta, mask=mask_m)
 
     @triton.jit(do_not_specialize=_RUNTIME + ["bias_grad"])
-    def _attention_bwd_dkdv_kernel(
-        do_ptr, q_ptr, k_ptr, v_ptr, bias_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, dbias_ptr,
+    def _attention_bwd_fused_kernel(
+        do_ptr, q_ptr, k_ptr, v_ptr, bias_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, dbias_ptr,
         do_stride_b, do_stride_a, do_stride_n, do_stride_h, do_stride_d,
         q_stride_b, q_stride_a, q_stride_n, q_stride_h, q_stride_d,
         k_stride_b, k_stride_a, k_stride_n, k_stride_h, k_stride_d,
         v_stride_b, v_stride_a, v_stride_n, v_stride_h, v_stride_d,
-        g_stride_b, g_stride_a, g_stride_n, g_stride_h, g_stride_d,
+        grad_stride_b, grad_stride_a, grad_stride_n, grad_stride_h, grad_stride_d,
         lse_stride_b, lse_stride_a, lse_stride_n, lse_stride_h,
         bias_stride_h, bias_stride_m, bias_stride_n,
         n_other, n_seq, n_heads, head_dim, scale,
-        causal, bias_grad, HAS_BIAS: tl.constexpr,
-        SINGLE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        causal, bias_grad, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One key block, loop over the query blocks -> dK, dV (P recomputed from lse). SINGLE: the
-        sequence is this one block, so delta, dQ and dbias are formed here too. dq/dk/dv are
-        outputs sharing the g_stride_* strides; dbias (H, N, N) fp32 is summed over (b, a) atomically."""
+        """The whole backward of one (b, a, h) sequence that fits one block, its queries and keys the
+        same rows (n_seq <= BLOCK_M == BLOCK_N): P from lse, delta = rowsum(P * dP) in place of the
+        delta kernel, dQ, dK, dV; dq/dk/dv share the grad_stride_* layout; dbias (H, N, N) fp32 is
+        summed over (b, a) atomically."""
+        tl.static_assert(BLOCK_M == BLOCK_N)
+        b, a, h = _sequence(tl.program_id(0), n_other, n_heads)
+        # the block starts at program_id(1) * BLOCK_N = 0 (grid (rows, 1)), written as in the dK/dV
+        # kernel: without it ptxas moved 50 of the 64 variants by -42 to +19 registers (triton 3.8)
+        start_n = tl.program_id(1) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_n = offs_n < n_seq
+        mask_d = offs_d < head_dim
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = _load_rows(_sequence_base(k_ptr, b, a, h, k_stride_b, k_stride_a, k_stride_h), offs_n, k_stride_n,
+                       offs_d, k_stride_d, kv_mask, UPCAST)
+        v = _load_rows(_sequence_base(v_ptr, b, a, h, v_stride_b, v_stride_a, v_stride_h), offs_n, v_stride_n,
+                       offs_d, v_stride_d, kv_mask, UPCAST)
+        q_base = _sequence_base(q_ptr, b, a, h, q_stride_b, q_stride_a, q_stride_h)
+        do_base = _sequence_base(do_ptr, b, a, h, do_stride_b, do_stride_a, do_stride_h)
+        lse_off = _sequence_offset(b, a, h, lse_stride_b, lse_stride_a, lse_stride_h)
+        grad_off = _sequence_offset(b, a, h, grad_stride_b, grad_stride_a, grad_stride_h)
+        offs_m = offs_n
+        mask_m = mask_n
+        q = _load_rows(q_base, offs_m, q_stride_n, offs_d, q_stride_d, kv_mask, UPCAST)
+        do = _load_rows(do_base, offs_m, do_stride_n, offs_d, do_stride_d, kv_mask, UPCAST)
+        lse = tl.load(lse_ptr + lse_off + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
+        p = _probs(q, k, lse, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n,
+                   mask_m, mask_n, causal, HAS_BIAS, PRECISION)
+        dp = _mm(do, tl.trans(v), PRECISION)
+        ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+        dv = _mm(tl.trans(p.to(do.dtype)), do, PRECISION)
+        dk = _mm(tl.trans(ds.to(q.dtype)), q, PRECISION)
+        dq = _mm(ds.to(k.dtype), k, PRECISION)
+        _store_rows(dq_ptr + grad_off, offs_m, grad_stride_n, offs_d, grad_stride_d, dq * scale, kv_mask)
+        if bias_grad:
+            tl.atomic_add(dbias_ptr + h * n_seq * n_seq + offs_m[:, None] * n_seq + offs_n[None, :], ds,
+                          mask=mask_m[:, None] & mask_n[None, :])
+        # one offset tensor for dK and dV (_store_rows each moved 36 of the 64 variants' registers)
+        out_off = grad_off + offs_n[:, None].to(tl.int64) * grad_stride_n + offs_d[None, :] * grad_stride_d
+        tl.store(dk_ptr + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit(do_not_specialize=_RUNTIME)
+    def _attention_bwd_dkdv_kernel(
+        do_ptr, q_ptr, k_ptr, v_ptr, bias_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+        do_stride_b, do_stride_a, do_stride_n, do_stride_h, do_stride_d,
+        q_stride_b, q_stride_a, q_stride_n, q_stride_h, q_stride_d,
+        k_stride_b, k_stride_a, k_stride_n, k_stride_h, k_stride_d,
+        v_stride_b, v_stride_a, v_stride_n, v_stride_h, v_stride_d,
+        grad_stride_b, grad_stride_a, grad_stride_n, grad_stride_h, grad_stride_d,
+        lse_stride_b, lse_stride_a, lse_stride_n, lse_stride_h,
+        bias_stride_h, bias_stride_m, bias_stride_n,
+        n_other, n_seq, n_heads, head_dim, scale,
+        causal, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One key block, loop over the query blocks -> dK, dV (P recomputed from lse). dk/dv share
+        the grad_stride_* layout, delta lse's."""
         b, a, h = _sequence(tl.program_id(0), n_other, n_heads)
         start_n = tl.program_id(1) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -244,54 +319,34 @@ if triton is not None:
         mask_n = offs_n < n_seq
         mask_d = offs_d < head_dim
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = _load_rows(k_ptr + b * k_stride_b + a * k_stride_a + h * k_stride_h, offs_n, k_stride_n, offs_d, k_stride_d,
-                       kv_mask, UPCAST)
-        v = _load_rows(v_ptr + b * v_stride_b + a * v_stride_a + h * v_stride_h, offs_n, v_stride_n, offs_d, v_stride_d,
-                       kv_mask, UPCAST)
-        q_base = q_ptr + b * q_stride_b + a * q_stride_a + h * q_stride_h
-        do_base = do_ptr + b * do_stride_b + a * do_stride_a + h * do_stride_h
-        lse_base = b * lse_stride_b + a * lse_stride_a + h * lse_stride_h
-        g_base = b * g_stride_b + a * g_stride_a + h * g_stride_h
-        if SINGLE:
-            offs_m = offs_n
-            mask_m = mask_n
-            q = _load_rows(q_base, offs_m, q_stride_n, offs_d, q_stride_d, kv_mask, UPCAST)
-            do = _load_rows(do_base, offs_m, do_stride_n, offs_d, do_stride_d, kv_mask, UPCAST)
-            lse = tl.load(lse_ptr + lse_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
+        k = _load_rows(_sequence_base(k_ptr, b, a, h, k_stride_b, k_stride_a, k_stride_h), offs_n, k_stride_n,
+                       offs_d, k_stride_d, kv_mask, UPCAST)
+        v = _load_rows(_sequence_base(v_ptr, b, a, h, v_stride_b, v_stride_a, v_stride_h), offs_n, v_stride_n,
+                       offs_d, v_stride_d, kv_mask, UPCAST)
+        q_base = _sequence_base(q_ptr, b, a, h, q_stride_b, q_stride_a, q_stride_h)
+        do_base = _sequence_base(do_ptr, b, a, h, do_stride_b, do_stride_a, do_stride_h)
+        lse_off = _sequence_offset(b, a, h, lse_stride_b, lse_stride_a, lse_stride_h)
+        grad_off = _sequence_offset(b, a, h, grad_stride_b, grad_stride_a, grad_stride_h)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        lo = 0
+        if causal:
+            lo = start_n // BLOCK_M * BLOCK_M  # earlier queries see none of these keys
+        for start_m in range(lo, n_seq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < n_seq
+            qd_mask = mask_m[:, None] & mask_d[None, :]
+            q = _load_rows(q_base, offs_m, q_stride_n, offs_d, q_stride_d, qd_mask, UPCAST)
+            do = _load_rows(do_base, offs_m, do_stride_n, offs_d, do_stride_d, qd_mask, UPCAST)
+            lse = tl.load(lse_ptr + lse_off + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
+            delta = tl.load(delta_ptr + lse_off + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
             p = _probs(q, k, lse, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n,
                        mask_m, mask_n, causal, HAS_BIAS, PRECISION)
-            dp = _mm(do, tl.trans(v), PRECISION)
-            ds = p * (dp - tl.sum(p * dp, 1)[:, None])
-            dv = _mm(tl.trans(p.to(do.dtype)), do, PRECISION)
-            dk = _mm(tl.trans(ds.to(q.dtype)), q, PRECISION)
-            dq = _mm(ds.to(k.dtype), k, PRECISION)
-            tl.store(dq_ptr + g_base + offs_m[:, None].to(tl.int64) * g_stride_n + offs_d[None, :] * g_stride_d,
-                     (dq * scale).to(dq_ptr.dtype.element_ty), mask=kv_mask)
-            if bias_grad:
-                tl.atomic_add(dbias_ptr + h * n_seq * n_seq + offs_m[:, None] * n_seq + offs_n[None, :], ds,
-                              mask=mask_m[:, None] & mask_n[None, :])
-        else:
-            dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-            dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-            lo = 0
-            if causal:
-                lo = start_n // BLOCK_M * BLOCK_M  # earlier queries see none of these keys
-            for start_m in range(lo, n_seq, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                mask_m = offs_m < n_seq
-                qd_mask = mask_m[:, None] & mask_d[None, :]
-                q = _load_rows(q_base, offs_m, q_stride_n, offs_d, q_stride_d, qd_mask, UPCAST)
-                do = _load_rows(do_base, offs_m, do_stride_n, offs_d, do_stride_d, qd_mask, UPCAST)
-                lse = tl.load(lse_ptr + lse_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
-                delta = tl.load(delta_ptr + lse_base + offs_m.to(tl.int64) * lse_stride_n, mask=mask_m, other=0.0)
-                p = _probs(q, k, lse, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n,
-                           mask_m, mask_n, causal, HAS_BIAS, PRECISION)
-                dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION)
-                ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
-                dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION)
-        out_off = g_base + offs_n[:, None].to(tl.int64) * g_stride_n + offs_d[None, :] * g_stride_d
-        tl.store(dk_ptr + out_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+            dv += _mm(tl.trans(p.to(do.dtype)), do, PRECISION)
+            ds = p * (_mm(do, tl.trans(v), PRECISION) - delta[:, None])
+            dk += _mm(tl.trans(ds.to(q.dtype)), q, PRECISION)
+        _store_rows(dk_ptr + grad_off, offs_n, grad_stride_n, offs_d, grad_stride_d, dk * scale, kv_mask)
+        _store_rows(dv_ptr + grad_off, offs_n, grad_stride_n, offs_d, grad_stride_d, dv, kv_mask)
 
     @triton.jit(do_not_specialize=_RUNTIME + ["bias_grad"])
     def _attention_bwd_dq_kernel(
@@ -300,7 +355,7 @@ if triton is not None:
         q_stride_b, q_stride_a, q_stride_n, q_stride_h, q_stride_d,
         k_stride_b, k_stride_a, k_stride_n, k_stride_h, k_stride_d,
         v_stride_b, v_stride_a, v_stride_n, v_stride_h, v_stride_d,
-        g_stride_b, g_stride_a, g_stride_n, g_stride_h, g_stride_d,
+        grad_stride_b, grad_stride_a, grad_stride_n, grad_stride_h, grad_stride_d,
         lse_stride_b, lse_stride_a, lse_stride_n, lse_stride_h,
         bias_stride_h, bias_stride_m, bias_stride_n,
         n_other, n_seq, n_heads, head_dim, scale,
@@ -315,15 +370,16 @@ if triton is not None:
         mask_m = offs_m < n_seq
         mask_d = offs_d < head_dim
         qd_mask = mask_m[:, None] & mask_d[None, :]
-        q = _load_rows(q_ptr + b * q_stride_b + a * q_stride_a + h * q_stride_h, offs_m, q_stride_n, offs_d, q_stride_d,
-                       qd_mask, UPCAST)
-        do = _load_rows(do_ptr + b * do_stride_b + a * do_stride_a + h * do_stride_h, offs_m, do_stride_n, offs_d,
-                        do_stride_d, qd_mask, UPCAST)
-        lse_off = b * lse_stride_b + a * lse_stride_a + h * lse_stride_h + offs_m.to(tl.int64) * lse_stride_n
+        q = _load_rows(_sequence_base(q_ptr, b, a, h, q_stride_b, q_stride_a, q_stride_h), offs_m, q_stride_n,
+                       offs_d, q_stride_d, qd_mask, UPCAST)
+        do = _load_rows(_sequence_base(do_ptr, b, a, h, do_stride_b, do_stride_a, do_stride_h), offs_m, do_stride_n,
+                        offs_d, do_stride_d, qd_mask, UPCAST)
+        lse_off = (_sequence_offset(b, a, h, lse_stride_b, lse_stride_a, lse_stride_h)
+                   + offs_m.to(tl.int64) * lse_stride_n)
         lse = tl.load(lse_ptr + lse_off, mask=mask_m, other=0.0)
         delta = tl.load(delta_ptr + lse_off, mask=mask_m, other=0.0)
-        k_base = k_ptr + b * k_stride_b + a * k_stride_a + h * k_stride_h
-        v_base = v_ptr + b * v_stride_b + a * v_stride_a + h * v_stride_h
+        k_base = _sequence_base(k_ptr, b, a, h, k_stride_b, k_stride_a, k_stride_h)
+        v_base = _sequence_base(v_ptr, b, a, h, v_stride_b, v_stride_a, v_stride_h)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         end_n = n_seq
         if causal:
@@ -341,102 +397,148 @@ if triton is not None:
             if bias_grad:
                 tl.atomic_add(dbias_ptr + h * n_seq * n_seq + offs_m[:, None] * n_seq + offs_n[None, :], ds,
                               mask=mask_m[:, None] & mask_n[None, :])
-        tl.store(dq_ptr + b * g_stride_b + a * g_stride_a + h * g_stride_h + offs_m[:, None].to(tl.int64) * g_stride_n
-                 + offs_d[None, :] * g_stride_d, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask)
+        _store_rows(_sequence_base(dq_ptr, b, a, h, grad_stride_b, grad_stride_a, grad_stride_h), offs_m,
+                    grad_stride_n, offs_d, grad_stride_d, dq * scale, qd_mask)
 
 
 # 3. launchers -------------------------------------------------------------------------------
 
-def _view(x: torch.Tensor, temporal: bool) -> tuple:
-    """Strides in (b, a, n, h, d) order: n is the attended axis."""
+def _strides(role: str, x: torch.Tensor, temporal: bool) -> dict:
+    """x's strides as the kernels' keyword arguments ``{role}_stride_b/a/n/h[/d]``: the tensor
+    seen as (b, a, n, h[, d]), n the attended axis (T when temporal, else S)."""
     s = x.stride()
-    return (s[0], s[2], s[1]) + tuple(s[3:]) if temporal else tuple(s)
+    if temporal:
+        s = (s[0], s[2], s[1]) + s[3:]
+    return {f"{role}_stride_{axis}": stride for axis, stride in zip("banhd", s)}
 
 
-def _tile(block_m: int, block_n: int, warps: int, stages: int) -> dict:
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+def _bias_strides(bias, N: int) -> dict:
+    # without a bias: the strides of a contiguous one, so that both calls share one binary
+    h, m, n = bias.stride() if bias is not None else (N * N, N, 1)
+    return dict(bias_stride_h=h, bias_stride_m=m, bias_stride_n=n)
+
+
+def _sizes(q: torch.Tensor, temporal: bool, causal: bool) -> dict:
+    _, T, S, H, D = q.shape
+    N, A = (T, S) if temporal else (S, T)
+    return dict(n_other=A, n_seq=N, n_heads=H, head_dim=D, scale=1.0 / math.sqrt(D), causal=int(causal))
+
+
+def _tile(block_m: int, block_n: int, warps: int, stages: int, block_d: int, interpreter: bool) -> dict:
+    """One kernel's meta: its tile, warps, pipeline stages and how it multiplies."""
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+                UPCAST=interpreter, PRECISION="ieee" if interpreter else "tf32x3")
+
+
+_ANY = math.inf
+# Each kernel's tile on a GPU: a kernel takes the first of its rows whose operands match and whose
+# bounds hold for the sequence length N and head dim Dh. Chosen from the registers / spills of every
+# class compiled for sm_80 and sm_90 with triton 3.6 and 3.8 (tests/test_triton_compile.py, table
+# in docs/gpu.md); "spilled" below: a measured spill the row avoids (bytes per thread, target,
+# triton). Every tile side is >= 16, tl.dot's minimum (BLOCK_D too; a shorter sequence or head dim
+# is masked). fp32 operands are split in two TF32 parts for the tensor cores (twice the operand
+# registers of fp16/bf16), so fp32 takes 16-row or 16-key steps and always the three-kernel
+# backward. A fp16/bf16 sequence of <= 32 (temporal attention) is one block loaded once (one
+# stage) and its backward the one "fused" launch; longer ones stream 32-key blocks. Warps: a tile
+# is spread over its threads, so more warps hold a wider tile in fewer registers each.
+_TILES = (
+    # kernel  operands  N <=  Dh <=  BLOCK_M BLOCK_N warps stages
+    ("fwd",   "fp32",   16,   64,    16,  16, 4, 1),  # one 16-key block; 2 stages spilled 8 B at Dh 64 (sm_90, 3.6)
+    ("fwd",   "fp32",   _ANY, 64,    32,  16, 4, 2),  # 16-key steps (two TF32 parts per operand), double buffered
+    ("fwd",   "fp32",   _ANY, _ANY,  16,  32, 8, 2),  # Dh 65-128: 16 queries, 8 warps for the wide q and accumulator
+    ("delta", "fp32",   _ANY, _ANY,  64,  16, 4, 1),  # rowsum(dO * O): no key loop, nothing to pipeline
+    ("dkdv",  "fp32",   _ANY, 16,    16,  16, 4, 2),  # 8 warps spilled 8 B at Dh 16 (sm_90, 3.6)
+    ("dkdv",  "fp32",   _ANY, 64,    16,  16, 8, 2),  # k, v, dK and dV stay across the query loop: 8 warps
+    ("dkdv",  "fp32",   _ANY, _ANY,  16,  16, 8, 3),  # 255 registers with every tile tried: ALLOWED_SPILL
+    ("dq",    "fp32",   _ANY, 32,    16,  16, 8, 2),  # q, dO and dQ stay across the key loop: 8 warps
+    ("dq",    "fp32",   _ANY, 64,    16,  16, 8, 3),  # 2 stages spilled 24 B (sm_80, 3.6), 1 stage 8 B (sm_90, 3.8)
+    ("dq",    "fp32",   _ANY, _ANY,  16,  16, 8, 2),  # as at Dh <= 32: no spill at 2 stages
+    ("fwd",   "16-bit", 16,   _ANY,  16,  16, 2, 1),  # 16 queries: 2 warps (16 x 16 scores are two 16 x 8 mma tiles)
+    ("fwd",   "16-bit", 32,   32,    32,  32, 2, 1),  # warps grow with the q tile, 16 elements a thread: 32 x 32 on 2
+    ("fwd",   "16-bit", 32,   64,    32,  32, 4, 1),  # 32 x 64 on 4
+    ("fwd",   "16-bit", 32,   _ANY,  32,  32, 8, 1),  # 32 x 128 on 8
+    ("fused", "16-bit", 16,   64,    16,  16, 4, 1),  # q, k, v, dO, P and dS of the whole sequence at once: 4 warps
+    ("fused", "16-bit", 16,   _ANY,  16,  16, 8, 1),  # the same, twice as wide: 8 warps
+    ("fused", "16-bit", 32,   64,    32,  32, 4, 1),  # as for 16, one 32-block
+    ("fused", "16-bit", 32,   _ANY,  32,  32, 8, 1),  # as for 16, one 32-block
+    ("fwd",   "16-bit", _ANY, 64,    128, 32, 8, 3),  # 128 queries, 32-key blocks through a 3-stage cp.async pipeline
+    ("fwd",   "16-bit", _ANY, _ANY,  64,  32, 8, 3),  # Dh 65-128: half the queries for the twice-wide q and accumulator
+    ("delta", "16-bit", _ANY, _ANY,  64,  32, 4, 2),  # rowsum(P * dP), P recomputed (the stored O is rounded): 2 stages
+    ("dkdv",  "16-bit", _ANY, 64,    32,  32, 4, 2),  # 32 keys, 32-query steps, 2 stages
+    ("dkdv",  "16-bit", _ANY, _ANY,  32,  32, 8, 2),  # Dh 65-128: 8 warps for the twice-wide rows
+    ("dq",    "16-bit", _ANY, 64,    32,  32, 4, 2),  # 32 queries, 32-key steps, 2 stages
+    ("dq",    "16-bit", _ANY, _ANY,  32,  32, 8, 2),  # Dh 65-128: 8 warps for the twice-wide rows
+)
 
 
 def _configs(N: int, D: int, dtype: torch.dtype) -> dict:
-    """Tiles, warps and pipeline stages of each kernel for one (sequence length, head dim, dtype).
-
-    Chosen from the registers / spills of every class compiled for sm_80 and sm_90
-    (tests/test_triton_compile.py, table in the README). fp16/bf16: a sequence of <= 32 (temporal
-    attention) is one block loaded once, and its backward is the one fused launch; longer ones
-    stream 32-key blocks (3-stage cp.async pipeline forward, 2 backward; the three-kernel
-    backward). fp32 operands are split in two TF32 parts for the tensor cores (twice the operand
-    registers), so fp32 takes 16-row or 16-key steps and always the three-kernel backward. The interpreter computes in fp32 (its bf16 dot is wrong) with one block per
-    sequence where it fits (it pays per program).
-    """
+    """The meta of each kernel launched for one (sequence length, head dim, dtype): "fwd", and
+    "fused" (the sequence is one block) or "delta", "dkdv" and "dq". On a GPU from _TILES; the
+    interpreter computes in fp32 (its bf16 dot is wrong) with one block per sequence where it
+    fits (it pays per program)."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    block = max(16, triton.next_power_of_2(N))
-    wide = BLOCK_D > 64
     if triton_interpret():
-        t = dict(_tile(min(block, 64), min(block, 64), 4, 1), BLOCK_D=BLOCK_D, UPCAST=True, PRECISION="ieee")
-        return dict(fwd=t, delta=t, dkdv=t, dq=t, fused=block <= 64)
-    if dtype == torch.float32:
-        # Measured with ptxas of triton 3.6 and 3.8 (both tested): at 2 stages, a sequence of <= 16 (one key
-        # block, nothing to pipeline) spilled 8 B at head dim 64 for sm_90 (3.6), hence 1 stage; dK/dV at head
-        # dim 16 with 8 warps spilled 8 B for sm_90 (3.6), hence 4; dQ at head dim 64 with 2 stages spilled 24 B
-        # for sm_80 (3.6) and with 1 stage 8 B for sm_90 (3.8), hence 3.
-        tiles = dict(fwd=_tile(16, 32, 8, 2) if wide else _tile(min(block, 32), 16, 4, 1 if block <= 16 else 2),
-                     delta=_tile(64, 16, 4, 1), dkdv=_tile(16, 16, 4 if BLOCK_D == 16 else 8, 3 if wide else 2),
-                     dq=_tile(16, 16, 8, 3 if BLOCK_D == 64 else 2), fused=False)
-    elif block <= 32:
-        one = _tile(block, block, 2 if block * BLOCK_D <= 32 * 32 or block == 16 else (8 if wide else 4), 1)
-        tiles = dict(fwd=one, delta=one, dkdv=_tile(block, block, 8 if wide else 4, 1), dq=one, fused=True)
-    else:
-        tiles = dict(fwd=_tile(64, 32, 8, 3) if wide else _tile(128, 32, 8, 3), delta=_tile(64, 32, 4, 2),
-                     dkdv=_tile(32, 32, 8 if wide else 4, 2), dq=_tile(32, 32, 8 if wide else 4, 2), fused=False)
-    gpu = dict(BLOCK_D=BLOCK_D, UPCAST=False, PRECISION="tf32x3")
-    return {k: (dict(gpu, **v) if k != "fused" else v) for k, v in tiles.items()}
-
-
-def _bias_strides(bias, N: int) -> tuple:
-    # without a bias: the strides of a contiguous one, so that both calls share one binary
-    return tuple(bias.stride()) if bias is not None else (N * N, N, 1)
+        block = min(max(16, triton.next_power_of_2(N)), 64)
+        tile = _tile(block, block, 4, 1, BLOCK_D, interpreter=True)
+        return dict(fwd=tile, fused=tile) if N <= 64 else dict(fwd=tile, delta=tile, dkdv=tile, dq=tile)
+    operands = "fp32" if dtype == torch.float32 else "16-bit"
+    tiles = {}
+    for kernel, ops, max_n, max_d, block_m, block_n, warps, stages in _TILES:
+        if ops == operands and N <= max_n and D <= max_d and kernel not in tiles:
+            tiles[kernel] = _tile(block_m, block_n, warps, stages, BLOCK_D, interpreter=False)
+    if "fused" in tiles:
+        return dict(fwd=tiles["fwd"], fused=tiles["fused"])
+    return tiles
 
 
 def _attention_fwd_launches(q, k, v, bias, out, lse, temporal, causal) -> list:
     B, T, S, H, D = q.shape
     N, A = (T, S) if temporal else (S, T)
-    cfg = _configs(N, D, q.dtype)["fwd"]
-    grid = (B * A * H, triton.cdiv(N, cfg["BLOCK_M"]))
-    args = (q, k, v, bias if bias is not None else q, out, lse, *_view(q, temporal), *_view(k, temporal),
-            *_view(v, temporal), *_view(out, temporal), *_view(lse, temporal), *_bias_strides(bias, N),
-            A, N, H, D, 1.0 / math.sqrt(D), int(causal))
-    return [Launch(_attention_fwd_kernel, grid, args, dict(cfg, HAS_BIAS=bias is not None))]
+    meta = dict(_configs(N, D, q.dtype)["fwd"], HAS_BIAS=bias is not None)
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, bias_ptr=bias if bias is not None else q, o_ptr=out, lse_ptr=lse,
+                **_strides("q", q, temporal), **_strides("k", k, temporal), **_strides("v", v, temporal),
+                **_strides("o", out, temporal), **_strides("lse", lse, temporal), **_bias_strides(bias, N),
+                **_sizes(q, temporal, causal))
+    grid = (B * A * H, triton.cdiv(N, meta["BLOCK_M"]))
+    return [Launch(_attention_fwd_kernel, grid, args=(), meta=meta, kwargs=args)]
 
 
 def _attention_bwd_launches(grad_out, q, k, v, bias, out, lse, delta, dq, dk, dv, dbias, temporal, causal,
                             bias_grad) -> list:
-    """The backward's launches: one fused kernel when a sequence is one block, else the delta,
+    """The backward's launches: the fused kernel when a sequence is one block, else the delta,
     dK/dV and dQ kernels. ``delta`` (like lse, fp32) is scratch for the multi-block path."""
     B, T, S, H, D = q.shape
     N, A = (T, S) if temporal else (S, T)
     cfg = _configs(N, D, q.dtype)
-    bias_arg = bias if bias is not None else q
-    dbias_arg = dbias if bias_grad else lse  # fp32 either way: one binary
-    common = (*_bias_strides(bias, N), A, N, H, D, 1.0 / math.sqrt(D), int(causal))
     has_bias = bias is not None
-    inputs = (*_view(grad_out, temporal), *_view(q, temporal), *_view(k, temporal), *_view(v, temporal))
-    outputs = (*_view(dq, temporal), *_view(lse, temporal))
     rows = B * A * H
-    dkdv = Launch(_attention_bwd_dkdv_kernel, (rows, triton.cdiv(N, cfg["dkdv"]["BLOCK_N"])),
-                  (grad_out, q, k, v, bias_arg, lse, delta, dq, dk, dv, dbias_arg, *inputs, *outputs, *common,
-                   int(bias_grad)), dict(cfg["dkdv"], HAS_BIAS=has_bias, SINGLE=cfg["fused"]))
-    if cfg["fused"]:
-        return [dkdv]
+    # dq, dk, dv share one layout (alike tensors, or the views of one packed gradient), delta lse's
+    assert dq.stride() == dk.stride() == dv.stride() and delta.stride() == lse.stride()
+    reads = dict(do_ptr=grad_out, q_ptr=q, k_ptr=k, v_ptr=v, bias_ptr=bias if has_bias else q, lse_ptr=lse,
+                 **_strides("do", grad_out, temporal), **_strides("q", q, temporal), **_strides("k", k, temporal),
+                 **_strides("v", v, temporal), **_strides("lse", lse, temporal), **_bias_strides(bias, N),
+                 **_sizes(q, temporal, causal))
+    grads = _strides("grad", dq, temporal)
+    dbias_arg = dbias if bias_grad else lse  # fp32 either way: one binary
+    if "fused" in cfg:
+        meta = dict(cfg["fused"], HAS_BIAS=has_bias)
+        args = dict(reads, **grads, dq_ptr=dq, dk_ptr=dk, dv_ptr=dv, dbias_ptr=dbias_arg, bias_grad=int(bias_grad))
+        return [Launch(_attention_bwd_fused_kernel, (rows, 1), args=(), meta=meta, kwargs=args)]
     # fp32: delta = dO . O; fp16/bf16: recomputed as rowsum(P * dP), since the stored O is rounded
     recompute = q.dtype != torch.float32
-    delta_launch = Launch(_attention_bwd_delta_kernel, (rows, triton.cdiv(N, cfg["delta"]["BLOCK_M"])),
-                          (grad_out, out, q, k, v, bias_arg, lse, delta, *_view(grad_out, temporal),
-                           *_view(out, temporal), *inputs[5:], *_view(lse, temporal), *common),
-                          dict(cfg["delta"], HAS_BIAS=has_bias and recompute, RECOMPUTE=recompute))
-    dq_launch = Launch(_attention_bwd_dq_kernel, (rows, triton.cdiv(N, cfg["dq"]["BLOCK_M"])),
-                       (grad_out, q, k, v, bias_arg, lse, delta, dq, dbias_arg, *inputs, *outputs, *common,
-                        int(bias_grad)), dict(cfg["dq"], HAS_BIAS=has_bias))
-    return [delta_launch, dkdv, dq_launch]
+    meta = dict(cfg["delta"], HAS_BIAS=has_bias and recompute, RECOMPUTE=recompute)
+    args = dict(reads, o_ptr=out, **_strides("o", out, temporal), delta_ptr=delta)
+    delta_launch = Launch(_attention_bwd_delta_kernel, (rows, triton.cdiv(N, meta["BLOCK_M"])), args=(), meta=meta,
+                          kwargs=args)
+    meta = dict(cfg["dkdv"], HAS_BIAS=has_bias)
+    args = dict(reads, **grads, delta_ptr=delta, dk_ptr=dk, dv_ptr=dv)
+    dkdv_launch = Launch(_attention_bwd_dkdv_kernel, (rows, triton.cdiv(N, meta["BLOCK_N"])), args=(), meta=meta,
+                         kwargs=args)
+    meta = dict(cfg["dq"], HAS_BIAS=has_bias)
+    args = dict(reads, **grads, delta_ptr=delta, dq_ptr=dq, dbias_ptr=dbias_arg, bias_grad=int(bias_grad))
+    dq_launch = Launch(_attention_bwd_dq_kernel, (rows, triton.cdiv(N, meta["BLOCK_M"])), args=(), meta=meta,
+                       kwargs=args)
+    return [delta_launch, dkdv_launch, dq_launch]
 
 
 def _attention_fwd_triton_impl(q, k, v, bias, temporal, causal):

@@ -325,7 +325,7 @@ if cpp_available():
     torch.library.register_fake("pvkernels_cpp::pseudo_video")(_pseudo_video_fake)
 
 
-# 6. public function ------------------------------------------------------------------------
+# 5. public function ------------------------------------------------------------------------
 
 def _as_list(name: str, value: Params) -> Optional[list]:
     if value is None:

@@ -334,7 +334,7 @@ if cpp_available():
     torch.library.register_fake("pvkernels_cpp::vq_lookup_topk")(_vq_lookup_topk_fake)
 
 
-# 6. public function ------------------------------------------------------------------------
+# 5. public function ------------------------------------------------------------------------
 
 def _check_args(z, codebook, metric, k=1):
     for name, t in (("z", z), ("codebook", codebook)):
