@@ -126,8 +126,11 @@ inline void insert_sorted(float* value, int32_t* index, int k, float s, int32_t 
 // kLanes) into its sorted top-k. Most groups of kGroup scores hold nothing better than the row's
 // k-th best: their minimum (a running `s < m ? s : m`, which skips NaN lanes) is compared once, and
 // only a group that reaches it is walked score by score.
+// Aligned to a cache line: unchanged, it ran 4-6% slower (Zen 4, k = 8) when edits elsewhere in the
+// extension moved its start from 0 to 48 mod 64.
 constexpr int kGroup = 4;
-void scan_row_topk(const float* dots, const float* bias, int32_t k0, int64_t n, float* value, int32_t* index, int k) {
+__attribute__((aligned(64))) void scan_row_topk(const float* dots, const float* bias, int32_t k0, int64_t n,
+                                                float* value, int32_t* index, int k) {
   const float inf = std::numeric_limits<float>::infinity();
   alignas(64) float s[kGroup * kLanes];
   auto walk = [&](int64_t j, int count) {
