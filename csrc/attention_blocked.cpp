@@ -34,27 +34,49 @@ void transpose_tiles(const float* src, int64_t lds, float* dst, int64_t ldd, int
   }
 }
 
-// S[i, :] = A[i, :D] . Bt[:D, :] for rows i0 <= i < i1 (i1 - i0 a multiple of R) and the first
-// `cols` columns (a multiple of kLanes) of Bt (row stride ldb) and S (row stride Np), R rows at a
-// time so each loaded vector of Bt feeds R independent FMA chains. upper: only the column chunks
-// from the rows' own on (S^T of a causal score matrix: key j sees queries i >= j), where the
-// columns start at chunk `chunk0` of the whole matrix. add (row stride add_ld): a matrix added to
-// S as it is stored (the bias); colmax: the running max of each column chunk over the stored
-// rows < n_valid (the softmax's max pass, fused).
-template <int R>
-void rows_dot_cols_by(const float* A, int64_t lda, const float* Bt, int64_t ldb, float* S, int64_t Np, int64_t cols,
-                      int64_t i_begin, int64_t i_end, int64_t D, bool upper, int64_t chunk0, const float* add,
-                      int64_t add_ld, vfloat* colmax, int64_t n_valid) {
+// S = A Bt: A (rows x D, row stride lda) times the first `cols` columns (a multiple of kLanes) of
+// Bt (D x cols, row stride ldb) into S (row stride lds). upper: only the column chunks from the
+// rows' own on (S^T of a causal score matrix: key j sees queries i >= j), where the columns start
+// at chunk `chunk0` of the whole matrix.
+struct Product {
+  const float* A;
+  int64_t lda;
+  const float* Bt;
+  int64_t ldb;
+  float* S;
+  int64_t lds;
+  int64_t cols, D;
+  bool upper;
+  int64_t chunk0;
+};
+
+// What is fused into the stores of a Product (the non-causal forward's scores): `add` (row stride
+// add_ld, or nullptr), a matrix added to S as it is stored (the bias); colmax, the running max of
+// each column chunk over the stored rows < n_valid (the softmax's max pass).
+struct OnStore {
+  const float* add = nullptr;
+  int64_t add_ld = 0;
+  vfloat* colmax = nullptr;
+  int64_t n_valid = 0;
+};
+
+// The rows i_begin <= i < i_end (i_end - i_begin a multiple of R) of a Product, R rows at a time so
+// each loaded vector of Bt feeds R independent FMA chains. FUSED: with the work of on_store, else
+// plain stores (compiled apart: the max would cost a compare and a blend per stored vector).
+template <int R, bool FUSED>
+void rows_dot_cols_by(Product p, int64_t i_begin, int64_t i_end, OnStore on_store) {
+  const auto [A, lda, Bt, ldb, S, lds, cols, D, upper, chunk0] = p;
+  const auto [add, add_ld, colmax, n_valid] = on_store;
   // stores the rows i0.. of column chunk c, then folds their max (in registers) into colmax
   auto put = [&](int64_t i0, int64_t c, const vfloat* rows) {
     vfloat m = simd::splat(-std::numeric_limits<float>::infinity());
     for (int r = 0; r < R; ++r) {
       vfloat x = rows[r];
-      if (add != nullptr) x += load(add + (i0 + r) * add_ld + c * kLanes);
-      store(S + (i0 + r) * Np + c * kLanes, x);
-      if (i0 + r < n_valid) m = simd::max(m, x);
+      if (FUSED && add != nullptr) x += load(add + (i0 + r) * add_ld + c * kLanes);
+      store(S + (i0 + r) * lds + c * kLanes, x);
+      if (FUSED && i0 + r < n_valid) m = simd::max(m, x);
     }
-    if (colmax != nullptr) colmax[c] = simd::max(colmax[c], m);
+    if (FUSED && colmax != nullptr) colmax[c] = simd::max(colmax[c], m);
   };
   for (int64_t i0 = i_begin; i0 < i_end; i0 += R) {
     const float* a = A + i0 * lda;
@@ -86,26 +108,29 @@ void rows_dot_cols_by(const float* A, int64_t lda, const float* Bt, int64_t ldb,
   }
 }
 
-// rows_dot_cols_by for rows i < n_rows (a multiple of 8): 8 rows a block (16 accumulators) with 32
+// The rows i < n_rows (a multiple of 8) of a Product: 8 rows a block (16 accumulators) with 32
 // registers; with 16, 6 (12 accumulators, the classic 6 x 16 sgemm block) and 2 for the rest.
-void rows_dot_cols(const float* A, int64_t lda, const float* Bt, int64_t ldb, float* S, int64_t Np, int64_t cols,
-                   int64_t n_rows, int64_t D, bool upper, int64_t chunk0 = 0, const float* add = nullptr,
-                   int64_t add_ld = 0, vfloat* colmax = nullptr, int64_t n_valid = 0) {
+template <bool FUSED = false>
+void rows_dot_cols(const Product& p, int64_t n_rows, const OnStore& on_store = {}) {
   if constexpr (kRegisters >= 32) {
-    rows_dot_cols_by<8>(A, lda, Bt, ldb, S, Np, cols, 0, n_rows, D, upper, chunk0, add, add_ld, colmax, n_valid);
+    rows_dot_cols_by<8, FUSED>(p, 0, n_rows, on_store);
   } else {
     const int64_t n6 = n_rows / 6 * 6;
-    rows_dot_cols_by<6>(A, lda, Bt, ldb, S, Np, cols, 0, n6, D, upper, chunk0, add, add_ld, colmax, n_valid);
-    rows_dot_cols_by<2>(A, lda, Bt, ldb, S, Np, cols, n6, n_rows, D, upper, chunk0, add, add_ld, colmax, n_valid);
+    rows_dot_cols_by<6, FUSED>(p, 0, n6, on_store);
+    rows_dot_cols_by<2, FUSED>(p, n6, n_rows, on_store);
   }
 }
 
-// O[i, :] = sum_j P(i, j) M[j, :] (M is Np x DC*kLanes) for rows i < n_rows.
-// COLUMN: P is stored transposed (P(i, j) = P[j * Np + i], the four rows' entries adjacent).
-// mode 0: j < N; mode 1 (causal P): j < min(row0 + i0 + R, N); mode 2 (P^T of a causal P):
-// i0 <= j < N. row0: the index of row 0 in the whole matrix (a block of query rows).
+// The keys j a row i of P sums over in rows_times_mat: kAll, j < N; kCausal (a causal P), j <= i
+// (j < min(row0 + i0 + R, N) for a block of R rows from i0); kCausalTransposed (P^T of a causal
+// P), j >= i (i0 <= j < N).
+enum class Mask { kAll, kCausal, kCausalTransposed };
+
+// O[i, :] = sum_j P(i, j) M[j, :] (M is Np x DC*kLanes) for rows i < n_rows, over the keys j of
+// `mask`. COLUMN: P is stored transposed (P(i, j) = P[j * Np + i], the four rows' entries
+// adjacent). row0: the index of row 0 in the whole matrix (a block of query rows).
 template <int DC, bool COLUMN>
-void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_t n_rows, int64_t N, int mode,
+void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_t n_rows, int64_t N, Mask mask,
                     const float* row_scale, int64_t row0) {
   constexpr int64_t Dp = DC * kLanes;
   // R rows x DB vector columns of O per block, all DC at once with 32 registers (8 rows for narrow
@@ -115,8 +140,8 @@ void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_
   constexpr int DB = kRegisters >= 32 ? DC : (DC % 2 == 0 ? 2 : 1);
   constexpr int R = kRegisters >= 32 ? (DC <= 2 ? 8 : 4) : (DB == 1 ? 8 : 4);
   for (int64_t i0 = 0; i0 < n_rows; i0 += R) {
-    const int64_t lo = mode == 2 ? i0 : 0;
-    const int64_t hi = mode == 1 ? std::min(row0 + i0 + R, N) : N;
+    const int64_t lo = mask == Mask::kCausalTransposed ? i0 : 0;
+    const int64_t hi = mask == Mask::kCausal ? std::min(row0 + i0 + R, N) : N;
     for (int dc0 = 0; dc0 < DC; dc0 += DB) {
       vfloat acc[R][DB] = {};
       for (int64_t j = lo; j < hi; ++j) {
@@ -136,7 +161,7 @@ void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_
   }
 }
 
-using RowsTimesMat = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, int, const float*,
+using RowsTimesMat = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, Mask, const float*,
                               int64_t);
 // rows_times_mat for a head dim of Dp floats (DC = 1 .. kMaxHeadDim / kLanes vectors)
 template <bool COLUMN, int... DC>
@@ -149,42 +174,48 @@ RowsTimesMat rows_times_mat_for(int64_t Dp) {
   return rows_times_mat_pick<COLUMN>(Dp, std::make_integer_sequence<int, kMaxHeadDim / kLanes>{});
 }
 
-struct Padded {
+// N keys (= queries) of head dim D, and their padded sizes.
+struct Dims {
+  int64_t N, D;
   int64_t N8, Np, Dp;  // rows rounded to 8, keys to kLanes (>= 8), head dim to kLanes
 };
-Padded padded(const Sizes& z) { return {(z.N + 7) / 8 * 8, simd::round_up(z.N), simd::round_up(z.D)}; }
+Dims dims_of(const Sizes& z) { return {z.N, z.D, (z.N + 7) / 8 * 8, simd::round_up(z.N), simd::round_up(z.D)}; }
+
+// The (b, a) item's head h of a tensor seen through v.
+template <typename P>
+P* head_ptr(P* base, const View& v, int64_t b, int64_t a, int64_t h) {
+  return base + b * v.sb + a * v.sa + h * v.sh;
+}
 
 // A group of heads of one (b, a) item is staged as [head][row][Dp] fp32. Rows are copied in
 // address order (row, then head): for the common layouts (contiguous, packed qkv) that is one
 // H * Dh run per row, which the hardware prefetcher streams, instead of H scattered 2-line
 // reads per row (temporal rows lie S * H * Dh elements apart).
 template <typename T>
-void load_group(const T* base, const View& v, int64_t N, int64_t G, int64_t D, int64_t Np, int64_t Dp, float scale,
-                float* dst) {
-  for (int64_t n = 0; n < N; ++n) {
+void load_group(const T* base, const View& v, const Dims& d, int64_t G, float scale, float* dst) {
+  for (int64_t n = 0; n < d.N; ++n) {
     for (int64_t h = 0; h < G; ++h) {
       const T* row = base + n * v.sn + h * v.sh;
-      float* out = dst + (h * Np + n) * Dp;
+      float* out = dst + (h * d.Np + n) * d.Dp;
       if (v.sd == 1) {
-        simd::to_f32(row, D, out, scale);
+        simd::to_f32(row, d.D, out, scale);
       } else {
-        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(row[d * v.sd]) * scale;
+        for (int64_t i = 0; i < d.D; ++i) out[i] = static_cast<float>(row[i * v.sd]) * scale;
       }
     }
   }
 }
 
 template <typename T>
-void store_group(const float* src, int64_t N, int64_t G, int64_t D, int64_t Np, int64_t Dp, float scale, T* base,
-                 const View& v, bool stream) {
-  for (int64_t n = 0; n < N; ++n) {
+void store_group(const float* src, const Dims& d, int64_t G, float scale, T* base, const View& v, bool stream) {
+  for (int64_t n = 0; n < d.N; ++n) {
     for (int64_t h = 0; h < G; ++h) {
       T* row = base + n * v.sn + h * v.sh;
-      const float* in = src + (h * Np + n) * Dp;
+      const float* in = src + (h * d.Np + n) * d.Dp;
       if (v.sd == 1) {
-        simd::from_f32(in, D, row, scale, stream);
+        simd::from_f32(in, d.D, row, scale, stream);
       } else {
-        for (int64_t d = 0; d < D; ++d) row[d * v.sd] = static_cast<T>(in[d] * scale);
+        for (int64_t i = 0; i < d.D; ++i) row[i * v.sd] = static_cast<T>(in[i] * scale);
       }
     }
   }
@@ -195,90 +226,235 @@ int64_t heads_per_group(int64_t H, int64_t per_head, int64_t budget) {
   return std::max<int64_t>(1, std::min<int64_t>(H, budget / per_head));
 }
 
+// ---- forward ----------------------------------------------------------------------------------
+
+constexpr int64_t QB = 32;  // queries per forward block: N keys x 32 scores are 32 KB at N = 256
+
+// A forward thread's fp32 workspace in one vector-aligned allocation, zero-filled once: the
+// padding of the staged heads (rows >= N, head dims >= D) is never written and stays zero.
+struct ForwardScratch {
+  std::vector<float> buffer;
+  float* Qg;    // G x Np x Dp, pre-scaled by 1/sqrt(Dh)
+  float* Kg;    // G x Np x Dp
+  float* Vg;    // G x Np x Dp
+  float* Og;    // G x Np x Dp
+  float* Qt;    // Dp x Np
+  float* Pt;    // Np x QB: a block's scores, then probabilities, transposed [key][query]
+  float* rinv;  // Np: 1 / softmax denominators
+  ForwardScratch(int64_t G, int64_t per_head, int64_t Np)
+      : buffer(4 * G * per_head + per_head + Np * QB + Np + kLanes, 0.0f),
+        Qg(aligned(buffer.data())),
+        Kg(Qg + G * per_head),
+        Vg(Kg + G * per_head),
+        Og(Vg + G * per_head),
+        Qt(Og + G * per_head),
+        Pt(Qt + per_head),
+        rinv(Pt + Np * QB) {}
+  ForwardScratch(const ForwardScratch&) = delete;
+  ForwardScratch& operator=(const ForwardScratch&) = delete;
+};
+
+// One head of the forward: its staged K, V and O (Np x Dp), its bias and its log-sum-exp output.
+struct ForwardHead {
+  const float *K, *V;
+  float* O;
+  const float* bias;  // transposed [key][query] (row stride Np), or nullptr
+  float* lse;         // query i's at lse[i * lse_stride]
+  int64_t lse_stride;
+};
+
+// The max over keys j < jmax of a causal chunk of scores (query lanes[l] sees keys j <= lanes[l]),
+// from m on; col: the chunk's scores (key j's at col[j * QB]). The bias (bias_col, key j's at
+// bias_col[j * bias_ld]), which the causal product leaves out, is added to the scores here.
+vfloat causal_max(float* col, const float* bias_col, int64_t bias_ld, int64_t jmax, const vint& lanes, vfloat m) {
+  for (int64_t j = 0; j < jmax; ++j) {
+    float* s = col + j * QB;
+    vfloat x = load(s);
+    if (bias_col != nullptr) {
+      x += load(bias_col + j * bias_ld);
+      store(s, x);
+    }
+    x = lanes >= static_cast<int32_t>(j) ? x : simd::splat(-std::numeric_limits<float>::infinity());
+    m = simd::max(m, x);
+  }
+  return m;
+}
+
+// Scores become exp(score - m) for keys j < jmax (col as in causal_max); returns their sum.
+vfloat exp_and_sum(float* col, int64_t jmax, const vint& lanes, vfloat m, bool causal) {
+  vfloat l = {};
+  for (int64_t j = 0; j < jmax; ++j) {
+    float* s = col + j * QB;
+    vfloat p = simd::exp(load(s) - m);
+    // masked lanes: exp(-inf - m) is clamped to ~1e-38, so zero them exactly
+    if (causal) p = lanes >= static_cast<int32_t>(j) ? p : vfloat{};
+    store(s, p);
+    l += p;
+  }
+  return l;
+}
+
+// The softmax over keys of the kLanes queries of chunk c in the block of queries from c0, lane-wise:
+// the block's scores become exp(score - max), rinv 1 / their sums (P is normalised on O's rows, in
+// the P V product), and the queries' log-sum-exp is written out. m: the max the product fused
+// (-inf where causal: it is taken here).
+void softmax_over_keys(const Dims& d, const ForwardHead& h, ForwardScratch& s, int64_t c0, int64_t c, vfloat m,
+                       bool causal) {
+  const int64_t q0 = c * kLanes;
+  const int64_t jmax = causal ? std::min(d.N, (c + 1) * kLanes) : d.N;
+  const vint lanes = iota(q0);
+  float* col = s.Pt + q0 - c0;
+  if (causal) m = causal_max(col, h.bias != nullptr ? h.bias + q0 : nullptr, d.Np, jmax, lanes, m);
+  const vfloat l = exp_and_sum(col, jmax, lanes, m, causal);
+  store(s.rinv + q0, 1.0f / l);
+  const vfloat lse = m + simd::log(l);
+  for (int64_t i = q0; i < std::min(d.N, (c + 1) * kLanes); ++i) h.lse[i * h.lse_stride] = lse[i - q0];
+}
+
+// The block of queries from c0: scores S^T (keys x queries, in L1), their softmax, O = P V.
+void forward_block(const Dims& d, const ForwardHead& h, ForwardScratch& s, int64_t c0, bool causal,
+                   RowsTimesMat pv) {
+  const int64_t qb = std::min(QB, d.Np - c0);
+  const int64_t keys = causal ? std::min(d.N8, (c0 + qb + 7) / 8 * 8) : d.N8;  // causal: keys <= queries
+  vfloat colmax[QB / kLanes];
+  for (vfloat& m : colmax) m = simd::splat(-std::numeric_limits<float>::infinity());
+  const Product scores{h.K, d.Dp, s.Qt + c0, d.Np, s.Pt, QB, qb, d.D, causal, c0 / kLanes};
+  if (causal) {
+    rows_dot_cols(scores, keys);
+  } else {  // the bias added and the max taken as the scores are stored
+    rows_dot_cols<true>(scores, keys, {h.bias != nullptr ? h.bias + c0 : nullptr, d.Np, colmax, d.N});
+  }
+  for (int64_t c = c0 / kLanes; c < (c0 + qb) / kLanes; ++c) {
+    softmax_over_keys(d, h, s, c0, c, colmax[c - c0 / kLanes], causal);
+  }
+  pv(s.Pt, QB, h.V, h.O + c0 * d.Dp, qb, d.N, causal ? Mask::kCausal : Mask::kAll, s.rinv + c0, c0);
+}
+
+// One head of the forward; Q: its staged queries.
+void forward_head(const Dims& d, const ForwardHead& h, const float* Q, ForwardScratch& s, bool causal,
+                  RowsTimesMat pv) {
+  // S^T[j][i] = k_j . q_i: with keys as rows, a vector holds kLanes queries, so the softmax over
+  // keys is lane-wise (no horizontal max / sum per query)
+  transpose_tiles(Q, d.Dp, s.Qt, d.Np, d.Np, d.Dp);
+  // blocks of QB queries: the block's scores (N keys x QB) stay in L1 through the softmax and the
+  // P V product
+  for (int64_t c0 = 0; c0 < d.Np; c0 += QB) forward_block(d, h, s, c0, causal, pv);
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+// A backward thread's fp32 workspace, as ForwardScratch.
+struct BackwardScratch {
+  std::vector<float> buffer;
+  float* Qg;   // G x Np x Dp each; Q pre-scaled: S = Q K^T and dK = dS^T Q
+  float* Kg;
+  float* Vg;
+  float* Gg;   // upstream gradient
+  float* dQg;
+  float* dKg;
+  float* dVg;
+  float* Qt;   // Dp x Np
+  float* Gt;   // Dp x Np
+  float* Pt;   // Np x Np, [key][query]
+  float* dSt;  // Np x Np, dP^T then dS^T
+  BackwardScratch(int64_t G, int64_t per_head, int64_t Np)
+      : buffer(7 * G * per_head + 2 * per_head + 2 * Np * Np + kLanes, 0.0f),
+        Qg(aligned(buffer.data())),
+        Kg(Qg + G * per_head),
+        Vg(Kg + G * per_head),
+        Gg(Vg + G * per_head),
+        dQg(Gg + G * per_head),
+        dKg(dQg + G * per_head),
+        dVg(dKg + G * per_head),
+        Qt(dVg + G * per_head),
+        Gt(Qt + per_head),
+        Pt(Gt + per_head),
+        dSt(Pt + Np * Np) {}
+  BackwardScratch(const BackwardScratch&) = delete;
+  BackwardScratch& operator=(const BackwardScratch&) = delete;
+};
+
+// One head of the backward: its staged operands and gradients (Np x Dp), bias and saved lse.
+struct BackwardHead {
+  const float *Q, *K, *V, *G;  // G: the upstream gradient dO
+  float *dQ, *dK, *dV;
+  const float* bias;  // transposed [key][query] (row stride Np), or nullptr
+  float* dbias;       // this thread's sums of dbias^T, same layout, or nullptr
+  const float* lse;   // query i's at lse[i * lse_stride]
+  int64_t lse_stride;
+};
+
+// The softmax's backward for the kLanes queries of chunk c, lane-wise: P^T recomputed from the
+// saved log-sum-exp over S^T, then dS^T = P^T * (dP^T - delta) over dP^T, summed into dbias^T.
+void softmax_backward(const Dims& d, const BackwardHead& h, BackwardScratch& s, int64_t c, bool causal) {
+  const int64_t q0 = c * kLanes, Np = d.Np;
+  const int64_t jmax = causal ? std::min(d.N, (c + 1) * kLanes) : d.N;
+  const vint lanes = iota(q0);
+  vfloat lse_c = {};
+  for (int64_t i = q0; i < std::min(d.N, (c + 1) * kLanes); ++i) lse_c[i - q0] = h.lse[i * h.lse_stride];
+  vfloat delta = {};
+  for (int64_t j = 0; j < jmax; ++j) {
+    float* col = s.Pt + j * Np + q0;
+    vfloat x = load(col);
+    if (h.bias != nullptr) x += load(h.bias + j * Np + q0);
+    vfloat p = simd::exp(x - lse_c);
+    if (causal) p = lanes >= static_cast<int32_t>(j) ? p : vfloat{};
+    p = lanes < static_cast<int32_t>(d.N) ? p : vfloat{};  // padded queries
+    store(col, p);
+    delta += p * load(s.dSt + j * Np + q0);
+  }
+  // delta_i = rowsum(P * dP) == dO_i . O_i, lane-wise
+  for (int64_t j = 0; j < jmax; ++j) {
+    float* dcol = s.dSt + j * Np + q0;
+    const vfloat ds = load(s.Pt + j * Np + q0) * (load(dcol) - delta);
+    store(dcol, ds);
+    if (h.dbias != nullptr) store(h.dbias + j * Np + q0, load(h.dbias + j * Np + q0) + ds);
+  }
+}
+
+// One head of the backward: S^T and dP^T whole (Np x Np), the softmax's backward, then dQ, dK, dV.
+void backward_head(const Dims& d, const BackwardHead& h, BackwardScratch& s, bool causal, RowsTimesMat mm_col,
+                   RowsTimesMat mm_row) {
+  transpose_tiles(h.Q, d.Dp, s.Qt, d.Np, d.Np, d.Dp);
+  transpose_tiles(h.G, d.Dp, s.Gt, d.Np, d.Np, d.Dp);
+  rows_dot_cols({h.K, d.Dp, s.Qt, d.Np, s.Pt, d.Np, d.Np, d.D, causal, 0}, d.N8);   // S^T
+  rows_dot_cols({h.V, d.Dp, s.Gt, d.Np, s.dSt, d.Np, d.Np, d.D, causal, 0}, d.N8);  // dP^T = V dO^T
+  for (int64_t c = 0; c < d.Np / kLanes; ++c) softmax_backward(d, h, s, c, causal);
+  const Mask rows = causal ? Mask::kCausal : Mask::kAll, cols = causal ? Mask::kCausalTransposed : Mask::kAll;
+  mm_col(s.dSt, d.Np, h.K, h.dQ, d.N8, d.N, rows, nullptr, 0);  // dQ = dS K
+  mm_row(s.Pt, d.Np, h.G, h.dV, d.N8, d.N, cols, nullptr, 0);   // dV = P^T dO
+  mm_row(s.dSt, d.Np, h.Q, h.dK, d.N8, d.N, cols, nullptr, 0);  // dK = dS^T Q
+}
+
 }  // namespace
 
 template <typename T>
 void blocked_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* bias,
                      at::Tensor& out, at::Tensor& lse, bool temporal, bool causal) {
   const Sizes z = sizes_of(q, temporal);
-  const Padded pd = padded(z);
+  const Dims d = dims_of(z);
   const auto [qp, kp, vp, op, lp, qv, kv, vv, ov, lv] = fwd_operands<T>(q, k, v, out, lse, temporal);
   const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
-  const int64_t N = z.N, D = z.D, Np = pd.Np, Dp = pd.Dp, N8 = pd.N8, H = z.H;
-  const int64_t per_head = Np * Dp;
+  const int64_t H = z.H, per_head = d.Np * d.Dp;
   const int64_t G = heads_per_group(H, per_head, 65536);
-  const RowsTimesMat pv = rows_times_mat_for<true>(Dp);
+  const RowsTimesMat pv = rows_times_mat_for<true>(d.Dp);
   const bool stream = streamed(out);
-  constexpr int64_t QB = 32;  // queries per block: N keys x 32 scores are 32 KB at N = 256
   at::parallel_for(0, z.B * z.A, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> ws(4 * G * per_head + per_head + Np * QB + Np + kLanes, 0.0f);
-    float* Qg = aligned(ws.data());    // G x Np x Dp, pre-scaled by 1/sqrt(Dh)
-    float* Kg = Qg + G * per_head;     // G x Np x Dp
-    float* Vg = Kg + G * per_head;     // G x Np x Dp
-    float* Og = Vg + G * per_head;     // G x Np x Dp
-    float* Qt = Og + G * per_head;     // Dp x Np
-    float* Pt = Qt + per_head;         // Np x QB: a block's scores, then probabilities, transposed [key][query]
-    float* rinv = Pt + Np * QB;        // Np: 1 / softmax denominators
+    ForwardScratch s(G, per_head, d.Np);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / z.A, a = item % z.A;
       for (int64_t h0 = 0; h0 < H; h0 += G) {
         const int64_t g = std::min(G, H - h0);
-        load_group(qp + b * qv.sb + a * qv.sa + h0 * qv.sh, qv, N, g, D, Np, Dp, scale, Qg);
-        load_group(kp + b * kv.sb + a * kv.sa + h0 * kv.sh, kv, N, g, D, Np, Dp, 1.0f, Kg);
-        load_group(vp + b * vv.sb + a * vv.sa + h0 * vv.sh, vv, N, g, D, Np, Dp, 1.0f, Vg);
+        load_group(head_ptr(qp, qv, b, a, h0), qv, d, g, scale, s.Qg);
+        load_group(head_ptr(kp, kv, b, a, h0), kv, d, g, 1.0f, s.Kg);
+        load_group(head_ptr(vp, vv, b, a, h0), vv, d, g, 1.0f, s.Vg);
         for (int64_t hh = 0; hh < g; ++hh) {
-          const int64_t h = h0 + hh;
-          // S^T[j][i] = k_j . q_i: with keys as rows, a vector holds kLanes queries, so the
-          // softmax over keys is lane-wise (no horizontal max / sum per query)
-          transpose_tiles(Qg + hh * per_head, Dp, Qt, Np, Np, Dp);
-          float* lbase = lp + b * lv.sb + a * lv.sa + h * lv.sh;
-          const float* bias_h = bias != nullptr ? bias + h * N * Np : nullptr;  // transposed [j][i]
-          // blocks of QB queries: the block's scores (N keys x QB) stay in L1 through the
-          // softmax and the P V product
-          for (int64_t c0 = 0; c0 < Np; c0 += QB) {
-            const int64_t qb = std::min(QB, Np - c0);
-            const int64_t keys = causal ? std::min(N8, (c0 + qb + 7) / 8 * 8) : N8;  // causal: keys <= queries
-            vfloat colmax[QB / kLanes];
-            for (vfloat& m : colmax) m = simd::splat(-std::numeric_limits<float>::infinity());
-            if (causal) {
-              rows_dot_cols(Kg + hh * per_head, Dp, Qt + c0, Np, Pt, QB, qb, keys, D, true, c0 / kLanes);
-            } else {  // the bias added and the max taken as the scores are stored
-              rows_dot_cols(Kg + hh * per_head, Dp, Qt + c0, Np, Pt, QB, qb, keys, D, false, c0 / kLanes,
-                            bias_h != nullptr ? bias_h + c0 : nullptr, Np, colmax, N);
-            }
-            for (int64_t c = c0 / kLanes; c < (c0 + qb) / kLanes; ++c) {
-              const int64_t jmax = causal ? std::min(N, (c + 1) * kLanes) : N;
-              const vint lanes = iota(c * kLanes);
-              vfloat m = colmax[c - c0 / kLanes];
-              for (int64_t j = 0; causal && j < jmax; ++j) {  // causal: the max over the unmasked keys
-                float* col = Pt + j * QB + c * kLanes - c0;
-                vfloat x = load(col);
-                if (bias_h != nullptr) {
-                  x += load(bias_h + j * Np + c * kLanes);
-                  store(col, x);
-                }
-                x = lanes >= static_cast<int32_t>(j) ? x : simd::splat(-std::numeric_limits<float>::infinity());
-                m = simd::max(m, x);
-              }
-              vfloat l = {};
-              for (int64_t j = 0; j < jmax; ++j) {
-                float* col = Pt + j * QB + c * kLanes - c0;
-                vfloat p = simd::exp(load(col) - m);
-                // masked lanes: exp(-inf - m) is clamped to ~1e-38, so zero them exactly
-                if (causal) p = lanes >= static_cast<int32_t>(j) ? p : vfloat{};
-                store(col, p);
-                l += p;
-              }
-              store(rinv + c * kLanes, 1.0f / l);  // P is normalised on O's rows, in the P V product
-              const vfloat lse_c = m + simd::log(l);
-              for (int64_t i = c * kLanes; i < std::min(N, (c + 1) * kLanes); ++i) {
-                lbase[i * lv.sn] = lse_c[i - c * kLanes];
-              }
-            }
-            pv(Pt, QB, Vg + hh * per_head, Og + hh * per_head + c0 * Dp, qb, N, causal ? 1 : 0, rinv + c0, c0);
-          }
+          const int64_t h = h0 + hh, off = hh * per_head;
+          const ForwardHead head{s.Kg + off, s.Vg + off, s.Og + off, bias != nullptr ? bias + h * d.N * d.Np : nullptr,
+                                 head_ptr(lp, lv, b, a, h), lv.sn};
+          forward_head(d, head, s.Qg + off, s, causal, pv);
         }
-        store_group(Og, N, g, D, Np, Dp, 1.0f, op + b * ov.sb + a * ov.sa + h0 * ov.sh, ov, stream);
+        store_group(s.Og, d, g, 1.0f, head_ptr(op, ov, b, a, h0), ov, stream);
       }
     }
     simd::stream_fence();
@@ -290,92 +466,43 @@ void blocked_backward(const at::Tensor& grad_out, const at::Tensor& q, const at:
                       const float* bias, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
                       float* dbias_acc, bool temporal, bool causal) {
   const Sizes z = sizes_of(q, temporal);
-  const Padded pd = padded(z);
+  const Dims d = dims_of(z);
   const auto [gp, qp, kp, vp, lp, dqp, dkp, dvp, gv, qv, kv, vv, lv, dqv, dkv, dvv] =
       bwd_operands<T>(grad_out, q, k, v, lse, dq, dk, dv, temporal);
   const float scale = 1.0f / std::sqrt(static_cast<float>(z.D));
-  const int64_t N = z.N, D = z.D, Np = pd.Np, Dp = pd.Dp, N8 = pd.N8, H = z.H;
-  const int64_t per_head = Np * Dp;
+  const int64_t H = z.H, per_head = d.Np * d.Dp, per_bias = d.N * d.Np;
   const int64_t G = heads_per_group(H, per_head, 8192);
-  const RowsTimesMat mm_col = rows_times_mat_for<true>(Dp);
-  const RowsTimesMat mm_row = rows_times_mat_for<false>(Dp);
+  const RowsTimesMat mm_col = rows_times_mat_for<true>(d.Dp);
+  const RowsTimesMat mm_row = rows_times_mat_for<false>(d.Dp);
   const bool stream = streamed(dq);
-  const int64_t n_chunks = Np / kLanes;
   at::parallel_for(0, z.B * z.A, 1, [&](int64_t begin, int64_t end) {
     // dbias^T (H x N x Np) is accumulated per thread (summed by the caller): no atomics
-    float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * H * N * Np : nullptr;
-    std::vector<float> ws(7 * G * per_head + 2 * per_head + 2 * Np * Np + kLanes, 0.0f);
-    float* Qg = aligned(ws.data());           // pre-scaled: S = Q K^T and dK = dS^T Q
-    float* Kg = Qg + G * per_head;
-    float* Vg = Kg + G * per_head;
-    float* Gg = Vg + G * per_head;   // upstream gradient
-    float* dQg = Gg + G * per_head;
-    float* dKg = dQg + G * per_head;
-    float* dVg = dKg + G * per_head;
-    float* Qt = dVg + G * per_head;  // Dp x Np
-    float* Gt = Qt + per_head;       // Dp x Np
-    float* Pt = Gt + per_head;       // Np x Np, [key][query]
-    float* dSt = Pt + Np * Np;       // Np x Np, dP^T then dS^T
+    float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * H * per_bias : nullptr;
+    BackwardScratch s(G, per_head, d.Np);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / z.A, a = item % z.A;
       for (int64_t h0 = 0; h0 < H; h0 += G) {
         const int64_t g = std::min(G, H - h0);
-        load_group(qp + b * qv.sb + a * qv.sa + h0 * qv.sh, qv, N, g, D, Np, Dp, scale, Qg);
-        load_group(kp + b * kv.sb + a * kv.sa + h0 * kv.sh, kv, N, g, D, Np, Dp, 1.0f, Kg);
-        load_group(vp + b * vv.sb + a * vv.sa + h0 * vv.sh, vv, N, g, D, Np, Dp, 1.0f, Vg);
-        load_group(gp + b * gv.sb + a * gv.sa + h0 * gv.sh, gv, N, g, D, Np, Dp, 1.0f, Gg);
+        load_group(head_ptr(qp, qv, b, a, h0), qv, d, g, scale, s.Qg);
+        load_group(head_ptr(kp, kv, b, a, h0), kv, d, g, 1.0f, s.Kg);
+        load_group(head_ptr(vp, vv, b, a, h0), vv, d, g, 1.0f, s.Vg);
+        load_group(head_ptr(gp, gv, b, a, h0), gv, d, g, 1.0f, s.Gg);
         for (int64_t hh = 0; hh < g; ++hh) {
-          const int64_t h = h0 + hh;
-          const float* Q = Qg + hh * per_head;
-          const float* Gh = Gg + hh * per_head;
-          transpose_tiles(Q, Dp, Qt, Np, Np, Dp);
-          transpose_tiles(Gh, Dp, Gt, Np, Np, Dp);
-          rows_dot_cols(Kg + hh * per_head, Dp, Qt, Np, Pt, Np, Np, N8, D, causal);   // S^T
-          rows_dot_cols(Vg + hh * per_head, Dp, Gt, Np, dSt, Np, Np, N8, D, causal);  // dP^T = V dO^T
-          const float* lbase = lp + b * lv.sb + a * lv.sa + h * lv.sh;
-          const float* bias_h = bias != nullptr ? bias + h * N * Np : nullptr;
-          float* dbias_h = dbias_t != nullptr ? dbias_t + h * N * Np : nullptr;
-          for (int64_t c = 0; c < n_chunks; ++c) {
-            const int64_t jmax = causal ? std::min(N, (c + 1) * kLanes) : N;
-            const vint lanes = iota(c * kLanes);
-            vfloat lse_c = {};
-            for (int64_t i = c * kLanes; i < std::min(N, (c + 1) * kLanes); ++i) {
-              lse_c[i - c * kLanes] = lbase[i * lv.sn];
-            }
-            vfloat delta = {};
-            for (int64_t j = 0; j < jmax; ++j) {
-              float* col = Pt + j * Np + c * kLanes;
-              vfloat x = load(col);
-              if (bias_h != nullptr) x += load(bias_h + j * Np + c * kLanes);
-              vfloat p = simd::exp(x - lse_c);
-              if (causal) p = lanes >= static_cast<int32_t>(j) ? p : vfloat{};
-              p = lanes < static_cast<int32_t>(N) ? p : vfloat{};  // padded queries
-              store(col, p);
-              delta += p * load(dSt + j * Np + c * kLanes);
-            }
-            // delta_i = rowsum(P * dP) == dO_i . O_i, lane-wise
-            for (int64_t j = 0; j < jmax; ++j) {
-              float* dcol = dSt + j * Np + c * kLanes;
-              const vfloat ds = load(Pt + j * Np + c * kLanes) * (load(dcol) - delta);
-              store(dcol, ds);
-              if (dbias_h != nullptr) {
-                store(dbias_h + j * Np + c * kLanes, load(dbias_h + j * Np + c * kLanes) + ds);
-              }
-            }
-          }
-          mm_col(dSt, Np, Kg + hh * per_head, dQg + hh * per_head, N8, N, causal ? 1 : 0, nullptr, 0);  // dQ = dS K
-          mm_row(Pt, Np, Gh, dVg + hh * per_head, N8, N, causal ? 2 : 0, nullptr, 0);   // dV = P^T dO
-          mm_row(dSt, Np, Q, dKg + hh * per_head, N8, N, causal ? 2 : 0, nullptr, 0);   // dK = dS^T Q
+          const int64_t h = h0 + hh, off = hh * per_head;
+          const BackwardHead head{s.Qg + off, s.Kg + off, s.Vg + off, s.Gg + off, s.dQg + off, s.dKg + off, s.dVg + off,
+                                  bias != nullptr ? bias + h * per_bias : nullptr,
+                                  dbias_t != nullptr ? dbias_t + h * per_bias : nullptr, head_ptr(lp, lv, b, a, h),
+                                  lv.sn};
+          backward_head(d, head, s, causal, mm_col, mm_row);
         }
-        store_group(dQg, N, g, D, Np, Dp, scale, dqp + b * dqv.sb + a * dqv.sa + h0 * dqv.sh, dqv, stream);
-        store_group(dKg, N, g, D, Np, Dp, 1.0f, dkp + b * dkv.sb + a * dkv.sa + h0 * dkv.sh, dkv, stream);
-        store_group(dVg, N, g, D, Np, Dp, 1.0f, dvp + b * dvv.sb + a * dvv.sa + h0 * dvv.sh, dvv, stream);
+        store_group(s.dQg, d, g, scale, head_ptr(dqp, dqv, b, a, h0), dqv, stream);
+        store_group(s.dKg, d, g, 1.0f, head_ptr(dkp, dkv, b, a, h0), dkv, stream);
+        store_group(s.dVg, d, g, 1.0f, head_ptr(dvp, dvv, b, a, h0), dvv, stream);
       }
     }
     simd::stream_fence();
   });
 }
-
 
 // bias^T as fp32 (H, N keys, Np queries), zero padded: added to S^T kLanes queries at a time
 at::Tensor padded_bias(const at::Tensor& bias) {

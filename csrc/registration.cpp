@@ -24,6 +24,7 @@ std::tuple<at::Tensor, at::Tensor> lfq_entropy_bwd_cpp(const at::Tensor& lqp, co
                                                        int64_t low_bits, double log_eps, const at::Tensor& w_entropy,
                                                        const at::Tensor& w_avg,
                                                        const std::optional<at::Tensor>& grad_avg);
+at::Tensor philox_normal_cpp(int64_t seed, int64_t first, int64_t count);
 }
 
 TORCH_LIBRARY(pvkernels_cpp, m) {
@@ -40,6 +41,12 @@ TORCH_LIBRARY(pvkernels_cpp, m) {
   m.def(
       "lfq_entropy_bwd(Tensor lqp, Tensor lqm, int low_bits, float log_eps, Tensor w_entropy, Tensor w_avg, "
       "Tensor? grad_avg) -> (Tensor, Tensor)");
+  // A test hook (tests/test_pseudo_video.py), shipped on purpose: it checks the philox.h of this
+  // very build (same compiler flags and ISA as the pseudo_video users run), which a separate test
+  // extension would not, and would cost a second build (~20 s) per torch version and ISA. It is a
+  // few lines, runs only when called, and no Python wrapper exposes it. No tensor argument says which
+  // backend runs it, so its kernel is given here for every dispatch key, not in the CPU block.
+  m.def("philox_normal(int seed, int first, int count) -> Tensor", &pvkernels::philox_normal_cpp);
 }
 
 TORCH_LIBRARY_IMPL(pvkernels_cpp, CPU, m) {

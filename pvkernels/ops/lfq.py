@@ -235,7 +235,7 @@ def _bwd_fake(lqp, lqm, n_low: int, log_eps: float, w_entropy, w_avg, grad_avg):
     return lqp.new_empty(lqp.shape), lqp.new_empty(lqp.shape)
 
 
-# as in csrc/registration.cpp
+# as csrc/registration.cpp declares them (tests/test_schemas.py compares the two)
 _FWD_SCHEMA = "(Tensor lqp, Tensor lqm, int low_bits, float log_eps) -> Tensor"
 _BWD_SCHEMA = ("(Tensor lqp, Tensor lqm, int low_bits, float log_eps, Tensor w_entropy, Tensor w_avg, "
                "Tensor? grad_avg) -> (Tensor, Tensor)")

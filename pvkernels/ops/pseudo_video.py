@@ -310,9 +310,10 @@ def _pseudo_video_fake(x, blur_sigma, noise_std, signal_scale, first_order, seed
     return x.new_empty((B, len(blur_sigma), C, H, W))
 
 
+# as csrc/registration.cpp declares it (tests/test_schemas.py compares the two)
+_SCHEMA = ("(Tensor x, float[] blur_sigma, float[] noise_std, float[] signal_scale, bool first_order, "
+           "int seed, Tensor? noise, float truncate) -> Tensor")
 if triton is not None:
-    _SCHEMA = ("(Tensor x, float[] blur_sigma, float[] noise_std, float[] signal_scale, bool first_order, "
-               "int seed, Tensor? noise, float truncate) -> Tensor")  # as in csrc/registration.cpp
     _pseudo_video_triton = torch.library.custom_op("pvkernels::pseudo_video_triton", _pseudo_video_triton_impl,
                                                    mutates_args=(), schema=_SCHEMA)
     _pseudo_video_triton.register_fake(_pseudo_video_fake)

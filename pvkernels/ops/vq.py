@@ -314,10 +314,10 @@ def _vq_lookup_topk_triton_impl(z: torch.Tensor, codebook: torch.Tensor, cosine:
     return _vq_lookup_triton_impl(z, codebook, cosine, k)
 
 
+# as csrc/registration.cpp declares them (tests/test_schemas.py compares the two)
+_SCHEMA = "(Tensor z, Tensor codebook, bool cosine) -> (Tensor, Tensor)"
+_SCHEMA_TOPK = "(Tensor z, Tensor codebook, bool cosine, int k) -> (Tensor, Tensor)"
 if triton is not None:
-    # as in csrc/registration.cpp
-    _SCHEMA = "(Tensor z, Tensor codebook, bool cosine) -> (Tensor, Tensor)"
-    _SCHEMA_TOPK = "(Tensor z, Tensor codebook, bool cosine, int k) -> (Tensor, Tensor)"
     _vq_lookup_triton = torch.library.custom_op("pvkernels::vq_lookup_triton", _vq_lookup_triton_impl,
                                                 mutates_args=(), schema=_SCHEMA)
     _vq_lookup_triton.register_fake(_vq_lookup_fake)
