@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton, triton_interpret
+from .._backend import check_float, cpp_slower, resolve_backend, triton, triton_interpret
+from ._library import define_op
 from ._triton import Launch, run
 
 # The largest head dim each fused backend takes (csrc/attention.h's kMaxHeadDim; the Triton
@@ -584,31 +585,19 @@ def _attention_bwd_fake(grad_out, q, k, v, bias, out, lse, temporal, causal, bia
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias
 
 
-# as in csrc/registration.cpp
+# 4. the C++ and Triton ops ---------------------------------------------------------------
+# torch.ops.pvkernels_cpp.attention_fwd / attention_bwd (csrc/attention.cpp) and their Triton
+# stand-ins, one schema each, as csrc/registration.cpp declares them (tests/test_schemas.py).
+
 _FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor? bias, bool temporal, bool causal) -> (Tensor, Tensor)"
 _BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor out, Tensor lse, "
                "bool temporal, bool causal, bool bias_grad, bool packed_grad) -> (Tensor, Tensor, Tensor, Tensor)")
-if triton is not None:
-    _attention_fwd_triton = torch.library.custom_op("pvkernels::attention_fwd_triton", _attention_fwd_triton_impl,
-                                                    mutates_args=(), schema=_FWD_SCHEMA)
-    _attention_fwd_triton.register_fake(_attention_fwd_fake)
-    _attention_bwd_triton = torch.library.custom_op("pvkernels::attention_bwd_triton", _attention_bwd_triton_impl,
-                                                    mutates_args=(), schema=_BWD_SCHEMA)
-    _attention_bwd_triton.register_fake(_attention_bwd_fake)
-
-
-# 4. C++ ------------------------------------------------------------------------------------
-# torch.ops.pvkernels_cpp.attention_fwd / attention_bwd (csrc/attention.cpp), same schemas and fakes.
-
-if cpp_available():
-    torch.library.register_fake("pvkernels_cpp::attention_fwd")(_attention_fwd_fake)
-    torch.library.register_fake("pvkernels_cpp::attention_bwd")(_attention_bwd_fake)
+_FWD = define_op("attention_fwd", _FWD_SCHEMA, _attention_fwd_triton_impl, _attention_fwd_fake)
+_BWD = define_op("attention_bwd", _BWD_SCHEMA, _attention_bwd_triton_impl, _attention_bwd_fake)
 
 
 def _ops(backend: str):
-    if backend == "cpp":
-        return torch.ops.pvkernels_cpp.attention_fwd, torch.ops.pvkernels_cpp.attention_bwd
-    return _attention_fwd_triton, _attention_bwd_triton
+    return _FWD[backend], _BWD[backend]
 
 
 # 5. autograd ------------------------------------------------------------------------------

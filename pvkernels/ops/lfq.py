@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton
+from .._backend import check_float, cpp_slower, resolve_backend, triton
+from ._library import define_op
 from ._triton import Launch, run
 
 MAX_BITS = 24
@@ -235,33 +236,19 @@ def _bwd_fake(lqp, lqm, n_low: int, log_eps: float, w_entropy, w_avg, grad_avg):
     return lqp.new_empty(lqp.shape), lqp.new_empty(lqp.shape)
 
 
-# as csrc/registration.cpp declares them (tests/test_schemas.py compares the two)
+# 4. the C++ and Triton ops ---------------------------------------------------------------
+# torch.ops.pvkernels_cpp.lfq_entropy_fwd / lfq_entropy_bwd (csrc/lfq.cpp) and their Triton
+# stand-ins, one schema each, as csrc/registration.cpp declares them (tests/test_schemas.py).
+
 _FWD_SCHEMA = "(Tensor lqp, Tensor lqm, int low_bits, float log_eps) -> Tensor"
 _BWD_SCHEMA = ("(Tensor lqp, Tensor lqm, int low_bits, float log_eps, Tensor w_entropy, Tensor w_avg, "
                "Tensor? grad_avg) -> (Tensor, Tensor)")
-if triton is not None:
-    _lfq_entropy_fwd_triton = torch.library.custom_op("pvkernels::lfq_entropy_fwd_triton",
-                                                      _lfq_entropy_fwd_triton_impl, mutates_args=(),
-                                                      schema=_FWD_SCHEMA)
-    _lfq_entropy_fwd_triton.register_fake(_fwd_fake)
-    _lfq_entropy_bwd_triton = torch.library.custom_op("pvkernels::lfq_entropy_bwd_triton",
-                                                      _lfq_entropy_bwd_triton_impl, mutates_args=(),
-                                                      schema=_BWD_SCHEMA)
-    _lfq_entropy_bwd_triton.register_fake(_bwd_fake)
-
-
-# 4. C++ ------------------------------------------------------------------------------------
-# torch.ops.pvkernels_cpp.lfq_entropy_fwd / lfq_entropy_bwd (csrc/lfq.cpp), same schemas and fakes.
-
-if cpp_available():
-    torch.library.register_fake("pvkernels_cpp::lfq_entropy_fwd")(_fwd_fake)
-    torch.library.register_fake("pvkernels_cpp::lfq_entropy_bwd")(_bwd_fake)
+_FWD = define_op("lfq_entropy_fwd", _FWD_SCHEMA, _lfq_entropy_fwd_triton_impl, _fwd_fake)
+_BWD = define_op("lfq_entropy_bwd", _BWD_SCHEMA, _lfq_entropy_bwd_triton_impl, _bwd_fake)
 
 
 def _ops(backend: str):
-    if backend == "cpp":
-        return torch.ops.pvkernels_cpp.lfq_entropy_fwd, torch.ops.pvkernels_cpp.lfq_entropy_bwd
-    return _lfq_entropy_fwd_triton, _lfq_entropy_bwd_triton
+    return _FWD[backend], _BWD[backend]
 
 
 # 5. autograd ------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton, triton_interpret
+from .._backend import check_float, cpp_slower, resolve_backend, triton, triton_interpret
+from ._library import define_op
 from ._triton import Launch, run
 from .rng import philox_normal_reference
 
@@ -310,20 +311,13 @@ def _pseudo_video_fake(x, blur_sigma, noise_std, signal_scale, first_order, seed
     return x.new_empty((B, len(blur_sigma), C, H, W))
 
 
-# as csrc/registration.cpp declares it (tests/test_schemas.py compares the two)
+# 4. the C++ and Triton ops ---------------------------------------------------------------
+# torch.ops.pvkernels_cpp.pseudo_video (csrc/pseudo_video.cpp) and its Triton stand-in, one schema,
+# as csrc/registration.cpp declares it (tests/test_schemas.py).
+
 _SCHEMA = ("(Tensor x, float[] blur_sigma, float[] noise_std, float[] signal_scale, bool first_order, "
            "int seed, Tensor? noise, float truncate) -> Tensor")
-if triton is not None:
-    _pseudo_video_triton = torch.library.custom_op("pvkernels::pseudo_video_triton", _pseudo_video_triton_impl,
-                                                   mutates_args=(), schema=_SCHEMA)
-    _pseudo_video_triton.register_fake(_pseudo_video_fake)
-
-
-# 4. C++ ------------------------------------------------------------------------------------
-# torch.ops.pvkernels_cpp.pseudo_video (csrc/pseudo_video.cpp), same schema and fake kernel.
-
-if cpp_available():
-    torch.library.register_fake("pvkernels_cpp::pseudo_video")(_pseudo_video_fake)
+_OPS = define_op("pseudo_video", _SCHEMA, _pseudo_video_triton_impl, _pseudo_video_fake)
 
 
 # 5. public function ------------------------------------------------------------------------
@@ -445,7 +439,7 @@ def pseudo_video(x: torch.Tensor, blur_sigma: Params = None, noise_std: Params =
     slower = cpp_slower("pseudo_video", dtype=x.dtype, blur=any(sigma), noise=any(std))
     chosen = resolve_backend("pseudo_video", backend, x.device, x.dtype, slower=slower)
     if chosen == "cpp":
-        return torch.ops.pvkernels_cpp.pseudo_video(x, sigma, std, scale, first_order, seed, noise, truncate)
+        return _OPS["cpp"](x, sigma, std, scale, first_order, seed, noise, truncate)
     if chosen == "triton":
-        return _pseudo_video_triton(x, sigma, std, scale, first_order, seed, noise, truncate)
+        return _OPS["triton"](x, sigma, std, scale, first_order, seed, noise, truncate)
     return pseudo_video_reference(x, sigma, std, scale, first_order, seed, noise, truncate)

@@ -15,7 +15,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_float, cpp_available, cpp_slower, resolve_backend, triton, triton_interpret
+from .._backend import check_float, cpp_slower, resolve_backend, triton, triton_interpret
+from ._library import define_op
 from ._triton import Launch, run
 
 METRICS = ("l2", "cosine")
@@ -314,24 +315,14 @@ def _vq_lookup_topk_triton_impl(z: torch.Tensor, codebook: torch.Tensor, cosine:
     return _vq_lookup_triton_impl(z, codebook, cosine, k)
 
 
-# as csrc/registration.cpp declares them (tests/test_schemas.py compares the two)
+# 4. the C++ and Triton ops ---------------------------------------------------------------
+# torch.ops.pvkernels_cpp.vq_lookup and vq_lookup_topk (csrc/vq.cpp) and their Triton stand-ins,
+# one schema each, as csrc/registration.cpp declares them (tests/test_schemas.py).
+
 _SCHEMA = "(Tensor z, Tensor codebook, bool cosine) -> (Tensor, Tensor)"
 _SCHEMA_TOPK = "(Tensor z, Tensor codebook, bool cosine, int k) -> (Tensor, Tensor)"
-if triton is not None:
-    _vq_lookup_triton = torch.library.custom_op("pvkernels::vq_lookup_triton", _vq_lookup_triton_impl,
-                                                mutates_args=(), schema=_SCHEMA)
-    _vq_lookup_triton.register_fake(_vq_lookup_fake)
-    _vq_lookup_topk_triton = torch.library.custom_op("pvkernels::vq_lookup_topk_triton", _vq_lookup_topk_triton_impl,
-                                                     mutates_args=(), schema=_SCHEMA_TOPK)
-    _vq_lookup_topk_triton.register_fake(_vq_lookup_topk_fake)
-
-
-# 4. C++ ------------------------------------------------------------------------------------
-# torch.ops.pvkernels_cpp.vq_lookup and vq_lookup_topk (csrc/vq.cpp), same schemas and fake kernels.
-
-if cpp_available():
-    torch.library.register_fake("pvkernels_cpp::vq_lookup")(_vq_lookup_fake)
-    torch.library.register_fake("pvkernels_cpp::vq_lookup_topk")(_vq_lookup_topk_fake)
+_LOOKUP = define_op("vq_lookup", _SCHEMA, _vq_lookup_triton_impl, _vq_lookup_fake)
+_LOOKUP_TOPK = define_op("vq_lookup_topk", _SCHEMA_TOPK, _vq_lookup_topk_triton_impl, _vq_lookup_topk_fake)
 
 
 # 5. public function ------------------------------------------------------------------------
@@ -411,13 +402,8 @@ def vq_lookup(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", backe
     rows = z.detach().reshape(-1, D)
     cosine = metric == "cosine"
     book = codebook.detach()
-    if chosen == "cpp":
-        if k == 1:
-            idx, zq = torch.ops.pvkernels_cpp.vq_lookup(rows, book, cosine)
-        else:
-            idx, zq = torch.ops.pvkernels_cpp.vq_lookup_topk(rows, book, cosine, k)
-    elif chosen == "triton":
-        idx, zq = _vq_lookup_triton(rows, book, cosine) if k == 1 else _vq_lookup_topk_triton(rows, book, cosine, k)
+    if chosen != "reference":
+        idx, zq = _LOOKUP[chosen](rows, book, cosine) if k == 1 else _LOOKUP_TOPK[chosen](rows, book, cosine, k)
     else:
         idx, zq = vq_lookup_reference(rows, book, cosine, k)
     if codebook.requires_grad and torch.is_grad_enabled():
