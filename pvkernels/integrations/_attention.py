@@ -22,8 +22,9 @@ def unsupported(x: torch.Tensor, heads: int, head_dim: int, n: int, bias: Option
     is not run on the fused kernels."""
     if x.dtype not in FUSED_DTYPES:
         return f"dtype {x.dtype} (the fused attention takes float32/float16/bfloat16)"
-    if head_dim > fused_head_dim_limit(x.device):
-        return f"dim_head {head_dim} > {fused_head_dim_limit(x.device)}"
+    limit = fused_head_dim_limit(x.device)
+    if head_dim > limit:
+        return f"dim_head {head_dim} > {limit}"
     if bias is not None and tuple(bias.shape) != (heads, n, n):
         return f"attention bias of shape {tuple(bias.shape)}, not (heads, n, n) = {(heads, n, n)}"
     return None
