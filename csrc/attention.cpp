@@ -12,10 +12,28 @@
 
 #include <optional>
 #include <tuple>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "attention.h"
 
 namespace pvkernels {
+
+at::Tensor attention::empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t bytes = out.numel() * out.element_size();
+  if (bytes >= kStreamBytes) {
+    constexpr uintptr_t page = 2 << 20;
+    const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t first = (start + page - 1) / page * page, last = (start + bytes) / page * page;
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: errors ignored
+  }
+#endif
+  return out;
+}
+
 namespace {
 
 // The kernel family of a call, chosen in this one place: short sequences side by side in vector
@@ -81,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpp(const at::Tensor& q, const 
                                                      const std::optional<at::Tensor>& bias, bool temporal,
                                                      bool causal) {
   check_inputs(q, k, v, bias, temporal);
-  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = attention::empty_output(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
   const Family family = family_of(q, temporal);
@@ -104,15 +122,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpp(
                     ": grad_out must match q in shape and dtype");
   TORCH_CHECK_VALUE(lse.dim() == 4 && lse.scalar_type() == at::kFloat, name, ": lse must be float32 (B, T, S, H)");
   TORCH_CHECK_VALUE(!bias_grad || bias.has_value(), name, ": bias_grad needs a bias");
-  auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  const auto opts = q.options();
   at::Tensor dq, dk, dv, packed;
   if (packed_grad) {
     // one (B, T, S, 3, H, Dh) gradient for a packed qkv: written in place of the stack copy
     // autograd would otherwise make of three separate gradients
-    packed = at::empty({q.size(0), q.size(1), q.size(2), 3, q.size(3), q.size(4)}, opts);
+    packed = attention::empty_output({q.size(0), q.size(1), q.size(2), 3, q.size(3), q.size(4)}, opts);
     dq = packed.select(3, 0), dk = packed.select(3, 1), dv = packed.select(3, 2);
   } else {
-    dq = at::empty(q.sizes(), opts), dk = at::empty(q.sizes(), opts), dv = at::empty(q.sizes(), opts);
+    dq = attention::empty_output(q.sizes(), opts), dk = attention::empty_output(q.sizes(), opts);
+    dv = attention::empty_output(q.sizes(), opts);
   }
   const int64_t H = q.size(3), N = temporal ? q.size(1) : q.size(2);
   const Family family = family_of(q, temporal);

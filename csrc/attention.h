@@ -77,6 +77,13 @@ constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kStreamBytes = 4 << 20;
 inline bool streamed(const at::Tensor& out) { return out.numel() * out.element_size() >= kStreamBytes; }
 
+// A new output tensor; past kStreamBytes its whole 2 MiB pages are marked for transparent huge
+// pages (madvise(MADV_HUGEPAGE), as PyTorch's own allocator does under THP_MEM_ALLOC_ENABLE=1;
+// nothing where the system's THP setting is "never" or off Linux). Allocations this large are
+// fresh mappings on every call, and faulting them in 4 KiB pages costs more than the kernels'
+// arithmetic: one thread faults 84 MB in ~38 ms, in ~6 ms on 2 MiB pages (benchmarks/README.md).
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 // vector-aligned start inside a buffer allocated kLanes floats longer: whole-line vector access
 inline float* aligned(float* p) {
   constexpr uintptr_t mask = sizeof(vfloat) - 1;
