@@ -10,6 +10,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #if defined(__linux__)
@@ -36,36 +38,65 @@ at::Tensor attention::empty_output(at::IntArrayRef sizes, const at::TensorOption
 
 namespace {
 
-// The kernel family of a call, chosen in this one place: short sequences side by side in vector
-// lanes (attention_lanes.cpp) where that kernel measured faster than the blocked one (temporal
-// T <= 32, spatial S <= 16: spatially an item's rows are adjacent and the blocked kernel stages
-// them cheaply; the measurements are in benchmarks/README.md), the blocked kernel otherwise.
-// Each family keeps the (H, N, N) bias and its gradient in its own fp32 layout.
+// The kernel family of a call, chosen in this one place (the measurements are in
+// benchmarks/README.md, "kernel families"): short sequences (temporal T <= 32, spatial S <= 16)
+// with unit-stride rows one at a time, read in place (attention_rows.cpp), where that kernel
+// measured faster than the lanes one: 8 <= n, Dh > 16, with 32 vector registers (on AVX2 it
+// measured 0.86-1.10x the lanes kernel); other short sequences side by side in vector lanes
+// (attention_lanes.cpp); the blocked kernel past them (spatially an item's rows are adjacent and
+// it stages them cheaply). Each family keeps the (H, N, N) bias and its gradient in its own
+// fp32 layout.
+enum class Kind { rows, lanes, blocked };
 struct Family {
-  bool lanes;
+  Kind kind;
 
   at::Tensor bias(const std::optional<at::Tensor>& b) const {
     if (!b.has_value()) return at::Tensor();
-    return lanes ? attention::lane_bias(*b) : attention::padded_bias(*b);
+    switch (kind) {
+      case Kind::rows: return attention::row_bias(*b);
+      case Kind::lanes: return attention::lane_bias(*b);
+      default: return attention::padded_bias(*b);
+    }
   }
   at::Tensor bias_grad_acc(int64_t H, int64_t N) const {
     const int64_t threads = at::get_num_threads();
-    return lanes ? attention::lane_bias_grad_acc(threads, H, N) : attention::padded_bias_grad_acc(threads, H, N);
+    switch (kind) {
+      case Kind::rows: return attention::row_bias_grad_acc(threads, H, N);
+      case Kind::lanes: return attention::lane_bias_grad_acc(threads, H, N);
+      default: return attention::padded_bias_grad_acc(threads, H, N);
+    }
   }
   at::Tensor bias_grad(const at::Tensor& acc) const {
-    return lanes ? attention::lane_bias_grad(acc) : attention::padded_bias_grad(acc);
+    switch (kind) {
+      case Kind::rows: return attention::row_bias_grad(acc);
+      case Kind::lanes: return attention::lane_bias_grad(acc);
+      default: return attention::padded_bias_grad(acc);
+    }
   }
   template <typename T>
   auto forward() const {
-    return lanes ? attention::lanes_forward<T> : attention::blocked_forward<T>;
+    switch (kind) {
+      case Kind::rows: return attention::rows_forward<T>;
+      case Kind::lanes: return attention::lanes_forward<T>;
+      default: return attention::blocked_forward<T>;
+    }
   }
   template <typename T>
   auto backward() const {
-    return lanes ? attention::lanes_backward<T> : attention::blocked_backward<T>;
+    switch (kind) {
+      case Kind::rows: return attention::rows_backward<T>;
+      case Kind::lanes: return attention::lanes_backward<T>;
+      default: return attention::blocked_backward<T>;
+    }
   }
 };
-Family family_of(const at::Tensor& q, bool temporal) {
-  return {temporal ? q.size(1) <= 32 : q.size(2) <= 16};
+// operands: the tensors the kernel reads (q, k, v and, backward, grad_out)
+Family family_of(const at::Tensor& q, bool temporal, std::initializer_list<at::Tensor> operands) {
+  const int64_t N = temporal ? q.size(1) : q.size(2);
+  if (temporal ? N > 32 : N > 16) return {Kind::blocked};
+  const bool unit_rows = std::all_of(operands.begin(), operands.end(), [](const at::Tensor& x) { return x.stride(4) == 1; });
+  const bool rows = simd::kRegisters >= 32 && unit_rows && N >= 8 && q.size(4) > 16;
+  return {rows ? Kind::rows : Kind::lanes};
 }
 
 const char* op_name(bool temporal) { return temporal ? "temporal_attention" : "spatial_attention"; }
@@ -102,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpp(const at::Tensor& q, const 
   at::Tensor out = attention::empty_output(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
-  const Family family = family_of(q, temporal);
+  const Family family = family_of(q, temporal, {q, k, v});
   const at::Tensor bias32 = family.bias(bias);
   const float* bp = bias.has_value() ? bias32.const_data_ptr<float>() : nullptr;
   simd::with_element_type(q.scalar_type(), [&](auto tag) {
@@ -134,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpp(
     dv = attention::empty_output(q.sizes(), opts);
   }
   const int64_t H = q.size(3), N = temporal ? q.size(1) : q.size(2);
-  const Family family = family_of(q, temporal);
+  const Family family = family_of(q, temporal, {grad_out, q, k, v});
   // dbias is accumulated per thread (no atomics), in the kernel family's own layout
   const at::Tensor acc = bias_grad ? family.bias_grad_acc(H, N) : at::Tensor();
   if (q.numel() > 0) {

@@ -108,6 +108,17 @@ void blocked_backward(const at::Tensor& grad_out, const at::Tensor& q, const at:
                       const float* bias, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
                       float* dbias_acc, bool temporal, bool causal);
 
+template <typename T>
+void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* bias, at::Tensor& out,
+                  at::Tensor& lse, bool temporal, bool causal);
+template <typename T>
+void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const float* bias, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                   float* dbias_acc, bool temporal, bool causal);
+
+at::Tensor row_bias(const at::Tensor& bias);                      // [H][N keys][NP queries]
+at::Tensor row_bias_grad_acc(int64_t threads, int64_t H, int64_t N);
+at::Tensor row_bias_grad(const at::Tensor& acc);
 at::Tensor lane_bias(const at::Tensor& bias);                     // [phase][N][N][lane]
 at::Tensor lane_bias_grad_acc(int64_t threads, int64_t H, int64_t N);
 at::Tensor lane_bias_grad(const at::Tensor& acc);

@@ -52,7 +52,17 @@ typedef float vfloat_u __attribute__((vector_size(4 * kLanes), aligned(4)));
 
 constexpr int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-inline vfloat splat(float f) { return vfloat{} + f; }
+inline vfloat splat(float f) {  // a broadcast (vfloat{} + f would add 0.0 first: -0.0 is not folded)
+#if defined(PVKERNELS_SIMD_AVX512)
+  return (vfloat)_mm512_set1_ps(f);
+#elif defined(PVKERNELS_SIMD_AVX2)
+  return (vfloat)_mm256_set1_ps(f);
+#else
+  vfloat r;
+  for (int l = 0; l < kLanes; ++l) r[l] = f;
+  return r;
+#endif
+}
 inline vfloat bitcast_f(vint x) { return reinterpret_cast<const vfloat&>(x); }
 inline vint bitcast_i(vfloat x) { return reinterpret_cast<const vint&>(x); }
 inline vfloat max(vfloat a, vfloat b) { return a > b ? a : b; }
@@ -107,6 +117,18 @@ inline void stream_fence() {
 #endif
 }
 inline bool stream_aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % sizeof(vfloat) == 0; }
+
+// Makes the compiler hold v in a register from here on: a vector used by several FMAs is then
+// loaded once (GCC otherwise folds the load into each FMA, loading it again every time).
+inline void keep_in_register(vfloat& v) {
+#if defined(PVKERNELS_SIMD_AVX512)
+  asm("" : "+v"(v));
+#elif defined(PVKERNELS_SIMD_AVX2)
+  asm("" : "+x"(v));
+#else
+  (void)v;
+#endif
+}
 
 // ---- fp32 / bf16 / fp16 rows <-> fp32 lanes -----------------------------------------------
 // Vectorised (an element-wise static_cast is a scalar loop, which made bf16 inputs far slower

@@ -217,6 +217,35 @@ def test_arbitrary_strides(backend, kind, shape):
         assert_close(g, w, torch.float32, name="d" + n)
 
 
+# the cpp kernel of unit-stride rows (8 <= n, Dh > 16, AVX-512; attention.cpp's family_of): every
+# sequence length of its range, head dims with and without a partial last vector, up to the limit
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("kind, shape", [
+    ("temporal_full", (2, 16, 3, 8, 40)), ("temporal_causal", (1, 8, 5, 3, 24)), ("temporal_full", (3, 13, 2, 2, 80)),
+    ("temporal_causal", (1, 32, 2, 2, 160)), ("temporal_full", (1, 24, 1, 1, 256)), ("temporal_causal", (2, 17, 3, 2, 33)),
+    ("spatial", (2, 3, 16, 4, 40)), ("spatial", (1, 2, 11, 2, 72))])
+def test_cpp_row_kernel(kind, shape, with_bias):
+    check_forward_backward(kind, "cpp", shape, with_bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_diffusers_layout(dtype):
+    # diffusers' motion modules: three (batch * pixels, frames, heads * head_dim) projections, seen
+    # as (B, T, 1, H, Dh) views, more items than a thread's prefetch distance
+    n, T, H, D = 37, 16, 8, 40
+    q, k, v = (torch.randn(n, T, H * D, dtype=dtype, requires_grad=True) for _ in range(3))
+    view = lambda x: x.view(n, T, 1, H, D)  # noqa: E731
+    out = pvkernels.temporal_attention(view(q), view(k), view(v), causal=False, backend="cpp")
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    leaves = [view(x).detach().double().requires_grad_() for x in (q, k, v)]
+    expected = attention_math(*leaves, None, True, False)
+    want = torch.autograd.grad(expected, leaves, grad.double())
+    assert_close(out, expected, dtype, name="out")
+    for g, w, name in zip(got, want, "qkv"):
+        assert_close(view(g), w, dtype, name="d" + name)
+
+
 @pytest.mark.parametrize("kind, shape", [("temporal_causal", (2, 9, 1001, 4, 32)), ("spatial", (4, 16, 150, 4, 32))])
 def test_cpp_large_outputs(kind, shape):
     # outputs past 4 MB are written with streaming stores, by the short-sequence kernel (whose
@@ -316,7 +345,8 @@ def test_low_precision_within_twice_torch_error(backend, dtype, kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kind, shape", [("temporal_causal", (2, 5, 23, 2, 32)), ("spatial", (2, 3, 40, 2, 32))])
+@pytest.mark.parametrize("kind, shape", [("temporal_causal", (2, 5, 23, 2, 32)), ("spatial", (2, 3, 40, 2, 32)),
+                                         ("temporal_full", (2, 16, 3, 2, 40))])
 def test_cpp_16bit_is_the_fp32_kernel_rounded_once(dtype, kind, shape):
     # 16-bit rows are converted to fp32 exactly on the way in and rounded to nearest even once
     # on the way out (vectorised; the partial last unit of 2 * 23 * 2 = 92 temporal sequences

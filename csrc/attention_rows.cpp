@@ -1,0 +1,372 @@
+// Attention over short sequences with unit-stride rows (temporal 8 <= T <= 32, spatial 8 <= S <=
+// 16, Dh > 16, 32 vector registers; attention.cpp holds the crossover), one (b, a) item at a time,
+// head by head. Queries sit in vector lanes: only Q (and dO) are transposed, to [d][query]; the
+// scores are kept transposed, S^T[key][query], so the softmax over keys is lane-wise, and every
+// other operand is a staged row or a broadcast scalar: S^T[j] = sum_d K[j][d] Q^T[d] and
+// O[i] = sum_j P^T[j][i] V[j]. The lanes kernel (attention_lanes.cpp) transposes q, k, v and the
+// output where this one transposes q alone (it serves the strided layouts, the shortest
+// sequences and AVX2). An item's output rows are assembled in a scratch and written once, as
+// whole rows.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "attention.h"
+
+namespace pvkernels {
+namespace attention {
+namespace {
+
+using simd::kRegisters, simd::load, simd::store, simd::splat, simd::iota;
+
+// Register blocks: score rows (keys) per block (the staged buffers hold whole vectors of rows),
+// and output rows x output vectors in the products (4 x 4 accumulators with 32 registers, 4 x 2
+// with 16; the weights are broadcast from memory).
+constexpr int kKeys = kLanes;
+constexpr int kOutRows = 4;
+constexpr int kOutVecs = kRegisters >= 32 ? 4 : 2;
+
+// A sequence's rows are staged in fp32 at a fixed stride of kRow floats (every row of a register
+// block is then addressed off one pointer by a constant; kMaxHeadDim + kLanes: rows do not share
+// L1 sets), zero past D and past N (to whole vectors and register blocks: the scratch is zeroed
+// once and N, D do not change within a call).
+constexpr int64_t kRow = kMaxHeadDim + kLanes;
+
+// The cache lines of N rows of a later item (row stride and D in elements of T), prefetched one at
+// a time from the kernels' inner loops: the rows of a head are short strided runs, which the
+// hardware prefetchers did not follow, and bursts of prefetches stalled the kernel instead.
+class LineStream {
+ public:
+  LineStream() = default;  // nothing to prefetch
+  template <typename T>
+  LineStream(const T* x, int64_t stride, int64_t N, int64_t D)
+      : p_(reinterpret_cast<uintptr_t>(x)), row_(p_), stride_(stride * sizeof(T)),
+        last_(static_cast<uintptr_t>(D * sizeof(T) - 1)), rows_(N) {}
+  void next() {
+    if (rows_ == 0) return;
+    __builtin_prefetch(reinterpret_cast<const void*>(p_));
+    p_ += 64;
+    if ((p_ & ~uintptr_t{63}) > ((row_ + last_) & ~uintptr_t{63})) row_ += stride_, p_ = row_, --rows_;
+  }
+  void rest() {
+    while (rows_ > 0) next();
+  }
+
+ private:
+  uintptr_t p_ = 0, row_ = 0, stride_ = 0, last_ = 0;
+  int64_t rows_ = 0;
+};
+
+// dst = scale * x's N rows, staged; ahead: a later item's rows, two lines per row staged
+template <typename T>
+void stage(const T* x, int64_t stride, int64_t N, int64_t D, float scale, float* dst, LineStream ahead) {
+  for (int64_t n = 0; n < N; ++n) {
+    simd::to_f32(x + n * stride, D, dst + n * kRow, scale);
+    ahead.next(), ahead.next();
+  }
+  ahead.rest();
+}
+
+// dst[d][i] = X[i][d] for d < D, all NP lanes i (X staged): kLanes x kLanes transposes
+void transpose_staged(const float* X, int64_t NP, int64_t D, float* dst) {
+  vfloat r[kLanes];
+  for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
+    for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
+      for (int l = 0; l < kLanes; ++l) r[l] = load(X + (i0 + l) * kRow + d0);
+      simd::transpose(r);
+      const int w = static_cast<int>(std::min<int64_t>(kLanes, D - d0));
+      for (int k = 0; k < w; ++k) store(dst + (d0 + k) * NP + i0, r[k]);
+    }
+  }
+}
+
+// St[j][i] = sum_d A[j][d] Bt[d][i] for j < N, all NP lanes i (A staged): kKeys rows of A at a
+// time, their elements broadcast.
+void scores(const float* A, const float* Bt, int64_t N, int64_t NP, int64_t D, float* St, LineStream ahead) {
+  for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
+    for (int64_t j0 = 0; j0 < N; j0 += kKeys) {
+      const float* a = A + j0 * kRow;
+      vfloat acc[kKeys] = {};
+      for (int64_t d = 0; d < D; ++d) {
+        ahead.next();
+        const vfloat b = load(Bt + d * NP + i0);
+        for (int jj = 0; jj < kKeys; ++jj) acc[jj] += a[jj * kRow + d] * b;
+      }
+#pragma GCC unroll 16  // whole: acc stays in registers
+      for (int jj = 0; jj < kKeys; ++jj)
+        if (j0 + jj < N) store(St + (j0 + jj) * NP + i0, acc[jj]);
+    }
+  }
+  ahead.rest();
+}
+
+// Out[r][:] = scale * sum_c W(r, c) M[c][:] (M staged) for r < R, c < C, with W(r, c) = W[r * wr + c * wc],
+// into fp32 rows (row stride os); causal: W(r, c) == 0 for c > r (lower) or c < r (upper), and
+// those c are skipped.
+struct Weights {
+  const float* W;
+  int64_t wr, wc;
+  float w(int64_t r, int64_t c) const { return W[r * wr + c * wc]; }
+};
+enum class Skip { none, lower, upper };
+
+// rows r0 .. r0 + nr (nr <= kOutRows) of V vectors from d0, the last `tail` lanes wide
+template <int V>
+void product_block(Weights W, const float* M, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi, int64_t d0, int tail,
+                   float scale, float* out, int64_t os, LineStream& ahead) {
+  vfloat acc[kOutRows][V] = {};
+  for (int64_t c = c_lo; c < c_hi; ++c) {
+    ahead.next();
+    vfloat x[V];
+    for (int v = 0; v < V; ++v) {
+      x[v] = load(M + c * kRow + d0 + v * kLanes);  // zero past D
+      simd::keep_in_register(x[v]);
+    }
+    for (int r = 0; r < kOutRows; ++r) {
+      const vfloat w = splat(W.w(r0 + r, c));  // rows past R: zero weights, not stored
+      for (int v = 0; v < V; ++v) acc[r][v] += w * x[v];
+    }
+  }
+#pragma GCC unroll 16  // whole: acc stays in registers
+  for (int r = 0; r < kOutRows; ++r) {
+    if (r >= nr) break;
+    float* o = out + (r0 + r) * os + d0;
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) {
+      if (v + 1 < V || tail == kLanes) {
+        store(o + v * kLanes, acc[r][v] * scale);
+      } else {
+        simd::store_partial(o + v * kLanes, acc[r][v] * scale, tail);
+      }
+    }
+  }
+}
+
+// product_block<V> for the nv (<= V) vectors left of a row
+template <int V>
+void product_vecs(int64_t nv, Weights W, const float* M, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi, int64_t d0,
+                  int tail, float scale, float* out, int64_t os, LineStream& ahead) {
+  if constexpr (V > 1) {
+    if (nv < V) return product_vecs<V - 1>(nv, W, M, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, ahead);
+  }
+  product_block<V>(W, M, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, ahead);
+}
+
+void product(Weights W, const float* M, int64_t R, int64_t C, int64_t D, Skip skip, float scale, float* out, int64_t os,
+             LineStream ahead = {}) {
+  const int64_t vecs = (D + kLanes - 1) / kLanes;
+  const int last = static_cast<int>(D - (vecs - 1) * kLanes);  // lanes of the last vector
+  for (int64_t r0 = 0; r0 < R; r0 += kOutRows) {
+    const int64_t nr = std::min<int64_t>(kOutRows, R - r0);
+    const int64_t c_lo = skip == Skip::upper ? r0 : 0;
+    const int64_t c_hi = skip == Skip::lower ? std::min(C, r0 + nr) : C;
+    for (int64_t v0 = 0; v0 < vecs; v0 += kOutVecs) {
+      const int64_t nv = std::min<int64_t>(kOutVecs, vecs - v0);
+      product_vecs<kOutVecs>(nv, W, M, r0, nr, c_lo, c_hi, v0 * kLanes, v0 + nv == vecs ? last : kLanes, scale, out,
+                             os, ahead);
+    }
+  }
+  ahead.rest();
+}
+
+// One (b, a) item: its N rows of H * D elements, the heads' rows side by side.
+struct Items {
+  int64_t count, A, H, N, NP, D;
+  int64_t base(int64_t item, const View& v) const { return item / A * v.sb + item % A * v.sa; }
+};
+Items items_of(const Sizes& z) { return {z.B * z.A, z.A, z.H, z.N, simd::round_up(z.N), z.D}; }
+
+constexpr int64_t kAhead = 2;  // items: how far ahead the LineStreams prefetch
+
+// An item's fp32 rows ([N][H * D], from the scratch) to an output of attention.cpp's (heads
+// adjacent, unit stride: row n of the item is H * D elements at x + n * sn); stream:
+// non-temporal stores where aligned (whole rows, so whole lines)
+template <typename T>
+void put_item(const float* src, const Items& it, T* x, int64_t sn, bool stream) {
+  for (int64_t n = 0; n < it.N; ++n) simd::from_f32(src + n * it.H * it.D, it.H * it.D, x + n * sn, 1.0f, stream);
+}
+
+// causal mask of key j on query lanes i0..: true where i < j
+inline auto future(int64_t j, int64_t i0) { return iota(static_cast<int32_t>(i0)) < static_cast<int32_t>(j); }
+}  // namespace
+
+// [H][N keys][NP queries]: bias transposed, zero past N queries
+at::Tensor row_bias(const at::Tensor& bias) {
+  const int64_t H = bias.size(0), N = bias.size(1);
+  at::Tensor out = at::zeros({H, N, simd::round_up(N)}, bias.options().dtype(at::kFloat));
+  out.narrow(2, 0, N).copy_(bias.transpose(1, 2));
+  return out;
+}
+at::Tensor row_bias_grad_acc(int64_t threads, int64_t H, int64_t N) {
+  return at::zeros({threads, H, N, simd::round_up(N)}, at::TensorOptions().dtype(at::kFloat));
+}
+at::Tensor row_bias_grad(const at::Tensor& acc) {
+  const int64_t N = acc.size(2);
+  return acc.sum(0).narrow(2, 0, N).transpose(1, 2);
+}
+
+// bias: row_bias(...) or nullptr
+template <typename T>
+void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* bias, at::Tensor& out,
+                  at::Tensor& lse, bool temporal, bool causal) {
+  const Items it = items_of(sizes_of(q, temporal));
+  const auto [qp, kp, vp, op, lp, qv, kv, vv, ov, lv] = fwd_operands<T>(q, k, v, out, lse, temporal);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(it.D));
+  const int64_t N = it.N, NP = it.NP, D = it.D, H = it.H;
+  const bool stream = streamed(out);
+  at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> ws(3 * NP * kRow + D * NP + NP * NP + N * H * D + kLanes, 0.0f);
+    float* Qs = aligned(ws.data());  // staged rows, Q pre-scaled by 1/sqrt(Dh)
+    float* Ks = Qs + NP * kRow;
+    float* Vs = Ks + NP * kRow;
+    float* Qt = Vs + NP * kRow;  // [D][NP]
+    float* Pt = Qt + D * NP;     // [NP keys][NP queries]: scores, then probabilities (zero past N)
+    float* O = Pt + NP * NP;     // [N][H * D]: the item's output rows
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t qb = it.base(item, qv), kb = it.base(item, kv), vb = it.base(item, vv), lb = it.base(item, lv);
+      for (int64_t h = 0; h < H; ++h) {
+        const bool ahead = item + kAhead < end;
+        const T* q_h = qp + qb + h * qv.sh;
+        const T* k_h = kp + kb + h * kv.sh;
+        const T* v_h = vp + vb + h * vv.sh;
+        // the same head of item + kAhead: Q's rows prefetched while staging, K's and V's from the products
+        auto later = [&](const T* x, const View& v, int64_t b) {
+          return ahead ? LineStream(x + it.base(item + kAhead, v) - b, v.sn, N, D) : LineStream();
+        };
+        stage(q_h, qv.sn, N, D, scale, Qs, later(q_h, qv, qb));
+        stage(k_h, kv.sn, N, D, 1.0f, Ks, {});
+        stage(v_h, vv.sn, N, D, 1.0f, Vs, {});
+        transpose_staged(Qs, NP, D, Qt);
+        scores(Ks, Qt, N, NP, D, Pt, later(k_h, kv, kb));
+        const float* bias_h = bias != nullptr ? bias + h * N * NP : nullptr;
+        for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
+          vfloat m = splat(-std::numeric_limits<float>::infinity());
+          for (int64_t j = 0; j < N; ++j) {
+            vfloat x = load(Pt + j * NP + i0);
+            if (bias_h != nullptr) x += load(bias_h + j * NP + i0);
+            if (causal) x = future(j, i0) ? splat(-std::numeric_limits<float>::infinity()) : x;
+            store(Pt + j * NP + i0, x);
+            m = simd::max(m, x);
+          }
+          vfloat l = {};
+          for (int64_t j = 0; j < N; ++j) {
+            vfloat p = simd::exp(load(Pt + j * NP + i0) - m);
+            if (causal) p = future(j, i0) ? vfloat{} : p;
+            store(Pt + j * NP + i0, p);
+            l += p;
+          }
+          const vfloat rinv = 1.0f / l;
+          for (int64_t j = 0; j < N; ++j) store(Pt + j * NP + i0, load(Pt + j * NP + i0) * rinv);
+          const vfloat lse_i = m + simd::log(l);
+          for (int64_t i = i0; i < std::min(N, i0 + kLanes); ++i) lp[lb + h * lv.sh + i * lv.sn] = lse_i[i - i0];
+        }
+        // O[i] = sum_j P^T[j][i] V[j]
+        product({Pt, 1, NP}, Vs, N, N, D, causal ? Skip::lower : Skip::none, 1.0f, O + h * D, H * D,
+                later(v_h, vv, vb));
+      }
+      put_item(O, it, op + it.base(item, ov), ov.sn, stream);
+    }
+    simd::stream_fence();
+  });
+}
+
+// dbias_acc: per thread [H][N][NP] sums of dS^T (reduced by row_bias_grad) or nullptr
+template <typename T>
+void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const float* bias, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                   float* dbias_acc, bool temporal, bool causal) {
+  const Items it = items_of(sizes_of(q, temporal));
+  const auto [gp, qp, kp, vp, lp, dqp, dkp, dvp, gv, qv, kv, vv, lv, dqv, dkv, dvv] =
+      bwd_operands<T>(grad_out, q, k, v, lse, dq, dk, dv, temporal);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(it.D));
+  const int64_t N = it.N, NP = it.NP, D = it.D, H = it.H, HD = H * D;
+  const bool stream = streamed(dq);
+  at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
+    float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * H * N * NP : nullptr;
+    std::vector<float> ws(4 * NP * kRow + 2 * D * NP + 2 * NP * NP + 3 * N * HD + kLanes, 0.0f);
+    float* Qs = aligned(ws.data());  // staged rows, Q pre-scaled: S^T = K Q^T, dK = dS^T Q
+    float* Ks = Qs + NP * kRow;
+    float* Vs = Ks + NP * kRow;
+    float* dOs = Vs + NP * kRow;
+    float* Qt = dOs + NP * kRow;  // [D][NP]
+    float* dOt = Qt + D * NP;     // [D][NP]
+    float* Pt = dOt + D * NP;     // [NP][NP] probabilities
+    float* dSt = Pt + NP * NP;    // [NP][NP] dP^T, then dS^T
+    float* dQ = dSt + NP * NP;    // [N][H * D] each: the item's gradient rows
+    float* dK = dQ + N * HD;
+    float* dV = dK + N * HD;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t gb = it.base(item, gv), qb = it.base(item, qv), kb = it.base(item, kv), vb = it.base(item, vv);
+      const int64_t lb = it.base(item, lv);
+      for (int64_t h = 0; h < H; ++h) {
+        const bool ahead = item + kAhead < end;
+        const T* q_h = qp + qb + h * qv.sh;
+        const T* k_h = kp + kb + h * kv.sh;
+        const T* v_h = vp + vb + h * vv.sh;
+        const T* g_h = gp + gb + h * gv.sh;
+        auto later = [&](const T* x, const View& v, int64_t b) {
+          return ahead ? LineStream(x + it.base(item + kAhead, v) - b, v.sn, N, D) : LineStream();
+        };
+        stage(q_h, qv.sn, N, D, scale, Qs, {});
+        stage(k_h, kv.sn, N, D, 1.0f, Ks, {});
+        stage(v_h, vv.sn, N, D, 1.0f, Vs, {});
+        stage(g_h, gv.sn, N, D, 1.0f, dOs, {});
+        transpose_staged(Qs, NP, D, Qt);
+        transpose_staged(dOs, NP, D, dOt);
+        scores(Ks, Qt, N, NP, D, Pt, later(q_h, qv, qb));
+        scores(Vs, dOt, N, NP, D, dSt, later(k_h, kv, kb));  // dP^T[j][i] = v_j . dO_i
+        const float* bias_h = bias != nullptr ? bias + h * N * NP : nullptr;
+        float* dbias_h = dbias_t != nullptr ? dbias_t + h * N * NP : nullptr;
+        for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
+          vfloat lse_i = {};
+          for (int64_t i = i0; i < std::min(N, i0 + kLanes); ++i) lse_i[i - i0] = lp[lb + h * lv.sh + i * lv.sn];
+          vfloat delta = {};  // rowsum(P * dP) == dO_i . O_i
+          for (int64_t j = 0; j < N; ++j) {
+            vfloat x = load(Pt + j * NP + i0);
+            if (bias_h != nullptr) x += load(bias_h + j * NP + i0);
+            vfloat p = simd::exp(x - lse_i);
+            if (causal) p = future(j, i0) ? vfloat{} : p;
+            store(Pt + j * NP + i0, p);
+            delta += p * load(dSt + j * NP + i0);
+          }
+          for (int64_t j = 0; j < N; ++j) {
+            const vfloat ds = load(Pt + j * NP + i0) * (load(dSt + j * NP + i0) - delta);
+            store(dSt + j * NP + i0, ds);
+            if (dbias_h != nullptr) store(dbias_h + j * NP + i0, load(dbias_h + j * NP + i0) + ds);
+          }
+        }
+        // padded query lanes: P = exp(0) there, but dO^T is zero, so dS^T is zero
+        const Skip lower = causal ? Skip::lower : Skip::none, upper = causal ? Skip::upper : Skip::none;
+        // dQ[i] = scale sum_j dS^T[j][i] K[j]; dK[j] = sum_i dS^T[j][i] (scale Q[i]); dV[j] = sum_i P^T[j][i] dO[i]
+        product({dSt, 1, NP}, Ks, N, N, D, lower, scale, dQ + h * D, HD, later(v_h, vv, vb));
+        product({dSt, NP, 1}, Qs, N, N, D, upper, 1.0f, dK + h * D, HD, later(g_h, gv, gb));
+        product({Pt, NP, 1}, dOs, N, N, D, upper, 1.0f, dV + h * D, HD);
+      }
+      put_item(dQ, it, dqp + it.base(item, dqv), dqv.sn, stream);
+      put_item(dK, it, dkp + it.base(item, dkv), dkv.sn, stream);
+      put_item(dV, it, dvp + it.base(item, dvv), dvv.sn, stream);
+    }
+    simd::stream_fence();
+  });
+}
+
+#define PVKERNELS_INSTANTIATE(T)                                                                                  \
+  template void rows_forward<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const float*,             \
+                                at::Tensor&, at::Tensor&, bool, bool);                                            \
+  template void rows_backward<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,      \
+                                 const float*, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, float*,    \
+                                 bool, bool);
+PVKERNELS_INSTANTIATE(float)
+PVKERNELS_INSTANTIATE(c10::Half)
+PVKERNELS_INSTANTIATE(c10::BFloat16)
+#undef PVKERNELS_INSTANTIATE
+
+}  // namespace attention
+}  // namespace pvkernels
