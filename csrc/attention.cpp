@@ -11,6 +11,8 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <initializer_list>
 #include <optional>
 #include <tuple>
@@ -95,8 +97,16 @@ Family family_of(const at::Tensor& q, bool temporal, std::initializer_list<at::T
   const int64_t N = temporal ? q.size(1) : q.size(2);
   if (temporal ? N > 32 : N > 16) return {Kind::blocked};
   const bool unit_rows = std::all_of(operands.begin(), operands.end(), [](const at::Tensor& x) { return x.stride(4) == 1; });
-  const bool rows = simd::kRegisters >= 32 && unit_rows && N >= 8 && q.size(4) > 16;
-  return {rows ? Kind::rows : Kind::lanes};
+  bool rows = simd::kRegisters >= 32 && N >= 8 && q.size(4) > 16;
+  // PVKERNELS_CPU_ATTENTION_KERNEL=rows|lanes: one of the two wherever it can run (for comparing
+  // them: benchmarks/attention_families.py)
+  if (const char* forced = std::getenv("PVKERNELS_CPU_ATTENTION_KERNEL")) {
+    const std::string kernel(forced);
+    TORCH_CHECK_VALUE(kernel == "rows" || kernel == "lanes" || kernel.empty(),
+                      "PVKERNELS_CPU_ATTENTION_KERNEL must be 'rows' or 'lanes', got '", kernel, "'");
+    if (!kernel.empty()) rows = kernel == "rows";
+  }
+  return {rows && unit_rows ? Kind::rows : Kind::lanes};
 }
 
 const char* op_name(bool temporal) { return temporal ? "temporal_attention" : "spatial_attention"; }

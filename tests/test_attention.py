@@ -228,6 +228,22 @@ def test_cpp_row_kernel(kind, shape, with_bias):
     check_forward_backward(kind, "cpp", shape, with_bias)
 
 
+@pytest.mark.parametrize("kernel", ["rows", "lanes"])
+@pytest.mark.parametrize("kind, shape", [("temporal_causal", (2, 3, 5, 2, 8)), ("temporal_full", (1, 16, 3, 4, 40)),
+                                         ("spatial", (2, 2, 12, 3, 20)), ("temporal_causal", (1, 30, 2, 2, 16))])
+def test_cpp_short_sequence_kernels_forced(monkeypatch, kernel, kind, shape):
+    # PVKERNELS_CPU_ATTENTION_KERNEL runs either short-sequence kernel outside its own range too
+    monkeypatch.setenv("PVKERNELS_CPU_ATTENTION_KERNEL", kernel)
+    check_forward_backward(kind, "cpp", shape, with_bias=True)
+
+
+def test_cpp_short_sequence_kernel_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("PVKERNELS_CPU_ATTENTION_KERNEL", "blocks")
+    q = torch.randn(1, 16, 1, 2, 32)
+    with pytest.raises(ValueError, match="PVKERNELS_CPU_ATTENTION_KERNEL must be 'rows' or 'lanes'"):
+        pvkernels.temporal_attention(q, q, q, backend="cpp")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpp_diffusers_layout(dtype):
     # diffusers' motion modules: three (batch * pixels, frames, heads * head_dim) projections, seen
