@@ -20,6 +20,21 @@ SHAPES = ["4096x16x8x40", "1024x16x8x80", "256x16x8x160", "1024x16x8x64", "2048x
           "1024x3x8x64", "1024x8x8x32", "1024x18x8x40", "512x32x8x64"]
 
 
+def make_call(shape: str, mode: str):
+    """One forward (no grad) or forward + backward of temporal attention at ``BxTxHxDh``."""
+    B, T, H, D = (int(x) for x in shape.split("x"))
+    q, k, v = (torch.randn(B, T, 1, H, D, requires_grad=mode != "fwd") for _ in range(3))
+    grad = torch.randn(B, T, 1, H, D)
+
+    def call():
+        if mode == "fwd":
+            with torch.no_grad():
+                pvkernels.temporal_attention(q, k, v, causal=False, backend="cpp")
+        else:
+            torch.autograd.grad(pvkernels.temporal_attention(q, k, v, causal=False, backend="cpp"), (q, k, v), grad)
+    return call
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("shapes", nargs="*", default=SHAPES)
@@ -32,16 +47,7 @@ def main() -> None:
     print("| B x T x H x Dh | lanes | rows | lanes / rows |")
     print("|---|---:|---:|---:|")
     for shape in args.shapes:
-        B, T, H, D = (int(x) for x in shape.split("x"))
-        q, k, v = (torch.randn(B, T, 1, H, D, requires_grad=args.mode != "fwd") for _ in range(3))
-        grad = torch.randn(B, T, 1, H, D)
-
-        def call():
-            if args.mode == "fwd":
-                with torch.no_grad():
-                    pvkernels.temporal_attention(q, k, v, causal=False, backend="cpp")
-            else:
-                torch.autograd.grad(pvkernels.temporal_attention(q, k, v, causal=False, backend="cpp"), (q, k, v), grad)
+        call = make_call(shape, args.mode)
         times = {kernel: [] for kernel in kernels}
         try:
             for rnd in range(args.rounds + 1):

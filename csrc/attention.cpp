@@ -43,7 +43,7 @@ namespace {
 // The kernel family of a call, chosen in this one place (the measurements are in
 // benchmarks/README.md, "kernel families"): short sequences (temporal T <= 32, spatial S <= 16)
 // with unit-stride rows one at a time, read in place (attention_rows.cpp), where that kernel
-// measured faster than the lanes one: 8 <= n, Dh > 16, with 32 vector registers (on AVX2 it
+// measured faster than the lanes one: 8 <= n, Dh >= 16, with 32 vector registers (on AVX2 it
 // measured 0.86-1.10x the lanes kernel); other short sequences side by side in vector lanes
 // (attention_lanes.cpp); the blocked kernel past them (spatially an item's rows are adjacent and
 // it stages them cheaply). Each family keeps the (H, N, N) bias and its gradient in its own
@@ -97,7 +97,7 @@ Family family_of(const at::Tensor& q, bool temporal, std::initializer_list<at::T
   const int64_t N = temporal ? q.size(1) : q.size(2);
   if (temporal ? N > 32 : N > 16) return {Kind::blocked};
   const bool unit_rows = std::all_of(operands.begin(), operands.end(), [](const at::Tensor& x) { return x.stride(4) == 1; });
-  bool rows = simd::kRegisters >= 32 && N >= 8 && q.size(4) > 16;
+  bool rows = simd::kRegisters >= 32 && N >= 8 && q.size(4) >= 16;
   // PVKERNELS_CPU_ATTENTION_KERNEL=rows|lanes: one of the two wherever it can run (for comparing
   // them: benchmarks/attention_families.py)
   if (const char* forced = std::getenv("PVKERNELS_CPU_ATTENTION_KERNEL")) {

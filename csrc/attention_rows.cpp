@@ -1,5 +1,5 @@
 // Attention over short sequences with unit-stride rows (temporal 8 <= T <= 32, spatial 8 <= S <=
-// 16, Dh > 16, 32 vector registers; attention.cpp holds the crossover), one (b, a) item at a time,
+// 16, Dh >= 16, 32 vector registers; attention.cpp holds the crossover), one (b, a) item at a time,
 // head by head. Queries sit in vector lanes: only Q (and dO) are transposed, to [d][query]; the
 // scores are kept transposed, S^T[key][query], so the softmax over keys is lane-wise, and every
 // other operand is a staged row or a broadcast scalar: S^T[j] = sum_d K[j][d] Q^T[d] and

@@ -217,7 +217,7 @@ def test_arbitrary_strides(backend, kind, shape):
         assert_close(g, w, torch.float32, name="d" + n)
 
 
-# the cpp kernel of unit-stride rows (8 <= n, Dh > 16, AVX-512; attention.cpp's family_of): every
+# the cpp kernel of unit-stride rows (8 <= n, Dh >= 16, AVX-512; attention.cpp's family_of): every
 # sequence length of its range, head dims with and without a partial last vector, up to the limit
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("kind, shape", [
