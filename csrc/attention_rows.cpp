@@ -31,7 +31,7 @@ using simd::kRegisters, simd::load, simd::store, simd::splat, simd::iota;
 // with 16; the weights are broadcast from memory).
 constexpr int kKeys = kLanes;
 constexpr int kOutRows = 4;
-constexpr int kOutVecs = kRegisters >= 32 ? 4 : 2;
+constexpr int kOutVecs = kRegisters >= 32 ? 5 : 2;
 
 // A sequence's rows are staged in fp32 at a fixed stride of kRow floats (every row of a register
 // block is then addressed off one pointer by a constant; kMaxHeadDim + kLanes: rows do not share
@@ -167,8 +167,10 @@ void product(Weights W, const float* M, int64_t R, int64_t C, int64_t D, Skip sk
     const int64_t nr = std::min<int64_t>(kOutRows, R - r0);
     const int64_t c_lo = skip == Skip::upper ? r0 : 0;
     const int64_t c_hi = skip == Skip::lower ? std::min(C, r0 + nr) : C;
-    for (int64_t v0 = 0; v0 < vecs; v0 += kOutVecs) {
-      const int64_t nv = std::min<int64_t>(kOutVecs, vecs - v0);
+    // the row's vectors in blocks of at most kOutVecs, as even as they go (10 = 5 + 5, 8 = 4 + 4)
+    const int64_t blocks = (vecs + kOutVecs - 1) / kOutVecs, per = (vecs + blocks - 1) / blocks;
+    for (int64_t v0 = 0; v0 < vecs; v0 += per) {
+      const int64_t nv = std::min<int64_t>(per, vecs - v0);
       product_vecs<kOutVecs>(nv, W, M, r0, nr, c_lo, c_hi, v0 * kLanes, v0 + nv == vecs ? last : kLanes, scale, out,
                              os, ahead);
     }
