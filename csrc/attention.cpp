@@ -1,20 +1,22 @@
-// Factorised spatio-temporal attention on the CPU: the entry of the two kernel families (the
-// checks, the measured crossover between them and the dtype switch). q, k, v are read in
+// Factorised spatio-temporal attention on the CPU: the entry of the three kernel families (the
+// checks, the measured crossovers between them and the dtype switch). q, k, v are read in
 // place as (B, T, S, H, Dh) with any strides (views of one packed projection too):
-// - short sequences (attention_lanes.cpp): kLanes (b, a, h) sequences side by side, one per
-//   vector lane: no padded scores, a lane-wise softmax;
+// - short sequences with unit-stride rows (attention_rows.cpp): an item's heads one at a time,
+//   q alone transposed, the scores kept key x query so the softmax is lane-wise;
+// - other short sequences (attention_lanes.cpp): kLanes (b, a, h) sequences side by side, one
+//   per vector lane: no padded scores, a lane-wise softmax;
 // - longer ones (attention_blocked.cpp): a (b, a) item's heads staged in fp32, scores kept
 //   transposed in blocks of 32 queries that stay in L1.
-// Both backwards recompute P from the saved log-sum-exp.
+// All backwards recompute P from the saved log-sum-exp.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cstdlib>
-#include <string>
 #include <initializer_list>
 #include <optional>
+#include <string>
 #include <tuple>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -28,7 +30,7 @@ at::Tensor attention::empty_output(at::IntArrayRef sizes, const at::TensorOption
   at::Tensor out = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const int64_t bytes = out.numel() * out.element_size();
-  if (bytes >= kStreamBytes) {
+  if (bytes >= kHugePageBytes) {
     constexpr uintptr_t page = 2 << 20;
     const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
     const uintptr_t first = (start + page - 1) / page * page, last = (start + bytes) / page * page;
@@ -41,8 +43,8 @@ at::Tensor attention::empty_output(at::IntArrayRef sizes, const at::TensorOption
 namespace {
 
 // The kernel family of a call, chosen in this one place (the measurements are in
-// benchmarks/README.md, "kernel families"): short sequences (temporal T <= 32, spatial S <= 16)
-// with unit-stride rows one at a time, read in place (attention_rows.cpp), where that kernel
+// benchmarks/README.md, "The cpp kernels for short sequences"): short sequences (temporal T <= 32,
+// spatial S <= 16) with unit-stride rows an item at a time (attention_rows.cpp), where that kernel
 // measured faster than the lanes one: 8 <= n, Dh >= 16, with 32 vector registers (on AVX2 it
 // measured 0.86-1.10x the lanes kernel); other short sequences side by side in vector lanes
 // (attention_lanes.cpp); the blocked kernel past them (spatially an item's rows are adjacent and

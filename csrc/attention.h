@@ -1,7 +1,8 @@
-// What the two attention kernel families share (attention_lanes.cpp: short sequences, one per
-// vector lane; attention_blocked.cpp: longer ones, blocked). Both read (B, T, S, H, Dh) in place
-// with any strides, seen as (b, a, n, h, d) with n the attended axis (T temporal, S spatial),
-// and both backwards recompute P from the saved log-sum-exp. attention.cpp is the entry.
+// What the three attention kernel families share (attention_rows.cpp: short sequences with
+// unit-stride rows, an item at a time; attention_lanes.cpp: other short sequences, one per vector
+// lane; attention_blocked.cpp: longer ones, blocked). All read (B, T, S, H, Dh) with any strides
+// (rows: unit stride along Dh), seen as (b, a, n, h, d) with n the attended axis (T temporal, S
+// spatial), and all backwards recompute P from the saved log-sum-exp. attention.cpp is the entry.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -77,11 +78,14 @@ constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kStreamBytes = 4 << 20;
 inline bool streamed(const at::Tensor& out) { return out.numel() * out.element_size() >= kStreamBytes; }
 
-// A new output tensor; past kStreamBytes its whole 2 MiB pages are marked for transparent huge
-// pages (madvise(MADV_HUGEPAGE), as PyTorch's own allocator does under THP_MEM_ALLOC_ENABLE=1;
-// nothing where the system's THP setting is "never" or off Linux). Allocations this large are
-// fresh mappings on every call, and faulting them in 4 KiB pages costs more than the kernels'
-// arithmetic: one thread faults 84 MB in ~38 ms, in ~6 ms on 2 MiB pages (benchmarks/README.md).
+// A new output tensor; from kHugePageBytes on, its whole 2 MiB pages are marked for transparent
+// huge pages (madvise(MADV_HUGEPAGE), as PyTorch's own allocator does under
+// THP_MEM_ALLOC_ENABLE=1; nothing where the system's THP setting is "never" or off Linux).
+// Allocations this large are fresh mappings on every call (glibc's malloc maps anything past
+// 32 MB anew; smaller ones come from its heap, already faulted in, which is left alone), and
+// faulting them in 4 KiB pages costs more than the kernels' arithmetic: one thread faults 84 MB
+// in ~38 ms, in ~6 ms on 2 MiB pages (benchmarks/README.md).
+constexpr int64_t kHugePageBytes = 32 << 20;
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // vector-aligned start inside a buffer allocated kLanes floats longer: whole-line vector access
@@ -91,8 +95,9 @@ inline float* aligned(float* p) {
 }
 
 // The kernels, instantiated for float, c10::Half and c10::BFloat16. bias: the kernel family's
-// own fp32 layout of the (H, N, N) bias (lane_bias / padded_bias) or nullptr; dbias_acc: per
-// thread sums of dS in that layout (reduced by lane_bias_grad / padded_bias_grad) or nullptr.
+// own fp32 layout of the (H, N, N) bias (row_bias / lane_bias / padded_bias) or nullptr; dbias_acc:
+// per thread sums of dS in that layout (reduced by row_bias_grad / lane_bias_grad /
+// padded_bias_grad) or nullptr.
 template <typename T>
 void lanes_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* bias, at::Tensor& out,
                    at::Tensor& lse, bool temporal, bool causal);

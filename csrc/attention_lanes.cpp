@@ -1,11 +1,11 @@
-// Attention over short sequences (temporal T <= 32, spatial S <= 16; attention.cpp holds the
-// crossover): kLanes sequences side by side, one per vector lane. The blocked kernels would pad
-// every score row to kLanes queries (T = 18 computes 32 with 16 lanes). Here a work unit is
-// kLanes consecutive (b, a, h) sequences: consecutive heads of one item first, whose rows are
-// adjacent in memory, so the unit reads whole (H * Dh) rows like the blocked kernels do. The
-// staged tensors are [row][d][lane] and every score, exp and FMA is lane-wise on kLanes
-// independent sequences: nothing is padded but the rows to a multiple of 4 and the last unit's
-// idle lanes, and the softmax needs no horizontal reductions.
+// Attention over short sequences (temporal T <= 32, spatial S <= 16) that the rows kernel does
+// not take (attention.cpp holds the crossovers): kLanes sequences side by side, one per vector
+// lane. The blocked kernels would pad every score row to kLanes queries (T = 18 computes 32 with
+// 16 lanes). Here a work unit is kLanes consecutive (b, a, h) sequences: consecutive heads of
+// one item first, whose rows are adjacent in memory, so the unit reads whole (H * Dh) rows like
+// the blocked kernels do. The staged tensors are [row][d][lane] and every score, exp and FMA is
+// lane-wise on kLanes independent sequences: nothing is padded but the rows to a multiple of 4
+// and the last unit's idle lanes, and the softmax needs no horizontal reductions.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
