@@ -302,8 +302,8 @@ def _empty_on_huge_pages(n: int) -> torch.Tensor:
 
 
 def fresh_seconds(nbytes: int, clock, rounds: int = 5) -> float:
-    """One thread's time to allocate ``nbytes`` as the patched path does and write them once: the
-    page faults of its new outputs (one allocation per output tensor of ``nbytes / count``)."""
+    """One thread's time to allocate an output of ``nbytes`` as the patched path does and write it
+    once: the page faults of a new output."""
     n = nbytes // 4
     return statistics.median(_clocked(lambda: _empty_on_huge_pages(n).zero_(), rounds, clock))
 
