@@ -94,32 +94,34 @@ inline float* aligned(float* p) {
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + mask) & ~mask);
 }
 
-// The kernels, instantiated for float, c10::Half and c10::BFloat16. bias: the kernel family's
-// own fp32 layout of the (H, N, N) bias (row_bias / lane_bias / padded_bias) or nullptr; dbias_acc:
-// per thread sums of dS in that layout (reduced by row_bias_grad / lane_bias_grad /
-// padded_bias_grad) or nullptr.
-template <typename T>
-void lanes_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* bias, at::Tensor& out,
-                   at::Tensor& lse, bool temporal, bool causal);
-template <typename T>
-void lanes_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const float* bias, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                    float* dbias_acc, bool temporal, bool causal);
-template <typename T>
-void blocked_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* bias,
-                     at::Tensor& out, at::Tensor& lse, bool temporal, bool causal);
-template <typename T>
-void blocked_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const float* bias, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                      float* dbias_acc, bool temporal, bool causal);
+// The kernels of each family, <family>_forward<T> and <family>_backward<T>, declared here and
+// instantiated in the family's file by PVKERNELS_ATTENTION_INSTANTIATE(family) for float,
+// c10::Half and c10::BFloat16. bias: the family's own fp32 layout of the (H, N, N) bias (row_bias
+// / lane_bias / padded_bias) or nullptr; dbias_acc: per thread sums of dS in that layout (reduced
+// by row_bias_grad / lane_bias_grad / padded_bias_grad) or nullptr.
+#define PVKERNELS_ATTENTION_FORWARD(family, T)                                                             \
+  void family##_forward T(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* bias, \
+                          at::Tensor& out, at::Tensor& lse, bool temporal, bool causal)
+#define PVKERNELS_ATTENTION_BACKWARD(family, T)                                                                \
+  void family##_backward T(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,              \
+                           const at::Tensor& v, const float* bias, const at::Tensor& lse, at::Tensor& dq,     \
+                           at::Tensor& dk, at::Tensor& dv, float* dbias_acc, bool temporal, bool causal)
+#define PVKERNELS_ATTENTION_DECLARE(family)                       \
+  template <typename T>                                           \
+  PVKERNELS_ATTENTION_FORWARD(family, );                          \
+  template <typename T>                                           \
+  PVKERNELS_ATTENTION_BACKWARD(family, )
+#define PVKERNELS_ATTENTION_INSTANTIATE_FOR(family, T)     \
+  template PVKERNELS_ATTENTION_FORWARD(family, <T>);        \
+  template PVKERNELS_ATTENTION_BACKWARD(family, <T>)
+#define PVKERNELS_ATTENTION_INSTANTIATE(family)                   \
+  PVKERNELS_ATTENTION_INSTANTIATE_FOR(family, float);             \
+  PVKERNELS_ATTENTION_INSTANTIATE_FOR(family, c10::Half);         \
+  PVKERNELS_ATTENTION_INSTANTIATE_FOR(family, c10::BFloat16)
 
-template <typename T>
-void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* bias, at::Tensor& out,
-                  at::Tensor& lse, bool temporal, bool causal);
-template <typename T>
-void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const float* bias, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                   float* dbias_acc, bool temporal, bool causal);
+PVKERNELS_ATTENTION_DECLARE(rows);
+PVKERNELS_ATTENTION_DECLARE(lanes);
+PVKERNELS_ATTENTION_DECLARE(blocked);
 
 at::Tensor row_bias(const at::Tensor& bias);                      // [H][N keys][NP queries]
 at::Tensor row_bias_grad_acc(int64_t threads, int64_t H, int64_t N);

@@ -519,16 +519,7 @@ at::Tensor padded_bias_grad(const at::Tensor& acc) {
   return acc.sum(0).narrow(2, 0, acc.size(2)).transpose(1, 2);
 }
 
-#define PVKERNELS_INSTANTIATE(T)                                                                                  \
-  template void blocked_forward<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const float*,          \
-                                   at::Tensor&, at::Tensor&, bool, bool);                                         \
-  template void blocked_backward<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,   \
-                                    const float*, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, float*, \
-                                    bool, bool);
-PVKERNELS_INSTANTIATE(float)
-PVKERNELS_INSTANTIATE(c10::Half)
-PVKERNELS_INSTANTIATE(c10::BFloat16)
-#undef PVKERNELS_INSTANTIATE
+PVKERNELS_ATTENTION_INSTANTIATE(blocked);
 
 }  // namespace attention
 }  // namespace pvkernels

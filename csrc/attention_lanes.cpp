@@ -323,16 +323,7 @@ at::Tensor lane_bias_grad_acc(int64_t threads, int64_t H, int64_t N) {
   return at::zeros({threads, H, N, N, kLanes}, at::TensorOptions().dtype(at::kFloat));
 }
 
-#define PVKERNELS_INSTANTIATE(T)                                                                                  \
-  template void lanes_forward<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const float*,            \
-                                 at::Tensor&, at::Tensor&, bool, bool);                                           \
-  template void lanes_backward<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,     \
-                                  const float*, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, float*,   \
-                                  bool, bool);
-PVKERNELS_INSTANTIATE(float)
-PVKERNELS_INSTANTIATE(c10::Half)
-PVKERNELS_INSTANTIATE(c10::BFloat16)
-#undef PVKERNELS_INSTANTIATE
+PVKERNELS_ATTENTION_INSTANTIATE(lanes);
 
 }  // namespace attention
 }  // namespace pvkernels

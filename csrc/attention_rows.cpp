@@ -359,16 +359,7 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   });
 }
 
-#define PVKERNELS_INSTANTIATE(T)                                                                                  \
-  template void rows_forward<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const float*,             \
-                                at::Tensor&, at::Tensor&, bool, bool);                                            \
-  template void rows_backward<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,      \
-                                 const float*, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, float*,    \
-                                 bool, bool);
-PVKERNELS_INSTANTIATE(float)
-PVKERNELS_INSTANTIATE(c10::Half)
-PVKERNELS_INSTANTIATE(c10::BFloat16)
-#undef PVKERNELS_INSTANTIATE
+PVKERNELS_ATTENTION_INSTANTIATE(rows);
 
 }  // namespace attention
 }  // namespace pvkernels
