@@ -53,6 +53,12 @@ def levels(device: str = DEVICE, quick: bool = QUICK) -> list:
     return out
 
 
+# Motion modules per level in SD 1.5's UNetMotionModel at a 64x64 latent (diffusers' defaults:
+# layers_per_block 2, up blocks 3 layers, use_motion_mid_block): down blocks 2 each, the mid block 1
+# (8x8), up blocks 3 each; every module holds two self-attention layers (double_self_attention).
+SD15_MODULES = {(320, 64, 1): 5, (640, 32, 1): 5, (1280, 16, 1): 5, (1280, 8, 1): 6}
+
+
 def providers(device: str = DEVICE) -> list:
     if device == "cuda":
         return ["reference", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "patched"]
@@ -362,6 +368,13 @@ def interleaved(cpu_time: bool, rounds: int) -> None:
             share = f"{parts[0]:.0%} -> {parts[1]:.0%}"
         print(f"| {name} | {ref * 1e3:.1f} | {fast * 1e3:.1f} | {ref / fast:.2f} | {min(ratios):.2f}-{max(ratios):.2f} "
               f"| {share} |", flush=True)
+    for mode in ("fwd", "fwd+bwd"):  # the attention lines of a whole SD 1.5 UNet, from the medians above
+        names = {f"attention {mode}, {_level_name(level)}": 2 * count for level, count in SD15_MODULES.items()}
+        if all(n in measured for n in names):
+            ref, fast = (sum(count * measured[n][i] for n, count in names.items()) for i in (0, 1))
+            print(f"| attention {mode}, SD 1.5 UNet's {sum(SD15_MODULES.values())} motion modules "
+                  f"({sum(names.values())} layers: sum of the medians above) | {ref * 1e3:.1f} | {fast * 1e3:.1f} "
+                  f"| {ref / fast:.2f} |  |  |", flush=True)
     bw = harness.copy_bandwidth("cpu")  # after set_num_threads(1): one thread's
     print(f"\nroofline: one thread's copy bandwidth {bw / 1e9:.1f} GB/s (bytes read + written); MB: the tensors "
           "each path reads and writes once (MOVED); the patched floor: its fresh outputs allocated and written "

@@ -5,8 +5,7 @@
 // other operand is a staged row or a broadcast scalar: S^T[j] = sum_d K[j][d] Q^T[d] and
 // O[i] = sum_j P^T[j][i] V[j]. The lanes kernel (attention_lanes.cpp) transposes q, k, v and the
 // output where this one transposes q alone (it serves the strided layouts, the shortest
-// sequences and AVX2). An item's output rows are assembled in a scratch and written once, as
-// whole rows.
+// sequences and AVX2). The products write their rows straight into the outputs (ItemRows).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -118,9 +117,9 @@ struct Weights {
 enum class Skip { none, lower, upper };
 
 // rows r0 .. r0 + nr (nr <= kOutRows) of V vectors from d0, the last `tail` lanes wide
-template <int V>
+template <int V, typename T>
 void product_block(Weights W, const float* M, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi, int64_t d0, int tail,
-                   float scale, float* out, int64_t os, LineStream& ahead) {
+                   float scale, T* out, int64_t os, bool stream, LineStream& ahead) {
   vfloat acc[kOutRows][V] = {};
   for (int64_t c = c_lo; c < c_hi; ++c) {
     ahead.next();
@@ -137,30 +136,31 @@ void product_block(Weights W, const float* M, int64_t r0, int64_t nr, int64_t c_
 #pragma GCC unroll 16  // whole: acc stays in registers
   for (int r = 0; r < kOutRows; ++r) {
     if (r >= nr) break;
-    float* o = out + (r0 + r) * os + d0;
+    T* o = out + (r0 + r) * os + d0;
 #pragma GCC unroll 16
     for (int v = 0; v < V; ++v) {
       if (v + 1 < V || tail == kLanes) {
-        store(o + v * kLanes, acc[r][v] * scale);
+        simd::store_from_f32(o + v * kLanes, acc[r][v] * scale, stream);
       } else {
-        simd::store_partial(o + v * kLanes, acc[r][v] * scale, tail);
+        simd::store_from_f32_partial(o + v * kLanes, acc[r][v] * scale, tail);
       }
     }
   }
 }
 
 // product_block<V> for the nv (<= V) vectors left of a row
-template <int V>
+template <int V, typename T>
 void product_vecs(int64_t nv, Weights W, const float* M, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi, int64_t d0,
-                  int tail, float scale, float* out, int64_t os, LineStream& ahead) {
+                  int tail, float scale, T* out, int64_t os, bool stream, LineStream& ahead) {
   if constexpr (V > 1) {
-    if (nv < V) return product_vecs<V - 1>(nv, W, M, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, ahead);
+    if (nv < V) return product_vecs<V - 1>(nv, W, M, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
   }
-  product_block<V>(W, M, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, ahead);
+  product_block<V>(W, M, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
 }
 
-void product(Weights W, const float* M, int64_t R, int64_t C, int64_t D, Skip skip, float scale, float* out, int64_t os,
-             LineStream ahead = {}) {
+template <typename T>
+void product(Weights W, const float* M, int64_t R, int64_t C, int64_t D, Skip skip, float scale, T* out, int64_t os,
+             bool stream, LineStream ahead = {}) {
   const int64_t vecs = (D + kLanes - 1) / kLanes;
   const int last = static_cast<int>(D - (vecs - 1) * kLanes);  // lanes of the last vector
   for (int64_t r0 = 0; r0 < R; r0 += kOutRows) {
@@ -172,7 +172,7 @@ void product(Weights W, const float* M, int64_t R, int64_t C, int64_t D, Skip sk
     for (int64_t v0 = 0; v0 < vecs; v0 += per) {
       const int64_t nv = std::min<int64_t>(per, vecs - v0);
       product_vecs<kOutVecs>(nv, W, M, r0, nr, c_lo, c_hi, v0 * kLanes, v0 + nv == vecs ? last : kLanes, scale, out,
-                             os, ahead);
+                             os, stream, ahead);
     }
   }
   ahead.rest();
@@ -187,13 +187,32 @@ Items items_of(const Sizes& z) { return {z.B * z.A, z.A, z.H, z.N, simd::round_u
 
 constexpr int64_t kAhead = 2;  // items: how far ahead the LineStreams prefetch
 
-// An item's fp32 rows ([N][H * D], from the scratch) to an output of attention.cpp's (heads
-// adjacent, unit stride: row n of the item is H * D elements at x + n * sn); stream:
-// non-temporal stores where aligned (whole rows, so whole lines)
+// An item's output rows (N rows of H heads x D, at x + n * sn + h * sh), written by the products
+// straight into the output, or, where a head's D elements are not whole cache lines of a streamed
+// output (two heads share a line, which streaming stores would write in parts), assembled in an fp32
+// scratch ([N][H * D]) and written out as whole rows by done().
 template <typename T>
-void put_item(const float* src, const Items& it, T* x, int64_t sn, bool stream) {
-  for (int64_t n = 0; n < it.N; ++n) simd::from_f32(src + n * it.H * it.D, it.H * it.D, x + n * sn, 1.0f, stream);
-}
+struct ItemRows {
+  T* x;
+  int64_t sh, sn;
+  float* scratch;  // nullptr: straight into x
+  int64_t N, HD;
+  bool stream;
+  static bool direct(int64_t D, bool stream) { return !stream || D * static_cast<int64_t>(sizeof(T)) % 64 == 0; }
+  // fn(rows of head h, their stride, stream)
+  template <typename Fn>
+  void head(int64_t h, int64_t D, const Fn& fn) const {
+    if (scratch == nullptr) {
+      fn(x + h * sh, sn, stream);
+    } else {
+      fn(scratch + h * D, HD, false);
+    }
+  }
+  void done() const {
+    if (scratch != nullptr)
+      for (int64_t n = 0; n < N; ++n) simd::from_f32(scratch + n * HD, HD, x + n * sn, 1.0f, stream);
+  }
+};
 
 // causal mask of key j on query lanes i0..: true where i < j
 inline auto future(int64_t j, int64_t i0) { return iota(static_cast<int32_t>(i0)) < static_cast<int32_t>(j); }
@@ -223,6 +242,7 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const float scale = 1.0f / std::sqrt(static_cast<float>(it.D));
   const int64_t N = it.N, NP = it.NP, D = it.D, H = it.H;
   const bool stream = streamed(out);
+  const bool direct = ItemRows<T>::direct(D, stream);
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> ws(3 * NP * kRow + D * NP + NP * NP + N * H * D + kLanes, 0.0f);
     float* Qs = aligned(ws.data());  // staged rows, Q pre-scaled by 1/sqrt(Dh)
@@ -230,9 +250,10 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     float* Vs = Ks + NP * kRow;
     float* Qt = Vs + NP * kRow;  // [D][NP]
     float* Pt = Qt + D * NP;     // [NP keys][NP queries]: scores, then probabilities (zero past N)
-    float* O = Pt + NP * NP;     // [N][H * D]: the item's output rows
+    float* O = Pt + NP * NP;     // [N][H * D]: the item's output rows where not direct
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qb = it.base(item, qv), kb = it.base(item, kv), vb = it.base(item, vv), lb = it.base(item, lv);
+      const ItemRows<T> to_out{op + it.base(item, ov), ov.sh, ov.sn, direct ? nullptr : O, N, H * D, stream};
       for (int64_t h = 0; h < H; ++h) {
         const bool ahead = item + kAhead < end;
         const T* q_h = qp + qb + h * qv.sh;
@@ -270,10 +291,11 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           for (int64_t i = i0; i < std::min(N, i0 + kLanes); ++i) lp[lb + h * lv.sh + i * lv.sn] = lse_i[i - i0];
         }
         // O[i] = sum_j P^T[j][i] V[j]
-        product({Pt, 1, NP}, Vs, N, N, D, causal ? Skip::lower : Skip::none, 1.0f, O + h * D, H * D,
-                later(v_h, vv, vb));
+        to_out.head(h, D, [&](auto* x, int64_t sn, bool s) {
+          product({Pt, 1, NP}, Vs, N, N, D, causal ? Skip::lower : Skip::none, 1.0f, x, sn, s, later(v_h, vv, vb));
+        });
       }
-      put_item(O, it, op + it.base(item, ov), ov.sn, stream);
+      to_out.done();
     }
     simd::stream_fence();
   });
@@ -289,7 +311,7 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
       bwd_operands<T>(grad_out, q, k, v, lse, dq, dk, dv, temporal);
   const float scale = 1.0f / std::sqrt(static_cast<float>(it.D));
   const int64_t N = it.N, NP = it.NP, D = it.D, H = it.H, HD = H * D;
-  const bool stream = streamed(dq);
+  const bool stream = streamed(dq), direct = ItemRows<T>::direct(D, stream);
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * H * N * NP : nullptr;
     std::vector<float> ws(4 * NP * kRow + 2 * D * NP + 2 * NP * NP + 3 * N * HD + kLanes, 0.0f);
@@ -301,12 +323,15 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
     float* dOt = Qt + D * NP;     // [D][NP]
     float* Pt = dOt + D * NP;     // [NP][NP] probabilities
     float* dSt = Pt + NP * NP;    // [NP][NP] dP^T, then dS^T
-    float* dQ = dSt + NP * NP;    // [N][H * D] each: the item's gradient rows
+    float* dQ = dSt + NP * NP;    // [N][H * D] each: the item's gradient rows where not direct
     float* dK = dQ + N * HD;
     float* dV = dK + N * HD;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t gb = it.base(item, gv), qb = it.base(item, qv), kb = it.base(item, kv), vb = it.base(item, vv);
       const int64_t lb = it.base(item, lv);
+      const ItemRows<T> to_dq{dqp + it.base(item, dqv), dqv.sh, dqv.sn, direct ? nullptr : dQ, N, HD, stream};
+      const ItemRows<T> to_dk{dkp + it.base(item, dkv), dkv.sh, dkv.sn, direct ? nullptr : dK, N, HD, stream};
+      const ItemRows<T> to_dv{dvp + it.base(item, dvv), dvv.sh, dvv.sn, direct ? nullptr : dV, N, HD, stream};
       for (int64_t h = 0; h < H; ++h) {
         const bool ahead = item + kAhead < end;
         const T* q_h = qp + qb + h * qv.sh;
@@ -347,13 +372,15 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         // padded query lanes: P = exp(0) there, but dO^T is zero, so dS^T is zero
         const Skip lower = causal ? Skip::lower : Skip::none, upper = causal ? Skip::upper : Skip::none;
         // dQ[i] = scale sum_j dS^T[j][i] K[j]; dK[j] = sum_i dS^T[j][i] (scale Q[i]); dV[j] = sum_i P^T[j][i] dO[i]
-        product({dSt, 1, NP}, Ks, N, N, D, lower, scale, dQ + h * D, HD, later(v_h, vv, vb));
-        product({dSt, NP, 1}, Qs, N, N, D, upper, 1.0f, dK + h * D, HD, later(g_h, gv, gb));
-        product({Pt, NP, 1}, dOs, N, N, D, upper, 1.0f, dV + h * D, HD);
+        to_dq.head(h, D, [&](auto* x, int64_t sn, bool s) {
+          product({dSt, 1, NP}, Ks, N, N, D, lower, scale, x, sn, s, later(v_h, vv, vb));
+        });
+        to_dk.head(h, D, [&](auto* x, int64_t sn, bool s) {
+          product({dSt, NP, 1}, Qs, N, N, D, upper, 1.0f, x, sn, s, later(g_h, gv, gb));
+        });
+        to_dv.head(h, D, [&](auto* x, int64_t sn, bool s) { product({Pt, NP, 1}, dOs, N, N, D, upper, 1.0f, x, sn, s); });
       }
-      put_item(dQ, it, dqp + it.base(item, dqv), dqv.sn, stream);
-      put_item(dK, it, dkp + it.base(item, dkv), dkv.sn, stream);
-      put_item(dV, it, dvp + it.base(item, dvv), dvv.sn, stream);
+      to_dq.done(), to_dk.done(), to_dv.done();
     }
     simd::stream_fence();
   });
