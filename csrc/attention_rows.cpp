@@ -73,17 +73,29 @@ void stage(const T* x, int64_t stride, int64_t N, int64_t D, float scale, float*
   ahead.rest();
 }
 
-// dst[d][i] = X[i][d] for d < D, all NP lanes i (X staged): kLanes x kLanes transposes
-void transpose_staged(const float* X, int64_t NP, int64_t D, float* dst) {
+// dst[d][i] = scale * X[i][d] for d < D and all NP lanes i (zero for i >= N), X's rows at x + i *
+// stride (the operand itself, not staged): kLanes x kLanes transposes; ahead: a line per row read
+template <typename T>
+void transpose_rows(const T* x, int64_t stride, int64_t N, int64_t NP, int64_t D, float scale, float* dst,
+                    LineStream ahead) {
   vfloat r[kLanes];
   for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
     for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
-      for (int l = 0; l < kLanes; ++l) r[l] = load(X + (i0 + l) * kRow + d0);
-      simd::transpose(r);
       const int w = static_cast<int>(std::min<int64_t>(kLanes, D - d0));
-      for (int k = 0; k < w; ++k) store(dst + (d0 + k) * NP + i0, r[k]);
+      for (int l = 0; l < kLanes; ++l) {
+        ahead.next();
+        if (i0 + l >= N) {
+          r[l] = vfloat{};
+        } else {
+          const T* row = x + (i0 + l) * stride + d0;
+          r[l] = w == kLanes ? simd::load_f32(row) : simd::load_f32_partial(row, w);
+        }
+      }
+      simd::transpose(r);
+      for (int k = 0; k < w; ++k) store(dst + (d0 + k) * NP + i0, r[k] * scale);
     }
   }
+  ahead.rest();
 }
 
 // St[j][i] = sum_d A[j][d] Bt[d][i] for j < N, all NP lanes i (A staged): kKeys rows of A at a
@@ -106,7 +118,8 @@ void scores(const float* A, const float* Bt, int64_t N, int64_t NP, int64_t D, f
   ahead.rest();
 }
 
-// Out[r][:] = scale * sum_c W(r, c) M[c][:] (M staged) for r < R, c < C, with W(r, c) = W[r * wr + c * wc],
+// Out[r][:] = scale * sum_c W(r, c) M[c][:] (M's rows ms elements apart: staged or the operand itself) for r < R,
+// c < C, with W(r, c) = W[r * wr + c * wc],
 // into fp32 rows (row stride os); causal: W(r, c) == 0 for c > r (lower) or c < r (upper), and
 // those c are skipped.
 struct Weights {
@@ -117,15 +130,16 @@ struct Weights {
 enum class Skip { none, lower, upper };
 
 // rows r0 .. r0 + nr (nr <= kOutRows) of V vectors from d0, the last `tail` lanes wide
-template <int V, typename T>
-void product_block(Weights W, const float* M, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi, int64_t d0, int tail,
+template <int V, typename TM, typename T>
+void product_block(Weights W, const TM* M, int64_t ms, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi, int64_t d0, int tail,
                    float scale, T* out, int64_t os, bool stream, LineStream& ahead) {
   vfloat acc[kOutRows][V] = {};
   for (int64_t c = c_lo; c < c_hi; ++c) {
     ahead.next();
     vfloat x[V];
     for (int v = 0; v < V; ++v) {
-      x[v] = load(M + c * kRow + d0 + v * kLanes);  // zero past D
+      const TM* m = M + c * ms + d0 + v * kLanes;
+      x[v] = v + 1 < V || tail == kLanes ? simd::load_f32(m) : simd::load_f32_partial(m, tail);
       simd::keep_in_register(x[v]);
     }
     for (int r = 0; r < kOutRows; ++r) {
@@ -149,17 +163,17 @@ void product_block(Weights W, const float* M, int64_t r0, int64_t nr, int64_t c_
 }
 
 // product_block<V> for the nv (<= V) vectors left of a row
-template <int V, typename T>
-void product_vecs(int64_t nv, Weights W, const float* M, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi, int64_t d0,
-                  int tail, float scale, T* out, int64_t os, bool stream, LineStream& ahead) {
+template <int V, typename TM, typename T>
+void product_vecs(int64_t nv, Weights W, const TM* M, int64_t ms, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi,
+                  int64_t d0, int tail, float scale, T* out, int64_t os, bool stream, LineStream& ahead) {
   if constexpr (V > 1) {
-    if (nv < V) return product_vecs<V - 1>(nv, W, M, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
+    if (nv < V) return product_vecs<V - 1>(nv, W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
   }
-  product_block<V>(W, M, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
+  product_block<V>(W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
 }
 
-template <typename T>
-void product(Weights W, const float* M, int64_t R, int64_t C, int64_t D, Skip skip, float scale, T* out, int64_t os,
+template <typename TM, typename T>
+void product(Weights W, const TM* M, int64_t ms, int64_t R, int64_t C, int64_t D, Skip skip, float scale, T* out, int64_t os,
              bool stream, LineStream ahead = {}) {
   const int64_t vecs = (D + kLanes - 1) / kLanes;
   const int last = static_cast<int>(D - (vecs - 1) * kLanes);  // lanes of the last vector
@@ -171,7 +185,7 @@ void product(Weights W, const float* M, int64_t R, int64_t C, int64_t D, Skip sk
     const int64_t blocks = (vecs + kOutVecs - 1) / kOutVecs, per = (vecs + blocks - 1) / blocks;
     for (int64_t v0 = 0; v0 < vecs; v0 += per) {
       const int64_t nv = std::min<int64_t>(per, vecs - v0);
-      product_vecs<kOutVecs>(nv, W, M, r0, nr, c_lo, c_hi, v0 * kLanes, v0 + nv == vecs ? last : kLanes, scale, out,
+      product_vecs<kOutVecs>(nv, W, M, ms, r0, nr, c_lo, c_hi, v0 * kLanes, v0 + nv == vecs ? last : kLanes, scale, out,
                              os, stream, ahead);
     }
   }
@@ -244,11 +258,9 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const bool stream = streamed(out);
   const bool direct = ItemRows<T>::direct(D, stream);
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> ws(3 * NP * kRow + D * NP + NP * NP + N * H * D + kLanes, 0.0f);
-    float* Qs = aligned(ws.data());  // staged rows, Q pre-scaled by 1/sqrt(Dh)
-    float* Ks = Qs + NP * kRow;
-    float* Vs = Ks + NP * kRow;
-    float* Qt = Vs + NP * kRow;  // [D][NP]
+    std::vector<float> ws(NP * kRow + D * NP + NP * NP + N * H * D + kLanes, 0.0f);
+    float* Ks = aligned(ws.data());  // staged rows
+    float* Qt = Ks + NP * kRow;      // [D][NP], pre-scaled by 1/sqrt(Dh)
     float* Pt = Qt + D * NP;     // [NP keys][NP queries]: scores, then probabilities (zero past N)
     float* O = Pt + NP * NP;     // [N][H * D]: the item's output rows where not direct
     for (int64_t item = begin; item < end; ++item) {
@@ -263,10 +275,8 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         auto later = [&](const T* x, const View& v, int64_t b) {
           return ahead ? LineStream(x + it.base(item + kAhead, v) - b, v.sn, N, D) : LineStream();
         };
-        stage(q_h, qv.sn, N, D, scale, Qs, later(q_h, qv, qb));
+        transpose_rows(q_h, qv.sn, N, NP, D, scale, Qt, later(q_h, qv, qb));
         stage(k_h, kv.sn, N, D, 1.0f, Ks, {});
-        stage(v_h, vv.sn, N, D, 1.0f, Vs, {});
-        transpose_staged(Qs, NP, D, Qt);
         scores(Ks, Qt, N, NP, D, Pt, later(k_h, kv, kb));
         const float* bias_h = bias != nullptr ? bias + h * N * NP : nullptr;
         for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
@@ -292,7 +302,8 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         }
         // O[i] = sum_j P^T[j][i] V[j]
         to_out.head(h, D, [&](auto* x, int64_t sn, bool s) {
-          product({Pt, 1, NP}, Vs, N, N, D, causal ? Skip::lower : Skip::none, 1.0f, x, sn, s, later(v_h, vv, vb));
+          product({Pt, 1, NP}, v_h, vv.sn, N, N, D, causal ? Skip::lower : Skip::none, 1.0f, x, sn, s,
+                  later(v_h, vv, vb));
         });
       }
       to_out.done();
@@ -314,12 +325,10 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const bool stream = streamed(dq), direct = ItemRows<T>::direct(D, stream);
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * H * N * NP : nullptr;
-    std::vector<float> ws(4 * NP * kRow + 2 * D * NP + 2 * NP * NP + 3 * N * HD + kLanes, 0.0f);
-    float* Qs = aligned(ws.data());  // staged rows, Q pre-scaled: S^T = K Q^T, dK = dS^T Q
-    float* Ks = Qs + NP * kRow;
+    std::vector<float> ws(2 * NP * kRow + 2 * D * NP + 2 * NP * NP + 3 * N * HD + kLanes, 0.0f);
+    float* Ks = aligned(ws.data());  // staged rows
     float* Vs = Ks + NP * kRow;
-    float* dOs = Vs + NP * kRow;
-    float* Qt = dOs + NP * kRow;  // [D][NP]
+    float* Qt = Vs + NP * kRow;   // [D][NP], Q pre-scaled: S^T = K Q^T
     float* dOt = Qt + D * NP;     // [D][NP]
     float* Pt = dOt + D * NP;     // [NP][NP] probabilities
     float* dSt = Pt + NP * NP;    // [NP][NP] dP^T, then dS^T
@@ -341,12 +350,10 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         auto later = [&](const T* x, const View& v, int64_t b) {
           return ahead ? LineStream(x + it.base(item + kAhead, v) - b, v.sn, N, D) : LineStream();
         };
-        stage(q_h, qv.sn, N, D, scale, Qs, {});
+        transpose_rows(q_h, qv.sn, N, NP, D, scale, Qt, {});
+        transpose_rows(g_h, gv.sn, N, NP, D, 1.0f, dOt, {});
         stage(k_h, kv.sn, N, D, 1.0f, Ks, {});
         stage(v_h, vv.sn, N, D, 1.0f, Vs, {});
-        stage(g_h, gv.sn, N, D, 1.0f, dOs, {});
-        transpose_staged(Qs, NP, D, Qt);
-        transpose_staged(dOs, NP, D, dOt);
         scores(Ks, Qt, N, NP, D, Pt, later(q_h, qv, qb));
         scores(Vs, dOt, N, NP, D, dSt, later(k_h, kv, kb));  // dP^T[j][i] = v_j . dO_i
         const float* bias_h = bias != nullptr ? bias + h * N * NP : nullptr;
@@ -371,14 +378,14 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         }
         // padded query lanes: P = exp(0) there, but dO^T is zero, so dS^T is zero
         const Skip lower = causal ? Skip::lower : Skip::none, upper = causal ? Skip::upper : Skip::none;
-        // dQ[i] = scale sum_j dS^T[j][i] K[j]; dK[j] = sum_i dS^T[j][i] (scale Q[i]); dV[j] = sum_i P^T[j][i] dO[i]
+        // dQ[i] = scale sum_j dS^T[j][i] K[j]; dK[j] = scale sum_i dS^T[j][i] Q[i]; dV[j] = sum_i P^T[j][i] dO[i]
         to_dq.head(h, D, [&](auto* x, int64_t sn, bool s) {
-          product({dSt, 1, NP}, Ks, N, N, D, lower, scale, x, sn, s, later(v_h, vv, vb));
+          product({dSt, 1, NP}, Ks, kRow, N, N, D, lower, scale, x, sn, s, later(v_h, vv, vb));
         });
         to_dk.head(h, D, [&](auto* x, int64_t sn, bool s) {
-          product({dSt, NP, 1}, Qs, N, N, D, upper, 1.0f, x, sn, s, later(g_h, gv, gb));
+          product({dSt, NP, 1}, q_h, qv.sn, N, N, D, upper, scale, x, sn, s, later(g_h, gv, gb));
         });
-        to_dv.head(h, D, [&](auto* x, int64_t sn, bool s) { product({Pt, NP, 1}, dOs, N, N, D, upper, 1.0f, x, sn, s); });
+        to_dv.head(h, D, [&](auto* x, int64_t sn, bool s) { product({Pt, NP, 1}, g_h, gv.sn, N, N, D, upper, 1.0f, x, sn, s); });
       }
       to_dq.done(), to_dk.done(), to_dv.done();
     }
