@@ -292,10 +292,10 @@ FRESH = {"fwd": 1, "fwd+bwd": 4}
 
 
 def _empty_on_huge_pages(n: int) -> torch.Tensor:
-    """torch.empty(n) whose whole 2 MiB pages are marked for transparent huge pages from 32 MB on,
+    """torch.empty(n) whose whole 2 MiB pages are marked for transparent huge pages from 4 MB on,
     as the cpp attention's outputs are (csrc/attention.h, empty_output); plain torch.empty off Linux."""
     x = torch.empty(n)
-    if sys.platform.startswith("linux") and x.nbytes >= 32 << 20:
+    if sys.platform.startswith("linux") and x.nbytes >= 4 << 20:
         import ctypes
 
         libc = ctypes.CDLL(None)

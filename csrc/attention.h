@@ -81,11 +81,14 @@ inline bool streamed(const at::Tensor& out) { return out.numel() * out.element_s
 // A new output tensor; from kHugePageBytes on, its whole 2 MiB pages are marked for transparent
 // huge pages (madvise(MADV_HUGEPAGE), as PyTorch's own allocator does under
 // THP_MEM_ALLOC_ENABLE=1; nothing where the system's THP setting is "never" or off Linux).
-// Allocations this large are fresh mappings on every call (glibc's malloc maps anything past
-// 32 MB anew; smaller ones come from its heap, already faulted in, which is left alone), and
-// faulting them in 4 KiB pages costs more than the kernels' arithmetic: one thread faults 84 MB
-// in ~38 ms, in ~6 ms on 2 MiB pages (benchmarks/README.md).
-constexpr int64_t kHugePageBytes = 32 << 20;
+// Outputs past 32 MB are fresh mappings on every call (glibc's malloc maps them anew), smaller
+// ones come from its heap, faulted in again whenever glibc has trimmed it in between (which
+// alternating large allocations make frequent); faulting them in 4 KiB pages costs more than the
+// kernels' arithmetic: one thread faults 84 MB in ~38 ms, in ~6 ms on 2 MiB pages, and a
+// forward + backward at 256 x 16 x 8 x 160 after malloc_trim took 66-69 ms with 21 MB outputs
+// on 4 KiB pages, 25-27 ms on 2 MiB pages (benchmarks/README.md). Where the heap is already
+// faulted in, the mark costs one system call.
+constexpr int64_t kHugePageBytes = 4 << 20;
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // vector-aligned start inside a buffer allocated kLanes floats longer: whole-line vector access
