@@ -16,9 +16,10 @@ forward (inference, no grad) and forward + backward. Three cases:
 
 Provider "reference" is diffusers' own code, unpatched; "patched" the same after the patch.
 Skipped without diffusers (``pip install -e ".[test]"`` installs it). On a shared machine,
-``python -m benchmarks.bench_diffusers [--cpu-time] [--rounds N]`` times the providers of every
-case in alternating rounds (``--cpu-time``: one thread's CPU time, which other jobs disturb far
-less) and prints the table of the README.
+``python -m benchmarks.bench_diffusers [--cpu-time] [--rounds N] [--attention-only]`` times the
+providers of every case (``--attention-only``: the attention lines' cases alone) in alternating
+rounds (``--cpu-time``: one thread's CPU time, which other jobs disturb far less) and prints the
+table of the README.
 """
 from __future__ import annotations
 
@@ -314,9 +315,10 @@ def fresh_seconds(nbytes: int, clock, rounds: int = 5) -> float:
     return statistics.median(_clocked(lambda: _empty_on_huge_pages(n).zero_(), rounds, clock))
 
 
-def interleaved(cpu_time: bool, rounds: int) -> None:
+def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False) -> None:
     """Every case's two providers in alternating rounds: medians, the ratio's range over the
-    rounds and the attention share (its lines timed alone, the same clock); a markdown table."""
+    rounds and the attention share (its lines timed alone, the same clock); a markdown table.
+    attention_only: the attention lines alone, no module or UNet step."""
     if cpu_time:
         torch.set_num_threads(1)
     clock = time.thread_time if cpu_time else time.perf_counter
@@ -333,12 +335,14 @@ def interleaved(cpu_time: bool, rounds: int) -> None:
                 cases.append((name, calls, None, mode))
                 element = B * side * side * FRAMES * C * 4
                 roofline[name] = ({p: n * element for p, n in MOVED[mode].items()}, mode, element)
-            cases.append((f"motion module {mode}, {_level_name(level)}",
-                          {p: module_call(p, level, mode, "cpu")[0] for p in both}, {p: shape for p in both}, mode))
-    steps = {p: unet_step(p, "cpu") for p in both}
-    cases.append((f"UNetMotionModel {'-'.join(map(str, UNET_CHANNELS))} step, {UNET_SIDE}x{UNET_SIDE}",
-                  {p: s[0] for p, s in steps.items()},
-                  {p: attention_shapes(s[2], s[0]) for p, s in steps.items()}, "fwd+bwd"))
+            if not attention_only:
+                cases.append((f"motion module {mode}, {_level_name(level)}",
+                              {p: module_call(p, level, mode, "cpu")[0] for p in both}, {p: shape for p in both}, mode))
+    if not attention_only:
+        steps = {p: unet_step(p, "cpu") for p in both}
+        cases.append((f"UNetMotionModel {'-'.join(map(str, UNET_CHANNELS))} step, {UNET_SIDE}x{UNET_SIDE}",
+                      {p: s[0] for p, s in steps.items()},
+                      {p: attention_shapes(s[2], s[0]) for p, s in steps.items()}, "fwd+bwd"))
     print(f"{FRAMES} frames, {HEADS} heads, {'one thread, CPU time' if cpu_time else 'wall clock'}, "
           f"{rounds} alternating rounds")
     print("| case | reference ms | patched ms | x | rounds' x range | attention share, ref -> patched |")
@@ -393,4 +397,5 @@ def interleaved(cpu_time: bool, rounds: int) -> None:
 
 if __name__ == "__main__":
     interleaved(cpu_time="--cpu-time" in sys.argv,
-                rounds=int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 5)
+                rounds=int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 5,
+                attention_only="--attention-only" in sys.argv)

@@ -46,10 +46,10 @@ namespace {
 // benchmarks/README.md, "The cpp kernels for short sequences"): short sequences (temporal T <= 32,
 // spatial S <= 16) with unit-stride rows an item at a time (attention_rows.cpp), where that kernel
 // measured faster than the lanes one: 8 <= n, Dh >= 16, with 32 vector registers (on AVX2 it
-// measured 0.86-1.10x the lanes kernel); other short sequences side by side in vector lanes
-// (attention_lanes.cpp); the blocked kernel past them (spatially an item's rows are adjacent and
-// it stages them cheaply). Each family keeps the (H, N, N) bias and its gradient in its own
-// fp32 layout.
+// measured 0.91-1.64x the lanes kernel, below 1 at Dh 80); other short sequences side by side in
+// vector lanes (attention_lanes.cpp); the blocked kernel past them (spatially an item's rows are
+// adjacent and it stages them cheaply). Each family keeps the (H, N, N) bias and its gradient in
+// its own fp32 layout.
 enum class Kind { rows, lanes, blocked };
 struct Family {
   Kind kind;

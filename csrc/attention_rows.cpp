@@ -2,10 +2,12 @@
 // 16, Dh >= 16, 32 vector registers; attention.cpp holds the crossover), one (b, a) item at a time,
 // head by head. Queries sit in vector lanes: only Q (and dO) are transposed, to [d][query]; the
 // scores are kept transposed, S^T[key][query], so the softmax over keys is lane-wise, and every
-// other operand is a staged row or a broadcast scalar: S^T[j] = sum_d K[j][d] Q^T[d] and
-// O[i] = sum_j P^T[j][i] V[j]. The lanes kernel (attention_lanes.cpp) transposes q, k, v and the
-// output where this one transposes q alone (it serves the strided layouts, the shortest
-// sequences and AVX2). The products write their rows straight into the outputs (ItemRows).
+// other operand is a row or a broadcast scalar: S^T[j] = sum_d K[j][d] Q^T[d] and
+// O[i] = sum_j P^T[j][i] V[j]. Q and dO are transposed, V, Q and dO read as rows straight from the
+// operands; K (and V backward), whose elements the scores broadcast, are the only rows staged. The
+// products write the output rows straight into the outputs (ItemRows). The lanes kernel
+// (attention_lanes.cpp) transposes q, k, v and the output where this one transposes q alone (it
+// serves the strided layouts, the shortest sequences and AVX2).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -118,9 +120,9 @@ void scores(const float* A, const float* Bt, int64_t N, int64_t NP, int64_t D, f
   ahead.rest();
 }
 
-// Out[r][:] = scale * sum_c W(r, c) M[c][:] (M's rows ms elements apart: staged or the operand itself) for r < R,
-// c < C, with W(r, c) = W[r * wr + c * wc],
-// into fp32 rows (row stride os); causal: W(r, c) == 0 for c > r (lower) or c < r (upper), and
+// Out[r][:] = scale * sum_c W(r, c) M[c][:] for r < R, c < C, with W(r, c) = W[r * wr + c * wc], M's
+// rows ms elements apart (staged, or the operand itself), into rows of T (row stride os; stream:
+// non-temporal stores where aligned); causal: W(r, c) == 0 for c > r (lower) or c < r (upper), and
 // those c are skipped.
 struct Weights {
   const float* W;
@@ -131,8 +133,8 @@ enum class Skip { none, lower, upper };
 
 // rows r0 .. r0 + nr (nr <= kOutRows) of V vectors from d0, the last `tail` lanes wide
 template <int V, typename TM, typename T>
-void product_block(Weights W, const TM* M, int64_t ms, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi, int64_t d0, int tail,
-                   float scale, T* out, int64_t os, bool stream, LineStream& ahead) {
+void product_block(Weights W, const TM* M, int64_t ms, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi, int64_t d0,
+                   int tail, float scale, T* out, int64_t os, bool stream, LineStream& ahead) {
   vfloat acc[kOutRows][V] = {};
   for (int64_t c = c_lo; c < c_hi; ++c) {
     ahead.next();
@@ -173,8 +175,8 @@ void product_vecs(int64_t nv, Weights W, const TM* M, int64_t ms, int64_t r0, in
 }
 
 template <typename TM, typename T>
-void product(Weights W, const TM* M, int64_t ms, int64_t R, int64_t C, int64_t D, Skip skip, float scale, T* out, int64_t os,
-             bool stream, LineStream ahead = {}) {
+void product(Weights W, const TM* M, int64_t ms, int64_t R, int64_t C, int64_t D, Skip skip, float scale, T* out,
+             int64_t os, bool stream, LineStream ahead = {}) {
   const int64_t vecs = (D + kLanes - 1) / kLanes;
   const int last = static_cast<int>(D - (vecs - 1) * kLanes);  // lanes of the last vector
   for (int64_t r0 = 0; r0 < R; r0 += kOutRows) {
@@ -258,14 +260,14 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const bool stream = streamed(out);
   const bool direct = ItemRows<T>::direct(D, stream);
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> ws(NP * kRow + D * NP + NP * NP + N * H * D + kLanes, 0.0f);
+    std::vector<float> ws(NP * kRow + D * NP + NP * NP + (direct ? 0 : N * H * D) + kLanes, 0.0f);
     float* Ks = aligned(ws.data());  // staged rows
     float* Qt = Ks + NP * kRow;      // [D][NP], pre-scaled by 1/sqrt(Dh)
     float* Pt = Qt + D * NP;     // [NP keys][NP queries]: scores, then probabilities (zero past N)
-    float* O = Pt + NP * NP;     // [N][H * D]: the item's output rows where not direct
+    float* O = direct ? nullptr : Pt + NP * NP;  // [N][H * D]: the item's output rows where not direct
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qb = it.base(item, qv), kb = it.base(item, kv), vb = it.base(item, vv), lb = it.base(item, lv);
-      const ItemRows<T> to_out{op + it.base(item, ov), ov.sh, ov.sn, direct ? nullptr : O, N, H * D, stream};
+      const ItemRows<T> to_out{op + it.base(item, ov), ov.sh, ov.sn, O, N, H * D, stream};
       for (int64_t h = 0; h < H; ++h) {
         const bool ahead = item + kAhead < end;
         const T* q_h = qp + qb + h * qv.sh;
@@ -325,22 +327,22 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const bool stream = streamed(dq), direct = ItemRows<T>::direct(D, stream);
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * H * N * NP : nullptr;
-    std::vector<float> ws(2 * NP * kRow + 2 * D * NP + 2 * NP * NP + 3 * N * HD + kLanes, 0.0f);
+    std::vector<float> ws(2 * NP * kRow + 2 * D * NP + 2 * NP * NP + (direct ? 0 : 3 * N * HD) + kLanes, 0.0f);
     float* Ks = aligned(ws.data());  // staged rows
     float* Vs = Ks + NP * kRow;
     float* Qt = Vs + NP * kRow;   // [D][NP], Q pre-scaled: S^T = K Q^T
     float* dOt = Qt + D * NP;     // [D][NP]
     float* Pt = dOt + D * NP;     // [NP][NP] probabilities
     float* dSt = Pt + NP * NP;    // [NP][NP] dP^T, then dS^T
-    float* dQ = dSt + NP * NP;    // [N][H * D] each: the item's gradient rows where not direct
-    float* dK = dQ + N * HD;
-    float* dV = dK + N * HD;
+    float* dQ = direct ? nullptr : dSt + NP * NP;  // [N][H * D] each: the item's gradient rows where not direct
+    float* dK = direct ? nullptr : dQ + N * HD;
+    float* dV = direct ? nullptr : dK + N * HD;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t gb = it.base(item, gv), qb = it.base(item, qv), kb = it.base(item, kv), vb = it.base(item, vv);
       const int64_t lb = it.base(item, lv);
-      const ItemRows<T> to_dq{dqp + it.base(item, dqv), dqv.sh, dqv.sn, direct ? nullptr : dQ, N, HD, stream};
-      const ItemRows<T> to_dk{dkp + it.base(item, dkv), dkv.sh, dkv.sn, direct ? nullptr : dK, N, HD, stream};
-      const ItemRows<T> to_dv{dvp + it.base(item, dvv), dvv.sh, dvv.sn, direct ? nullptr : dV, N, HD, stream};
+      const ItemRows<T> to_dq{dqp + it.base(item, dqv), dqv.sh, dqv.sn, dQ, N, HD, stream};
+      const ItemRows<T> to_dk{dkp + it.base(item, dkv), dkv.sh, dkv.sn, dK, N, HD, stream};
+      const ItemRows<T> to_dv{dvp + it.base(item, dvv), dvv.sh, dvv.sn, dV, N, HD, stream};
       for (int64_t h = 0; h < H; ++h) {
         const bool ahead = item + kAhead < end;
         const T* q_h = qp + qb + h * qv.sh;
@@ -385,7 +387,9 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         to_dk.head(h, D, [&](auto* x, int64_t sn, bool s) {
           product({dSt, NP, 1}, q_h, qv.sn, N, N, D, upper, scale, x, sn, s, later(g_h, gv, gb));
         });
-        to_dv.head(h, D, [&](auto* x, int64_t sn, bool s) { product({Pt, NP, 1}, g_h, gv.sn, N, N, D, upper, 1.0f, x, sn, s); });
+        to_dv.head(h, D, [&](auto* x, int64_t sn, bool s) {
+          product({Pt, NP, 1}, g_h, gv.sn, N, N, D, upper, 1.0f, x, sn, s);
+        });
       }
       to_dq.done(), to_dk.done(), to_dv.done();
     }
