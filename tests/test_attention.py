@@ -68,6 +68,34 @@ def test_matches_fp64_oracle(backend, kind, with_bias, shape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
+def test_masked_leading_key_blocks(backend, kind):
+    # a -inf bias hiding the first 133 of 200 keys from the first 100 queries (causal: the first
+    # 66 from the last 100), no row all -inf: over those key blocks an online softmax's running max
+    # stays -inf, where exp(-inf - -inf) must not make the row NaN
+    N = 200
+    shape = (1, 2, N, 2, 16) if kind == "spatial" else (1, N, 2, 2, 16)
+    device = dev(backend)
+    q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
+    bias = torch.randn(2, N, N, device=device)
+    if kind == "temporal_causal":
+        bias[:, N // 2:, : N // 3] = float("-inf")
+    else:
+        bias[:, : N // 2, : 2 * N // 3] = float("-inf")
+    bias.requires_grad_()
+    out = attend(kind, q, k, v, bias, backend)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, bias), grad)
+    leaves = [x.detach().double().cpu().requires_grad_() for x in (q, k, v, bias)]
+    expected = attention_math(*leaves, kind != "spatial", kind == "temporal_causal")
+    want = torch.autograd.grad(expected, leaves, grad.double().cpu())
+    assert_close(out, expected, torch.float32, name=f"{backend}/{kind} out")
+    for g, w, n in zip(got[:3], want[:3], "qkv"):
+        assert_close(g, w, torch.float32, name=f"{backend}/{kind} d{n}")
+    assert_dbias_close(got[3], want[3], torch.float32, name=f"{backend}/{kind} dbias")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", [(2, 1, 5, 2, 16), (1, 3, 1, 1, 8), (1, 18, 3, 2, 128), (1, 33, 2, 1, 24),
                                    (1, 6, 5, 20, 8), (1, 5, 20, 3, 20)])
 def test_edge_shapes(backend, kind, shape):

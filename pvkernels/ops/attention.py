@@ -178,8 +178,11 @@ if triton is not None:
             valid = mask_n[None, :] & ((causal == 0) | (offs_n[None, :] <= offs_m[:, None]))
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
+            # a row whose keys so far are all masked (a -inf bias) keeps m = -inf: 0 is subtracted
+            # there instead, so that exp(-inf) = 0 where exp(-inf - -inf) would be NaN
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_sub)
+            p = tl.exp(s - m_sub[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
             m_i = m_new
