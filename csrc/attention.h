@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <limits>
 
 #include "simd.h"
 
@@ -90,6 +91,21 @@ inline bool streamed(const at::Tensor& out) { return out.numel() * out.element_s
 // faulted in, the mark costs one system call.
 constexpr int64_t kHugePageBytes = 4 << 20;
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// The softmax of kLanes queries, lane-wise, from their scores' max m and sum l of exp(score -
+// softmax_shift(m)). A query whose keys are all masked (a -inf bias, alone or with the causal
+// mask) gets what SDPA gives it: a zero output row, and lse +inf, so that a backward's
+// P = exp(s - lse) vanishes there too (exp(-inf - -inf) would be NaN).
+inline vfloat softmax_shift(vfloat m) {
+  return m == simd::splat(-std::numeric_limits<float>::infinity()) ? vfloat{} : m;
+}
+inline vfloat softmax_rinv(vfloat m, vfloat l) {  // 1 / l
+  return m == simd::splat(-std::numeric_limits<float>::infinity()) ? vfloat{} : 1.0f / l;
+}
+inline vfloat softmax_lse(vfloat m, vfloat l) {  // m + log(l)
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  return m == simd::splat(-inf) ? simd::splat(inf) : m + simd::log(l);
+}
 
 // vector-aligned start inside a buffer allocated kLanes floats longer: whole-line vector access
 inline float* aligned(float* p) {

@@ -305,9 +305,9 @@ void softmax_over_keys(const Dims& d, const ForwardHead& h, ForwardScratch& s, i
   const vint lanes = iota(q0);
   float* col = s.Pt + q0 - c0;
   if (causal) m = causal_max(col, h.bias != nullptr ? h.bias + q0 : nullptr, d.Np, jmax, lanes, m);
-  const vfloat l = exp_and_sum(col, jmax, lanes, m, causal);
-  store(s.rinv + q0, 1.0f / l);
-  const vfloat lse = m + simd::log(l);
+  const vfloat l = exp_and_sum(col, jmax, lanes, softmax_shift(m), causal);
+  store(s.rinv + q0, softmax_rinv(m, l));
+  const vfloat lse = softmax_lse(m, l);
   for (int64_t i = q0; i < std::min(d.N, (c + 1) * kLanes); ++i) h.lse[i * h.lse_stride] = lse[i - q0];
 }
 

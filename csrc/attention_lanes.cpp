@@ -229,14 +229,15 @@ void lanes_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           m = simd::max(m, x);
         }
         vfloat l = {};
+        const vfloat shift = softmax_shift(m);
         for (int64_t j = 0; j < jmax; ++j) {
-          const vfloat p = simd::exp(load(row + j * kLanes) - m);
+          const vfloat p = simd::exp(load(row + j * kLanes) - shift);
           store(row + j * kLanes, p);
           l += p;
         }
         for (int64_t j = jmax; j < N4; ++j) store(row + j * kLanes, vfloat{});
-        store(rinv + i * kLanes, 1.0f / l);
-        const vfloat lse_i = m + simd::log(l);
+        store(rinv + i * kLanes, softmax_rinv(m, l));
+        const vfloat lse_i = softmax_lse(m, l);
         for (int64_t ln = 0; ln < kLanes; ++ln)
           if (ll.off[ln] >= 0) lp[ll.off[ln] + i * lv.sn] = lse_i[ln];
       }

@@ -291,15 +291,16 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             m = simd::max(m, x);
           }
           vfloat l = {};
+          const vfloat shift = softmax_shift(m);
           for (int64_t j = 0; j < N; ++j) {
-            vfloat p = simd::exp(load(Pt + j * NP + i0) - m);
+            vfloat p = simd::exp(load(Pt + j * NP + i0) - shift);
             if (causal) p = future(j, i0) ? vfloat{} : p;
             store(Pt + j * NP + i0, p);
             l += p;
           }
-          const vfloat rinv = 1.0f / l;
+          const vfloat rinv = softmax_rinv(m, l);
           for (int64_t j = 0; j < N; ++j) store(Pt + j * NP + i0, load(Pt + j * NP + i0) * rinv);
-          const vfloat lse_i = m + simd::log(l);
+          const vfloat lse_i = softmax_lse(m, l);
           for (int64_t i = i0; i < std::min(N, i0 + kLanes); ++i) lp[lb + h * lv.sh + i * lv.sn] = lse_i[i - i0];
         }
         // O[i] = sum_j P^T[j][i] V[j]

@@ -94,6 +94,40 @@ def test_masked_leading_key_blocks(backend, kind):
     assert_dbias_close(got[3], want[3], torch.float32, name=f"{backend}/{kind} dbias")
 
 
+@pytest.mark.parametrize("backend, kernel, kind, N", [
+    (backend, kernel, kind, N) for kind, N in [("temporal_full", 16), ("temporal_causal", 16), ("spatial", 5),
+                                               ("spatial", 70), ("temporal_causal", 200)]
+    for backend, kernel in [("cpp", None), ("triton", None)] + ([("cpp", "rows"), ("cpp", "lanes")] if N <= 16 else [])])
+def test_fully_masked_queries(monkeypatch, backend, kernel, kind, N):
+    # queries whose every key a -inf bias hides (every third; causal: query 0 too, whose one key is
+    # masked): a zero output row and nothing through it backward, what the reference (SDPA) gives,
+    # where softmax's 0 / 0 would be NaN. N 16: both short-sequence cpp kernels; 70 and 200 the
+    # blocked one and several Triton key blocks
+    if kernel is not None:
+        monkeypatch.setenv("PVKERNELS_CPU_ATTENTION_KERNEL", kernel)
+    shape = (2, 3, N, 2, 24) if kind == "spatial" else (2, N, 3, 2, 24)
+    device = dev(backend)
+    q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
+    bias = torch.randn(2, N, N, device=device)
+    bias[:, 1::3, :] = float("-inf")
+    bias[:, 0, 0] = float("-inf")
+    bias.requires_grad_()
+    out = attend(kind, q, k, v, bias, backend)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, bias), grad)
+    leaves = [x.detach().double().cpu().requires_grad_() for x in (q, k, v, bias)]
+    expected = attend(kind, *leaves, backend="reference")
+    want = torch.autograd.grad(expected, leaves, grad.double().cpu())
+    rows = out.index_select(2 if kind == "spatial" else 1, torch.arange(1, N, 3, device=device))
+    assert torch.equal(rows, torch.zeros_like(rows)), f"{backend}/{kind}: fully masked queries are not zero"
+    assert_close(out, expected, torch.float32, name=f"{backend}/{kind} out")
+    for g, w, n in zip(got[:3], want[:3], "qkv"):
+        assert_close(g, w, torch.float32, name=f"{backend}/{kind} d{n}")
+    assert not got[3].isnan().any(), f"{backend}/{kind}: NaN in dbias"
+    finite = want[3].isfinite()
+    assert_dbias_close(got[3][finite.to(device)], want[3][finite], torch.float32, name=f"{backend}/{kind} dbias")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", [(2, 1, 5, 2, 16), (1, 3, 1, 1, 8), (1, 18, 3, 2, 128), (1, 33, 2, 1, 24),

@@ -186,11 +186,16 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, PRECISION)
             m_i = m_new
+        # a query whose every key is masked (l = 0): a zero row, as SDPA gives, and lse = +inf, so
+        # that the backward's P = exp(s - lse) is 0 there too (0 / 0 and -inf - -inf would be NaN)
+        empty = l_i == 0.0
+        l_i = tl.where(empty, 1.0, l_i)
         acc = acc / l_i[:, None]
         _store_rows(_sequence_base(o_ptr, b, a, h, o_stride_b, o_stride_a, o_stride_h), offs_m, o_stride_n, offs_d,
                     o_stride_d, acc, qd_mask)
         lse_base = _sequence_base(lse_ptr, b, a, h, lse_stride_b, lse_stride_a, lse_stride_h)
-        tl.store(lse_base + offs_m.to(tl.int64) * lse_stride_n, m_i + tl.log(l_i), mask=mask_m)
+        tl.store(lse_base + offs_m.to(tl.int64) * lse_stride_n, tl.where(empty, float("inf"), m_i + tl.log(l_i)),
+                 mask=mask_m)
 
     @triton.jit(do_not_specialize=_RUNTIME)
     def _attention_bwd_delta_kernel(
@@ -732,7 +737,7 @@ def spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: O
     """Attention over the S tokens of each frame, for every (b, t, h), reading the layout in place.
 
     ``o = softmax(q k^T / sqrt(Dh) + bias) v`` with an fp32 softmax; differentiable in q, k, v
-    and bias.
+    and bias. A query whose keys a -inf bias hides all gets a zero row (as SDPA), not NaN.
 
     Args:
         q, k, v: (B, T, S, H, Dh), any strides (e.g. ``qkv.unbind(3)`` of a packed
@@ -755,7 +760,8 @@ def temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal
     """Attention over the T frames at each spatial position, for every (b, s, h), in place.
 
     ``o = softmax(q k^T / sqrt(Dh) + bias + mask) v`` with an fp32 softmax, ``mask`` hiding
-    frames after the query's when ``causal``; differentiable in q, k, v and bias.
+    frames after the query's when ``causal``; differentiable in q, k, v and bias. A query whose
+    keys are all hidden (a -inf bias) gets a zero row (as SDPA), not NaN.
 
     Args:
         q, k, v: (B, T, S, H, Dh), any strides; fp32/fp16/bf16 (fp64 on the reference backend).
