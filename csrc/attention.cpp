@@ -48,34 +48,23 @@ namespace {
 // measured faster than the lanes one: 8 <= n, Dh >= 16, with 32 vector registers (on AVX2 it
 // measured 0.91-1.64x the lanes kernel, below 1 at Dh 80); other short sequences side by side in
 // vector lanes (attention_lanes.cpp); the blocked kernel past them (spatially an item's rows are
-// adjacent and it stages them cheaply). Each family keeps the (H, N, N) bias and its gradient in
-// its own fp32 layout.
+// adjacent and it stages them cheaply). The (H, N, N) bias and its gradient are kept in fp32, keys x
+// queries (padded_bias: rows and blocked) or lane by lane (lane_bias: lanes).
 enum class Kind { rows, lanes, blocked };
 struct Family {
   Kind kind;
 
   at::Tensor bias(const std::optional<at::Tensor>& b) const {
     if (!b.has_value()) return at::Tensor();
-    switch (kind) {
-      case Kind::rows: return attention::row_bias(*b);
-      case Kind::lanes: return attention::lane_bias(*b);
-      default: return attention::padded_bias(*b);
-    }
+    return kind == Kind::lanes ? attention::lane_bias(*b) : attention::padded_bias(*b);
   }
   at::Tensor bias_grad_acc(int64_t H, int64_t N) const {
     const int64_t threads = at::get_num_threads();
-    switch (kind) {
-      case Kind::rows: return attention::row_bias_grad_acc(threads, H, N);
-      case Kind::lanes: return attention::lane_bias_grad_acc(threads, H, N);
-      default: return attention::padded_bias_grad_acc(threads, H, N);
-    }
+    return kind == Kind::lanes ? attention::lane_bias_grad_acc(threads, H, N)
+                               : attention::padded_bias_grad_acc(threads, H, N);
   }
   at::Tensor bias_grad(const at::Tensor& acc) const {
-    switch (kind) {
-      case Kind::rows: return attention::row_bias_grad(acc);
-      case Kind::lanes: return attention::lane_bias_grad(acc);
-      default: return attention::padded_bias_grad(acc);
-    }
+    return kind == Kind::lanes ? attention::lane_bias_grad(acc) : attention::padded_bias_grad(acc);
   }
   template <typename T>
   auto forward() const {
@@ -98,7 +87,8 @@ struct Family {
 Family family_of(const at::Tensor& q, bool temporal, std::initializer_list<at::Tensor> operands) {
   const int64_t N = temporal ? q.size(1) : q.size(2);
   if (temporal ? N > 32 : N > 16) return {Kind::blocked};
-  const bool unit_rows = std::all_of(operands.begin(), operands.end(), [](const at::Tensor& x) { return x.stride(4) == 1; });
+  const bool unit_rows =
+      std::all_of(operands.begin(), operands.end(), [](const at::Tensor& x) { return x.stride(4) == 1; });
   bool rows = simd::kRegisters >= 32 && N >= 8 && q.size(4) >= 16;
   // PVKERNELS_CPU_ATTENTION_KERNEL=rows|lanes: one of the two wherever it can run (for comparing
   // them: benchmarks/attention_families.py)

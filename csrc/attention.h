@@ -115,9 +115,9 @@ inline float* aligned(float* p) {
 
 // The kernels of each family, <family>_forward<T> and <family>_backward<T>, declared here and
 // instantiated in the family's file by PVKERNELS_ATTENTION_INSTANTIATE(family) for float,
-// c10::Half and c10::BFloat16. bias: the family's own fp32 layout of the (H, N, N) bias (row_bias
-// / lane_bias / padded_bias) or nullptr; dbias_acc: per thread sums of dS in that layout (reduced
-// by row_bias_grad / lane_bias_grad / padded_bias_grad) or nullptr.
+// c10::Half and c10::BFloat16. bias: the family's fp32 layout of the (H, N, N) bias (lane_bias for
+// lanes, padded_bias for rows and blocked) or nullptr; dbias_acc: per thread sums of dS in that
+// layout (reduced by lane_bias_grad / padded_bias_grad) or nullptr.
 #define PVKERNELS_ATTENTION_FORWARD(family, T)                                                             \
   void family##_forward T(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* bias, \
                           at::Tensor& out, at::Tensor& lse, bool temporal, bool causal)
@@ -142,13 +142,10 @@ PVKERNELS_ATTENTION_DECLARE(rows);
 PVKERNELS_ATTENTION_DECLARE(lanes);
 PVKERNELS_ATTENTION_DECLARE(blocked);
 
-at::Tensor row_bias(const at::Tensor& bias);                      // [H][N keys][NP queries]
-at::Tensor row_bias_grad_acc(int64_t threads, int64_t H, int64_t N);
-at::Tensor row_bias_grad(const at::Tensor& acc);
 at::Tensor lane_bias(const at::Tensor& bias);                     // [phase][N][N][lane]
 at::Tensor lane_bias_grad_acc(int64_t threads, int64_t H, int64_t N);
 at::Tensor lane_bias_grad(const at::Tensor& acc);
-at::Tensor padded_bias(const at::Tensor& bias);                   // [H][N keys][Np queries]
+at::Tensor padded_bias(const at::Tensor& bias);                   // [H][N keys][Np queries]: blocked and rows
 at::Tensor padded_bias_grad_acc(int64_t threads, int64_t H, int64_t N);
 at::Tensor padded_bias_grad(const at::Tensor& acc);
 

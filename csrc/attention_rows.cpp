@@ -65,14 +65,10 @@ class LineStream {
   int64_t rows_ = 0;
 };
 
-// dst = scale * x's N rows, staged; ahead: a later item's rows, two lines per row staged
+// x's N rows, staged into dst in fp32
 template <typename T>
-void stage(const T* x, int64_t stride, int64_t N, int64_t D, float scale, float* dst, LineStream ahead) {
-  for (int64_t n = 0; n < N; ++n) {
-    simd::to_f32(x + n * stride, D, dst + n * kRow, scale);
-    ahead.next(), ahead.next();
-  }
-  ahead.rest();
+void stage(const T* x, int64_t stride, int64_t N, int64_t D, float* dst) {
+  for (int64_t n = 0; n < N; ++n) simd::to_f32(x + n * stride, D, dst + n * kRow);
 }
 
 // dst[d][i] = scale * X[i][d] for d < D and all NP lanes i (zero for i >= N), X's rows at x + i *
@@ -234,22 +230,7 @@ struct ItemRows {
 inline auto future(int64_t j, int64_t i0) { return iota(static_cast<int32_t>(i0)) < static_cast<int32_t>(j); }
 }  // namespace
 
-// [H][N keys][NP queries]: bias transposed, zero past N queries
-at::Tensor row_bias(const at::Tensor& bias) {
-  const int64_t H = bias.size(0), N = bias.size(1);
-  at::Tensor out = at::zeros({H, N, simd::round_up(N)}, bias.options().dtype(at::kFloat));
-  out.narrow(2, 0, N).copy_(bias.transpose(1, 2));
-  return out;
-}
-at::Tensor row_bias_grad_acc(int64_t threads, int64_t H, int64_t N) {
-  return at::zeros({threads, H, N, simd::round_up(N)}, at::TensorOptions().dtype(at::kFloat));
-}
-at::Tensor row_bias_grad(const at::Tensor& acc) {
-  const int64_t N = acc.size(2);
-  return acc.sum(0).narrow(2, 0, N).transpose(1, 2);
-}
-
-// bias: row_bias(...) or nullptr
+// bias: padded_bias(...) (attention_blocked.cpp: [H][N keys][NP queries]) or nullptr
 template <typename T>
 void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* bias, at::Tensor& out,
                   at::Tensor& lse, bool temporal, bool causal) {
@@ -278,7 +259,7 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           return ahead ? LineStream(x + it.base(item + kAhead, v) - b, v.sn, N, D) : LineStream();
         };
         transpose_rows(q_h, qv.sn, N, NP, D, scale, Qt, later(q_h, qv, qb));
-        stage(k_h, kv.sn, N, D, 1.0f, Ks, {});
+        stage(k_h, kv.sn, N, D, Ks);
         scores(Ks, Qt, N, NP, D, Pt, later(k_h, kv, kb));
         const float* bias_h = bias != nullptr ? bias + h * N * NP : nullptr;
         for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
@@ -315,7 +296,7 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
 }
 
-// dbias_acc: per thread [H][N][NP] sums of dS^T (reduced by row_bias_grad) or nullptr
+// dbias_acc: per thread [H][N][NP] sums of dS^T (reduced by padded_bias_grad) or nullptr
 template <typename T>
 void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const float* bias, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
@@ -355,8 +336,8 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         };
         transpose_rows(q_h, qv.sn, N, NP, D, scale, Qt, {});
         transpose_rows(g_h, gv.sn, N, NP, D, 1.0f, dOt, {});
-        stage(k_h, kv.sn, N, D, 1.0f, Ks, {});
-        stage(v_h, vv.sn, N, D, 1.0f, Vs, {});
+        stage(k_h, kv.sn, N, D, Ks);
+        stage(v_h, vv.sn, N, D, Vs);
         scores(Ks, Qt, N, NP, D, Pt, later(q_h, qv, qb));
         scores(Vs, dOt, N, NP, D, dSt, later(k_h, kv, kb));  // dP^T[j][i] = v_j . dO_i
         const float* bias_h = bias != nullptr ? bias + h * N * NP : nullptr;
