@@ -23,6 +23,7 @@ table of the README.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -396,6 +397,11 @@ def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False) -> No
               f"| {floor / fast:.0%} |", flush=True)
 
 if __name__ == "__main__":
-    interleaved(cpu_time="--cpu-time" in sys.argv,
-                rounds=int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 5,
-                attention_only="--attention-only" in sys.argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-time", action="store_true", help="one thread's CPU time instead of wall clock")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per case (default 5)")
+    parser.add_argument("--attention-only", action="store_true", help="the attention lines' cases alone")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    interleaved(cpu_time=args.cpu_time, rounds=args.rounds, attention_only=args.attention_only)

@@ -24,6 +24,7 @@ thread, by the thread's CPU time, which other jobs disturb far less): the README
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -261,4 +262,6 @@ def interleaved(cpu_time: bool) -> None:
 
 
 if __name__ == "__main__":
-    interleaved(cpu_time="--cpu-time" in sys.argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-time", action="store_true", help="one thread's CPU time instead of wall clock")
+    interleaved(cpu_time=parser.parse_args().cpu_time)

@@ -40,7 +40,7 @@ constexpr int kOutVecs = kRegisters >= 32 ? 5 : 2;
 // once and N, D do not change within a call).
 constexpr int64_t kRow = kMaxHeadDim + kLanes;
 
-// The cache lines of N rows of a later item (row stride and D in elements of T), prefetched one at
+// The cache lines of N rows of a later head (row stride and D in elements of T), prefetched one at
 // a time from the kernels' inner loops: the rows of a head are short strided runs, which the
 // hardware prefetchers did not follow, and bursts of prefetches stalled the kernel instead.
 class LineStream {
@@ -197,7 +197,19 @@ struct Items {
 };
 Items items_of(const Sizes& z) { return {z.B * z.A, z.A, z.H, z.N, simd::round_up(z.N), z.D}; }
 
-constexpr int64_t kAhead = 2;  // items: how far ahead the LineStreams prefetch
+// How far ahead the LineStreams prefetch: the rows of the head about this many operand bytes later
+// (in this item or the next ones). Forward at Dh 160 (256 x 16 x 8, fp32, Zen 5, us per item, medians
+// of alternating runs): the same head two items ahead (~480 KB) 20-24, 32 KB ahead 17-19, 96-192 KB
+// 15-22; at Dh 40, 128 KB is that same head two items ahead.
+constexpr int64_t kAheadBytes = 128 << 10;
+
+// the LineStream over operand x's rows (view v) of the head `heads` after head h of item, if in [.., end)
+template <typename T>
+LineStream ahead_of(const T* x, const View& v, const Items& it, int64_t item, int64_t h, int64_t heads, int64_t end) {
+  const int64_t next = item * it.H + h + heads, ni = next / it.H;
+  if (ni >= end) return {};
+  return LineStream(x + it.base(ni, v) + next % it.H * v.sh, v.sn, it.N, it.D);
+}
 
 // An item's output rows (N rows of H heads x D, at x + n * sn + h * sh), written by the products
 // straight into the output, or, where a head's D elements are not whole cache lines of a streamed
@@ -240,6 +252,7 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t N = it.N, NP = it.NP, D = it.D, H = it.H;
   const bool stream = streamed(out);
   const bool direct = ItemRows<T>::direct(D, stream);
+  const int64_t ahead = std::max<int64_t>(1, kAheadBytes / (3 * N * D * static_cast<int64_t>(sizeof(T))));
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> ws(NP * kRow + D * NP + NP * NP + (direct ? 0 : N * H * D) + kLanes, 0.0f);
     float* Ks = aligned(ws.data());  // staged rows
@@ -250,17 +263,14 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const int64_t qb = it.base(item, qv), kb = it.base(item, kv), vb = it.base(item, vv), lb = it.base(item, lv);
       const ItemRows<T> to_out{op + it.base(item, ov), ov.sh, ov.sn, O, N, H * D, stream};
       for (int64_t h = 0; h < H; ++h) {
-        const bool ahead = item + kAhead < end;
         const T* q_h = qp + qb + h * qv.sh;
         const T* k_h = kp + kb + h * kv.sh;
         const T* v_h = vp + vb + h * vv.sh;
-        // the same head of item + kAhead: Q's rows prefetched while staging, K's and V's from the products
-        auto later = [&](const T* x, const View& v, int64_t b) {
-          return ahead ? LineStream(x + it.base(item + kAhead, v) - b, v.sn, N, D) : LineStream();
-        };
-        transpose_rows(q_h, qv.sn, N, NP, D, scale, Qt, later(q_h, qv, qb));
+        // a later head's rows: Q's prefetched while transposing, K's from the scores, V's from the products
+        auto later = [&](const T* x, const View& v) { return ahead_of(x, v, it, item, h, ahead, end); };
+        transpose_rows(q_h, qv.sn, N, NP, D, scale, Qt, later(qp, qv));
         stage(k_h, kv.sn, N, D, Ks);
-        scores(Ks, Qt, N, NP, D, Pt, later(k_h, kv, kb));
+        scores(Ks, Qt, N, NP, D, Pt, later(kp, kv));
         const float* bias_h = bias != nullptr ? bias + h * N * NP : nullptr;
         for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
           vfloat m = splat(-std::numeric_limits<float>::infinity());
@@ -287,7 +297,7 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         // O[i] = sum_j P^T[j][i] V[j]
         to_out.head(h, D, [&](auto* x, int64_t sn, bool s) {
           product({Pt, 1, NP}, v_h, vv.sn, N, N, D, causal ? Skip::lower : Skip::none, 1.0f, x, sn, s,
-                  later(v_h, vv, vb));
+                  later(vp, vv));
         });
       }
       to_out.done();
@@ -307,6 +317,7 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const float scale = 1.0f / std::sqrt(static_cast<float>(it.D));
   const int64_t N = it.N, NP = it.NP, D = it.D, H = it.H, HD = H * D;
   const bool stream = streamed(dq), direct = ItemRows<T>::direct(D, stream);
+  const int64_t ahead = std::max<int64_t>(1, kAheadBytes / (4 * N * D * static_cast<int64_t>(sizeof(T))));
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * H * N * NP : nullptr;
     std::vector<float> ws(2 * NP * kRow + 2 * D * NP + 2 * NP * NP + (direct ? 0 : 3 * N * HD) + kLanes, 0.0f);
@@ -326,20 +337,17 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
       const ItemRows<T> to_dk{dkp + it.base(item, dkv), dkv.sh, dkv.sn, dK, N, HD, stream};
       const ItemRows<T> to_dv{dvp + it.base(item, dvv), dvv.sh, dvv.sn, dV, N, HD, stream};
       for (int64_t h = 0; h < H; ++h) {
-        const bool ahead = item + kAhead < end;
         const T* q_h = qp + qb + h * qv.sh;
         const T* k_h = kp + kb + h * kv.sh;
         const T* v_h = vp + vb + h * vv.sh;
         const T* g_h = gp + gb + h * gv.sh;
-        auto later = [&](const T* x, const View& v, int64_t b) {
-          return ahead ? LineStream(x + it.base(item + kAhead, v) - b, v.sn, N, D) : LineStream();
-        };
+        auto later = [&](const T* x, const View& v) { return ahead_of(x, v, it, item, h, ahead, end); };
         transpose_rows(q_h, qv.sn, N, NP, D, scale, Qt, {});
         transpose_rows(g_h, gv.sn, N, NP, D, 1.0f, dOt, {});
         stage(k_h, kv.sn, N, D, Ks);
         stage(v_h, vv.sn, N, D, Vs);
-        scores(Ks, Qt, N, NP, D, Pt, later(q_h, qv, qb));
-        scores(Vs, dOt, N, NP, D, dSt, later(k_h, kv, kb));  // dP^T[j][i] = v_j . dO_i
+        scores(Ks, Qt, N, NP, D, Pt, later(qp, qv));
+        scores(Vs, dOt, N, NP, D, dSt, later(kp, kv));  // dP^T[j][i] = v_j . dO_i
         const float* bias_h = bias != nullptr ? bias + h * N * NP : nullptr;
         float* dbias_h = dbias_t != nullptr ? dbias_t + h * N * NP : nullptr;
         for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
@@ -364,10 +372,10 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         const Skip lower = causal ? Skip::lower : Skip::none, upper = causal ? Skip::upper : Skip::none;
         // dQ[i] = scale sum_j dS^T[j][i] K[j]; dK[j] = scale sum_i dS^T[j][i] Q[i]; dV[j] = sum_i P^T[j][i] dO[i]
         to_dq.head(h, D, [&](auto* x, int64_t sn, bool s) {
-          product({dSt, 1, NP}, Ks, kRow, N, N, D, lower, scale, x, sn, s, later(v_h, vv, vb));
+          product({dSt, 1, NP}, Ks, kRow, N, N, D, lower, scale, x, sn, s, later(vp, vv));
         });
         to_dk.head(h, D, [&](auto* x, int64_t sn, bool s) {
-          product({dSt, NP, 1}, q_h, qv.sn, N, N, D, upper, scale, x, sn, s, later(g_h, gv, gb));
+          product({dSt, NP, 1}, q_h, qv.sn, N, N, D, upper, scale, x, sn, s, later(gp, gv));
         });
         to_dv.head(h, D, [&](auto* x, int64_t sn, bool s) {
           product({Pt, NP, 1}, g_h, gv.sn, N, N, D, upper, 1.0f, x, sn, s);
