@@ -203,6 +203,11 @@ Items items_of(const Sizes& z) { return {z.B * z.A, z.A, z.H, z.N, simd::round_u
 // 15-22; at Dh 40, 128 KB is that same head two items ahead.
 constexpr int64_t kAheadBytes = 128 << 10;
 
+// heads per kAheadBytes of `operands` operands' rows of element size `bytes` (at least 1)
+inline int64_t heads_ahead(int64_t operands, const Items& it, int64_t bytes) {
+  return std::max<int64_t>(1, kAheadBytes / (operands * it.N * it.D * bytes));
+}
+
 // the LineStream over operand x's rows (view v) of the head `heads` after head h of item, if in [.., end)
 template <typename T>
 LineStream ahead_of(const T* x, const View& v, const Items& it, int64_t item, int64_t h, int64_t heads, int64_t end) {
@@ -252,7 +257,7 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t N = it.N, NP = it.NP, D = it.D, H = it.H;
   const bool stream = streamed(out);
   const bool direct = ItemRows<T>::direct(D, stream);
-  const int64_t ahead = std::max<int64_t>(1, kAheadBytes / (3 * N * D * static_cast<int64_t>(sizeof(T))));
+  const int64_t ahead = heads_ahead(3, it, sizeof(T));  // q, k, v
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> ws(NP * kRow + D * NP + NP * NP + (direct ? 0 : N * H * D) + kLanes, 0.0f);
     float* Ks = aligned(ws.data());  // staged rows
@@ -317,7 +322,7 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const float scale = 1.0f / std::sqrt(static_cast<float>(it.D));
   const int64_t N = it.N, NP = it.NP, D = it.D, H = it.H, HD = H * D;
   const bool stream = streamed(dq), direct = ItemRows<T>::direct(D, stream);
-  const int64_t ahead = std::max<int64_t>(1, kAheadBytes / (4 * N * D * static_cast<int64_t>(sizeof(T))));
+  const int64_t ahead = heads_ahead(4, it, sizeof(T));  // q, k, v, dO
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * H * N * NP : nullptr;
     std::vector<float> ws(2 * NP * kRow + 2 * D * NP + 2 * NP * NP + (direct ? 0 : 3 * N * HD) + kLanes, 0.0f);
