@@ -2,7 +2,8 @@
 // checks, the measured crossovers between them and the dtype switch). q, k, v are read in
 // place as (B, T, S, H, Dh) with any strides (views of one packed projection too):
 // - short sequences with unit-stride rows (attention_rows.cpp): an item's heads one at a time,
-//   q alone transposed, the scores kept key x query so the softmax is lane-wise;
+//   q alone transposed (AVX2: nothing, the scores are dot products), the scores kept key x query
+//   so the softmax is lane-wise;
 // - other short sequences (attention_lanes.cpp): kLanes (b, a, h) sequences side by side, one
 //   per vector lane: no padded scores, a lane-wise softmax;
 // - longer ones (attention_blocked.cpp): a (b, a) item's heads staged in fp32, scores kept
@@ -45,9 +46,10 @@ namespace {
 // The kernel family of a call, chosen in this one place (the measurements are in
 // benchmarks/README.md, "The cpp kernels for short sequences"): short sequences (temporal T <= 32,
 // spatial S <= 16) with unit-stride rows an item at a time (attention_rows.cpp), where that kernel
-// measured faster than the lanes one: 8 <= n, Dh >= 16, with 32 vector registers (on AVX2 it
-// measured 0.91-1.64x the lanes kernel, below 1 at Dh 80); other short sequences side by side in
-// vector lanes (attention_lanes.cpp); the blocked kernel past them (spatially an item's rows are
+// measured faster than the lanes one: 8 <= n, Dh >= 16 with AVX-512; with AVX2 8 <= n <= 16 and
+// Dh >= 32 (1.0-1.5x the lanes kernel there; even at Dh 16-24; 0.85-1.13x at n 18 and 32, whose
+// padded lanes it computes); plain C++ builds: never (not measured); other short sequences side by
+// side in vector lanes (attention_lanes.cpp); the blocked kernel past them (spatially an item's rows are
 // adjacent and it stages them cheaply). The (H, N, N) bias and its gradient are kept in fp32, keys x
 // queries (padded_bias: rows and blocked) or lane by lane (lane_bias: lanes).
 enum class Kind { rows, lanes, blocked };
@@ -89,7 +91,8 @@ Family family_of(const at::Tensor& q, bool temporal, std::initializer_list<at::T
   if (temporal ? N > 32 : N > 16) return {Kind::blocked};
   const bool unit_rows =
       std::all_of(operands.begin(), operands.end(), [](const at::Tensor& x) { return x.stride(4) == 1; });
-  bool rows = simd::kRegisters >= 32 && N >= 8 && q.size(4) >= 16;
+  const int64_t D = q.size(4);
+  bool rows = !simd::kPlain && N >= 8 && (simd::kRegisters >= 32 ? D >= 16 : N <= 16 && D >= 32);
   // PVKERNELS_CPU_ATTENTION_KERNEL=rows|lanes: one of the two wherever it can run (for comparing
   // them: benchmarks/attention_families.py)
   if (const char* forced = std::getenv("PVKERNELS_CPU_ATTENTION_KERNEL")) {

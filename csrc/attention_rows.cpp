@@ -1,13 +1,13 @@
 // Attention over short sequences with unit-stride rows (temporal 8 <= T <= 32, spatial 8 <= S <=
-// 16, Dh >= 16, 32 vector registers; attention.cpp holds the crossover), one (b, a) item at a time,
-// head by head. Queries sit in vector lanes: only Q (and dO) are transposed, to [d][query]; the
-// scores are kept transposed, S^T[key][query], so the softmax over keys is lane-wise, and every
-// other operand is a row or a broadcast scalar: S^T[j] = sum_d K[j][d] Q^T[d] and
-// O[i] = sum_j P^T[j][i] V[j]. Q and dO are transposed, V, Q and dO read as rows straight from the
-// operands; K (and V backward), whose elements the scores broadcast, are the only rows staged. The
-// products write the output rows straight into the outputs (ItemRows). The lanes kernel
-// (attention_lanes.cpp) transposes q, k, v and the output where this one transposes q alone (it
-// serves the strided layouts, the shortest sequences and AVX2).
+// 16, Dh >= 16; with AVX2 n <= 16: attention.cpp holds the crossover), one (b, a) item at a time,
+// head by head. Queries sit in vector lanes: the scores are kept transposed, S^T[key][query], so
+// the softmax over keys is lane-wise, and the products read every operand as rows and the
+// probabilities as broadcast scalars: O[i] = sum_j P^T[j][i] V[j]. The scores come from
+// head_scores: with AVX2 as dot products of K's and Q's rows (no transposes), with AVX-512 as K's
+// staged elements broadcast against Q transposed. The products write the output rows straight
+// into the outputs (ItemRows). The lanes kernel (attention_lanes.cpp) transposes q, k, v and the
+// output where this one transposes q alone or nothing (it serves the strided layouts, the
+// shortest sequences and, with AVX2, n > 16).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -27,12 +27,13 @@ namespace {
 
 using simd::kRegisters, simd::load, simd::store, simd::splat, simd::iota;
 
-// Register blocks: score rows (keys) per block (the staged buffers hold whole vectors of rows),
-// and output rows x output vectors in the products (4 x 4 accumulators with 32 registers, 4 x 2
-// with 16; the weights are broadcast from memory).
+// Register blocks: score rows (keys) per broadcast_scores block (the staged buffers hold whole
+// vectors of rows), and output rows x output vectors in the products (4 x 5 accumulators with 32
+// registers; 4 x 3 with 16, all 16 with the 3 rows and the broadcast weight: 1.07-1.09x 4 x 2 at
+// Dh 80 and 160 with AVX2).
 constexpr int kKeys = kLanes;
 constexpr int kOutRows = 4;
-constexpr int kOutVecs = kRegisters >= 32 ? 5 : 2;
+constexpr int kOutVecs = kRegisters >= 32 ? 5 : 3;
 
 // A sequence's rows are staged in fp32 at a fixed stride of kRow floats (every row of a register
 // block is then addressed off one pointer by a constant; kMaxHeadDim + kLanes: rows do not share
@@ -98,7 +99,7 @@ void transpose_rows(const T* x, int64_t stride, int64_t N, int64_t NP, int64_t D
 
 // St[j][i] = sum_d A[j][d] Bt[d][i] for j < N, all NP lanes i (A staged): kKeys rows of A at a
 // time, their elements broadcast.
-void scores(const float* A, const float* Bt, int64_t N, int64_t NP, int64_t D, float* St, LineStream ahead) {
+void broadcast_scores(const float* A, const float* Bt, int64_t N, int64_t NP, int64_t D, float* St, LineStream ahead) {
   for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
     for (int64_t j0 = 0; j0 < N; j0 += kKeys) {
       const float* a = A + j0 * kRow;
@@ -114,6 +115,78 @@ void scores(const float* A, const float* Bt, int64_t N, int64_t NP, int64_t D, f
     }
   }
   ahead.rest();
+}
+
+// Rows of fp32 elements, `stride` apart.
+struct Rows {
+  const float* p;
+  int64_t stride;
+  const float* row(int64_t n) const { return p + n * stride; }
+};
+
+// St[j][i] = scale * A[j] . B[i] for j < N and all NP lanes i (zero for i >= N; B's rows past N
+// read as `zero`): dot products along the rows, D a whole number of vectors (zero past the
+// operand's D), kLanes / 2 queries x 2 keys at a time, each block's kLanes sums reduced into one
+// vector (simd::sum_each); ahead_*: a line each per step.
+constexpr int kDotQueries = kLanes / 2;
+void dot_scores(Rows A, Rows B, int64_t N, int64_t NP, int64_t D, float scale, const float* zero, float* St,
+                LineStream ahead_a, LineStream ahead_b) {
+  for (int64_t j0 = 0; j0 < N; j0 += 2) {
+    const float* a0 = A.row(j0);
+    const float* a1 = j0 + 1 < N ? A.row(j0 + 1) : zero;
+    for (int64_t i0 = 0; i0 < NP; i0 += kDotQueries) {
+      const float* b[kDotQueries];
+      for (int q = 0; q < kDotQueries; ++q) b[q] = i0 + q < N ? B.row(i0 + q) : zero;
+      vfloat acc[kLanes] = {};  // [key][query]
+      for (int64_t d = 0; d < D; d += kLanes) {
+        ahead_a.next(), ahead_b.next();
+        const vfloat x0 = load(a0 + d), x1 = load(a1 + d);
+        for (int q = 0; q < kDotQueries; ++q) {
+          vfloat y = load(b[q] + d);
+          simd::keep_in_register(y);  // loaded once for both keys (not twice as a memory operand)
+          acc[q] += x0 * y;
+          acc[kDotQueries + q] += x1 * y;
+        }
+      }
+      float sums[kLanes];
+      store(sums, simd::sum_each(acc) * scale);
+      std::copy_n(sums, kDotQueries, St + j0 * NP + i0);
+      if (j0 + 1 < N) std::copy_n(sums + kDotQueries, kDotQueries, St + (j0 + 1) * NP + i0);
+    }
+  }
+  ahead_a.rest(), ahead_b.rest();
+}
+
+// A head's scores, St[j][i] = scale * A[j] . B[i] (j < N, all NP lanes i, zero for i >= N), from
+// two operands' rows: with 8 lanes (AVX2) as dot products (dot_scores; the fp32 rows read where
+// they lie when D is whole vectors), with 16 (AVX-512) as broadcasts of A's staged elements against
+// B transposed (broadcast_scores). The reduction of a dot block's 8 sums costs 9 shuffles and adds
+// (6 hadd), that of 16 sums ~45, and an 8 x 8 transpose 24: measured (benchmarks/README.md), the dot
+// products were 1.0-1.3x the transposes with AVX2 at n = 16 (Dh 40-160), 0.6-1.2x with AVX-512.
+// Scratch: As, Bs NP x kRow each (B transposed: [D][NP] in Bs), zero: a zero row. Returns A's
+// fp32 rows (for the products that read them again).
+constexpr bool kDotScores = kLanes == 8;
+template <typename T>
+Rows head_scores(const T* a, int64_t as, const T* b, int64_t bs, int64_t N, int64_t NP, int64_t D, float scale,
+                 float* As, float* Bs, const float* zero, float* St, LineStream ahead_a, LineStream ahead_b) {
+  if constexpr (kDotScores) {
+    // fp32 rows of whole vectors: the operand itself where it is fp32 and D whole vectors, else staged
+    auto f32 = [&](const T* x, int64_t stride, float* scratch) -> Rows {
+      if constexpr (std::is_same<T, float>::value) {
+        if (D % kLanes == 0) return {x, stride};
+      }
+      stage(x, stride, N, D, scratch);
+      return {scratch, kRow};
+    };
+    const Rows A = f32(a, as, As);
+    dot_scores(A, f32(b, bs, Bs), N, NP, simd::round_up(D), scale, zero, St, ahead_a, ahead_b);
+    return A;
+  } else {
+    transpose_rows(b, bs, N, NP, D, scale, Bs, ahead_b);
+    stage(a, as, N, D, As);
+    broadcast_scores(As, Bs, N, NP, D, St, ahead_a);
+    return {As, kRow};
+  }
 }
 
 // Out[r][:] = scale * sum_c W(r, c) M[c][:] for r < R, c < C, with W(r, c) = W[r * wr + c * wc], M's
@@ -259,10 +332,11 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const bool direct = ItemRows<T>::direct(D, stream);
   const int64_t ahead = heads_ahead(3, it, sizeof(T));  // q, k, v
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> ws(NP * kRow + D * NP + NP * NP + (direct ? 0 : N * H * D) + kLanes, 0.0f);
-    float* Ks = aligned(ws.data());  // staged rows
-    float* Qt = Ks + NP * kRow;      // [D][NP], pre-scaled by 1/sqrt(Dh)
-    float* Pt = Qt + D * NP;     // [NP keys][NP queries]: scores, then probabilities (zero past N)
+    std::vector<float> ws(3 * NP * kRow + NP * NP + (direct ? 0 : N * H * D) + kLanes, 0.0f);
+    float* Ks = aligned(ws.data());  // head_scores' scratch
+    float* Qs = Ks + NP * kRow;
+    const float* zero = Qs + NP * kRow;
+    float* Pt = Qs + 2 * NP * kRow;  // [NP keys][NP queries]: scores, then probabilities (zero past N)
     float* O = direct ? nullptr : Pt + NP * NP;  // [N][H * D]: the item's output rows where not direct
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qb = it.base(item, qv), kb = it.base(item, kv), vb = it.base(item, vv), lb = it.base(item, lv);
@@ -271,11 +345,9 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const T* q_h = qp + qb + h * qv.sh;
         const T* k_h = kp + kb + h * kv.sh;
         const T* v_h = vp + vb + h * vv.sh;
-        // a later head's rows: Q's prefetched while transposing, K's from the scores, V's from the products
+        // a later head's rows: K's and Q's prefetched from the scores, V's from the products
         auto later = [&](const T* x, const View& v) { return ahead_of(x, v, it, item, h, ahead, end); };
-        transpose_rows(q_h, qv.sn, N, NP, D, scale, Qt, later(qp, qv));
-        stage(k_h, kv.sn, N, D, Ks);
-        scores(Ks, Qt, N, NP, D, Pt, later(kp, kv));
+        head_scores(k_h, kv.sn, q_h, qv.sn, N, NP, D, scale, Ks, Qs, zero, Pt, later(kp, kv), later(qp, qv));
         const float* bias_h = bias != nullptr ? bias + h * N * NP : nullptr;
         for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
           vfloat m = splat(-std::numeric_limits<float>::infinity());
@@ -325,12 +397,13 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const int64_t ahead = heads_ahead(4, it, sizeof(T));  // q, k, v, dO
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * H * N * NP : nullptr;
-    std::vector<float> ws(2 * NP * kRow + 2 * D * NP + 2 * NP * NP + (direct ? 0 : 3 * N * HD) + kLanes, 0.0f);
-    float* Ks = aligned(ws.data());  // staged rows
-    float* Vs = Ks + NP * kRow;
-    float* Qt = Vs + NP * kRow;   // [D][NP], Q pre-scaled: S^T = K Q^T
-    float* dOt = Qt + D * NP;     // [D][NP]
-    float* Pt = dOt + D * NP;     // [NP][NP] probabilities
+    std::vector<float> ws(5 * NP * kRow + 2 * NP * NP + (direct ? 0 : 3 * N * HD) + kLanes, 0.0f);
+    float* Ks = aligned(ws.data());  // head_scores' scratch
+    float* Qs = Ks + NP * kRow;
+    float* Vs = Qs + NP * kRow;
+    float* Gs = Vs + NP * kRow;
+    const float* zero = Gs + NP * kRow;
+    float* Pt = Gs + 2 * NP * kRow;  // [NP][NP] probabilities
     float* dSt = Pt + NP * NP;    // [NP][NP] dP^T, then dS^T
     float* dQ = direct ? nullptr : dSt + NP * NP;  // [N][H * D] each: the item's gradient rows where not direct
     float* dK = direct ? nullptr : dQ + N * HD;
@@ -347,12 +420,9 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         const T* v_h = vp + vb + h * vv.sh;
         const T* g_h = gp + gb + h * gv.sh;
         auto later = [&](const T* x, const View& v) { return ahead_of(x, v, it, item, h, ahead, end); };
-        transpose_rows(q_h, qv.sn, N, NP, D, scale, Qt, {});
-        transpose_rows(g_h, gv.sn, N, NP, D, 1.0f, dOt, {});
-        stage(k_h, kv.sn, N, D, Ks);
-        stage(v_h, vv.sn, N, D, Vs);
-        scores(Ks, Qt, N, NP, D, Pt, later(qp, qv));
-        scores(Vs, dOt, N, NP, D, dSt, later(kp, kv));  // dP^T[j][i] = v_j . dO_i
+        const Rows K = head_scores(k_h, kv.sn, q_h, qv.sn, N, NP, D, scale, Ks, Qs, zero, Pt, later(kp, kv),
+                                   later(qp, qv));
+        head_scores(v_h, vv.sn, g_h, gv.sn, N, NP, D, 1.0f, Vs, Gs, zero, dSt, later(vp, vv), later(gp, gv));  // dP^T
         const float* bias_h = bias != nullptr ? bias + h * N * NP : nullptr;
         float* dbias_h = dbias_t != nullptr ? dbias_t + h * N * NP : nullptr;
         for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
@@ -373,14 +443,14 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
             if (dbias_h != nullptr) store(dbias_h + j * NP + i0, load(dbias_h + j * NP + i0) + ds);
           }
         }
-        // padded query lanes: P = exp(0) there, but dO^T is zero, so dS^T is zero
+        // padded query lanes: P = exp(0) there, but dO is zero there (a zero row or dO^T), so dS^T is zero
         const Skip lower = causal ? Skip::lower : Skip::none, upper = causal ? Skip::upper : Skip::none;
         // dQ[i] = scale sum_j dS^T[j][i] K[j]; dK[j] = scale sum_i dS^T[j][i] Q[i]; dV[j] = sum_i P^T[j][i] dO[i]
         to_dq.head(h, D, [&](auto* x, int64_t sn, bool s) {
-          product({dSt, 1, NP}, Ks, kRow, N, N, D, lower, scale, x, sn, s, later(vp, vv));
+          product({dSt, 1, NP}, K.p, K.stride, N, N, D, lower, scale, x, sn, s);
         });
         to_dk.head(h, D, [&](auto* x, int64_t sn, bool s) {
-          product({dSt, NP, 1}, q_h, qv.sn, N, N, D, upper, scale, x, sn, s, later(gp, gv));
+          product({dSt, NP, 1}, q_h, qv.sn, N, N, D, upper, scale, x, sn, s);
         });
         to_dv.head(h, D, [&](auto* x, int64_t sn, bool s) {
           product({Pt, NP, 1}, g_h, gv.sn, N, N, D, upper, 1.0f, x, sn, s);

@@ -33,12 +33,15 @@ namespace simd {
 #if defined(PVKERNELS_SIMD_AVX512)
 constexpr int kLanes = 16;
 constexpr int kRegisters = 32;
+constexpr bool kPlain = false;
 #elif defined(PVKERNELS_SIMD_AVX2)
 constexpr int kLanes = 8;
 constexpr int kRegisters = 16;
+constexpr bool kPlain = false;
 #else
 constexpr int kLanes = 8;  // the kernels' blocking assumes kLanes >= 8
 constexpr int kRegisters = 16;
+constexpr bool kPlain = true;
 #endif
 
 typedef float vfloat __attribute__((vector_size(4 * kLanes)));
@@ -405,6 +408,22 @@ inline void transpose(vfloat* r) {
       r[j][i] = x;
     }
   }
+#endif
+}
+
+// The lane sums of r[0..kLanes) as one vector: lane l = sum of r[l]'s lanes (r is overwritten).
+inline vfloat sum_each(vfloat* r) {
+#if defined(PVKERNELS_SIMD_AVX2)
+  __m256 h[4];
+  for (int i = 0; i < 4; ++i) h[i] = _mm256_hadd_ps((__m256)r[2 * i], (__m256)r[2 * i + 1]);
+  // per 128-bit half: the partial sums of r0..r3 (a) and r4..r7 (b)
+  const __m256 a = _mm256_hadd_ps(h[0], h[1]), b = _mm256_hadd_ps(h[2], h[3]);
+  return (vfloat)_mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+#else
+  transpose(r);
+  vfloat s = r[0];
+  for (int l = 1; l < kLanes; ++l) s += r[l];
+  return s;
 #endif
 }
 
