@@ -3,11 +3,11 @@
 // head by head. Queries sit in vector lanes: the scores are kept transposed, S^T[key][query], so
 // the softmax over keys is lane-wise, and the products read every operand as rows and the
 // probabilities as broadcast scalars: O[i] = sum_j P^T[j][i] V[j]. The scores come from
-// head_scores: with AVX2 as dot products of K's and Q's rows (no transposes), with AVX-512 as K's
-// staged elements broadcast against Q transposed. The products write the output rows straight
-// into the outputs (ItemRows). The lanes kernel (attention_lanes.cpp) transposes q, k, v and the
-// output where this one transposes q alone or nothing (it serves the strided layouts, the
-// shortest sequences and, with AVX2, n > 16).
+// head_scores: as dot products of K's and Q's rows (no transposes; with AVX2 always, with AVX-512
+// at n <= 24 from Dh 48) or as K's staged elements broadcast against Q transposed. The products write the
+// output rows straight into the outputs (ItemRows). The lanes kernel (attention_lanes.cpp)
+// transposes q, k, v and the output where this one transposes q alone or nothing (it serves the
+// strided layouts, the shortest sequences and, with AVX2, n > 16).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -135,6 +135,11 @@ void dot_scores(Rows A, Rows B, int64_t N, int64_t NP, int64_t D, float scale, c
     const float* a0 = A.row(j0);
     const float* a1 = j0 + 1 < N ? A.row(j0 + 1) : zero;
     for (int64_t i0 = 0; i0 < NP; i0 += kDotQueries) {
+      if (i0 >= N) {  // a block of padded queries alone
+        std::fill_n(St + j0 * NP + i0, kDotQueries, 0.0f);
+        if (j0 + 1 < N) std::fill_n(St + (j0 + 1) * NP + i0, kDotQueries, 0.0f);
+        continue;
+      }
       const float* b[kDotQueries];
       for (int q = 0; q < kDotQueries; ++q) b[q] = i0 + q < N ? B.row(i0 + q) : zero;
       vfloat acc[kLanes] = {};  // [key][query]
@@ -157,23 +162,31 @@ void dot_scores(Rows A, Rows B, int64_t N, int64_t NP, int64_t D, float scale, c
   ahead_a.rest(), ahead_b.rest();
 }
 
+// Whether head_scores computes dot products (else broadcasts). A dot block's kLanes sums are
+// reduced by simd::sum_each: 9 shuffles and adds with AVX2 (6 hadd), 45 with AVX-512, against D
+// FMAs per block; the broadcasts stage K and transpose Q (an 8 x 8 transpose: 24 shuffles, a 16 x
+// 16 one 64) and compute every padded query lane, where the dots skip blocks of padded queries.
+// Measured (benchmarks/README.md, "dot products or broadcasts"), dots / broadcasts: AVX2 1.0-1.3x
+// at n 16, Dh 40-160; AVX-512 at n <= 24 from Dh 48 0.98-1.18x where n is whole vectors (16),
+// 1.04-1.7x where it is not (8, 12, 20, 24), below Dh 48 0.91-1.19x; at n 32 0.81-1.05x.
+inline bool dot_products(int64_t N, int64_t D) { return kLanes == 8 || (N <= 24 && D >= 48); }
+
 // A head's scores, St[j][i] = scale * A[j] . B[i] (j < N, all NP lanes i, zero for i >= N), from
-// two operands' rows: with 8 lanes (AVX2) as dot products (dot_scores; the fp32 rows read where
-// they lie when D is whole vectors), with 16 (AVX-512) as broadcasts of A's staged elements against
-// B transposed (broadcast_scores). The reduction of a dot block's 8 sums costs 9 shuffles and adds
-// (6 hadd), that of 16 sums ~45, and an 8 x 8 transpose 24: measured (benchmarks/README.md), the dot
-// products were 1.0-1.3x the transposes with AVX2 at n = 16 (Dh 40-160), 0.6-1.2x with AVX-512.
-// Scratch: As, Bs NP x kRow each (B transposed: [D][NP] in Bs), zero: a zero row. Returns A's
-// fp32 rows (for the products that read them again).
-constexpr bool kDotScores = kLanes == 8;
+// two operands' rows: as dot products (dot_scores; the fp32 rows read where they lie when D is
+// whole vectors, except with AVX-512 rows a multiple of 4 KB apart, which share L1 sets: staged,
+// 0.97-1.1x broadcasts at Dh 128 and 256 against 0.83-0.93x in place; with AVX2 in place, staged
+// measured 0.86-0.94x) or as broadcasts of A's staged elements against B transposed
+// (broadcast_scores): dots = dot_products(N, D). Scratch: As, Bs NP x kRow each (B transposed:
+// [D][NP] in Bs), zero: a zero row. Returns A's fp32 rows (for the products that read them again).
 template <typename T>
 Rows head_scores(const T* a, int64_t as, const T* b, int64_t bs, int64_t N, int64_t NP, int64_t D, float scale,
-                 float* As, float* Bs, const float* zero, float* St, LineStream ahead_a, LineStream ahead_b) {
-  if constexpr (kDotScores) {
+                 float* As, float* Bs, const float* zero, float* St, bool dots, LineStream ahead_a,
+                 LineStream ahead_b) {
+  if (dots) {
     // fp32 rows of whole vectors: the operand itself where it is fp32 and D whole vectors, else staged
     auto f32 = [&](const T* x, int64_t stride, float* scratch) -> Rows {
       if constexpr (std::is_same<T, float>::value) {
-        if (D % kLanes == 0) return {x, stride};
+        if (D % kLanes == 0 && (kLanes == 8 || stride * sizeof(float) % 4096 != 0)) return {x, stride};
       }
       stage(x, stride, N, D, scratch);
       return {scratch, kRow};
@@ -181,12 +194,11 @@ Rows head_scores(const T* a, int64_t as, const T* b, int64_t bs, int64_t N, int6
     const Rows A = f32(a, as, As);
     dot_scores(A, f32(b, bs, Bs), N, NP, simd::round_up(D), scale, zero, St, ahead_a, ahead_b);
     return A;
-  } else {
-    transpose_rows(b, bs, N, NP, D, scale, Bs, ahead_b);
-    stage(a, as, N, D, As);
-    broadcast_scores(As, Bs, N, NP, D, St, ahead_a);
-    return {As, kRow};
   }
+  transpose_rows(b, bs, N, NP, D, scale, Bs, ahead_b);
+  stage(a, as, N, D, As);
+  broadcast_scores(As, Bs, N, NP, D, St, ahead_a);
+  return {As, kRow};
 }
 
 // Out[r][:] = scale * sum_c W(r, c) M[c][:] for r < R, c < C, with W(r, c) = W[r * wr + c * wc], M's
@@ -329,7 +341,7 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const float scale = 1.0f / std::sqrt(static_cast<float>(it.D));
   const int64_t N = it.N, NP = it.NP, D = it.D, H = it.H;
   const bool stream = streamed(out);
-  const bool direct = ItemRows<T>::direct(D, stream);
+  const bool direct = ItemRows<T>::direct(D, stream), dots = dot_products(N, D);
   const int64_t ahead = heads_ahead(3, it, sizeof(T));  // q, k, v
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> ws(3 * NP * kRow + NP * NP + (direct ? 0 : N * H * D) + kLanes, 0.0f);
@@ -347,7 +359,7 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const T* v_h = vp + vb + h * vv.sh;
         // a later head's rows: K's and Q's prefetched from the scores, V's from the products
         auto later = [&](const T* x, const View& v) { return ahead_of(x, v, it, item, h, ahead, end); };
-        head_scores(k_h, kv.sn, q_h, qv.sn, N, NP, D, scale, Ks, Qs, zero, Pt, later(kp, kv), later(qp, qv));
+        head_scores(k_h, kv.sn, q_h, qv.sn, N, NP, D, scale, Ks, Qs, zero, Pt, dots, later(kp, kv), later(qp, qv));
         const float* bias_h = bias != nullptr ? bias + h * N * NP : nullptr;
         for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
           vfloat m = splat(-std::numeric_limits<float>::infinity());
@@ -393,7 +405,7 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
       bwd_operands<T>(grad_out, q, k, v, lse, dq, dk, dv, temporal);
   const float scale = 1.0f / std::sqrt(static_cast<float>(it.D));
   const int64_t N = it.N, NP = it.NP, D = it.D, H = it.H, HD = H * D;
-  const bool stream = streamed(dq), direct = ItemRows<T>::direct(D, stream);
+  const bool stream = streamed(dq), direct = ItemRows<T>::direct(D, stream), dots = dot_products(N, D);
   const int64_t ahead = heads_ahead(4, it, sizeof(T));  // q, k, v, dO
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * H * N * NP : nullptr;
@@ -420,9 +432,10 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         const T* v_h = vp + vb + h * vv.sh;
         const T* g_h = gp + gb + h * gv.sh;
         auto later = [&](const T* x, const View& v) { return ahead_of(x, v, it, item, h, ahead, end); };
-        const Rows K = head_scores(k_h, kv.sn, q_h, qv.sn, N, NP, D, scale, Ks, Qs, zero, Pt, later(kp, kv),
+        const Rows K = head_scores(k_h, kv.sn, q_h, qv.sn, N, NP, D, scale, Ks, Qs, zero, Pt, dots, later(kp, kv),
                                    later(qp, qv));
-        head_scores(v_h, vv.sn, g_h, gv.sn, N, NP, D, 1.0f, Vs, Gs, zero, dSt, later(vp, vv), later(gp, gv));  // dP^T
+        head_scores(v_h, vv.sn, g_h, gv.sn, N, NP, D, 1.0f, Vs, Gs, zero, dSt, dots, later(vp, vv),  // dP^T
+                    later(gp, gv));
         const float* bias_h = bias != nullptr ? bias + h * N * NP : nullptr;
         float* dbias_h = dbias_t != nullptr ? dbias_t + h * N * NP : nullptr;
         for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {

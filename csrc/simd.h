@@ -419,6 +419,27 @@ inline vfloat sum_each(vfloat* r) {
   // per 128-bit half: the partial sums of r0..r3 (a) and r4..r7 (b)
   const __m256 a = _mm256_hadd_ps(h[0], h[1]), b = _mm256_hadd_ps(h[2], h[3]);
   return (vfloat)_mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+#elif defined(PVKERNELS_SIMD_AVX512)
+  // a tree of two-source shuffles and adds, each step summing the two halves of the partial sums
+  // of twice as many vectors: 256-bit halves (s1[i]: r[i]'s 8 partial sums beside r[i + 4]'s),
+  // 128-bit quarters (s2[i]: quarter g holds r[i + 4 g]'s), 64-bit pairs, lanes: 30 shuffles and
+  // 15 adds, against 64 shuffles for a 16 x 16 transpose
+  __m512 s1[8], s2[4], s3[2];
+  for (int i = 0; i < 4; ++i) {
+    for (int g = 0; g < 2; ++g) {  // r[i + 8 g] with r[i + 8 g + 4]
+      const __m512 x = (__m512)r[i + 8 * g], y = (__m512)r[i + 8 * g + 4];
+      s1[i + 4 * g] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+    }
+  }
+  for (int i = 0; i < 4; ++i) {  // quarters r[i], r[i + 4], r[i + 8], r[i + 12]
+    const __m512 x = s1[i], y = s1[i + 4];
+    s2[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+  }
+  for (int i = 0; i < 2; ++i) {
+    const __m512d x = _mm512_castps_pd(s2[2 * i]), y = _mm512_castps_pd(s2[2 * i + 1]);
+    s3[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  return (vfloat)_mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], 0x88), _mm512_shuffle_ps(s3[0], s3[1], 0xDD));
 #else
   transpose(r);
   vfloat s = r[0];
