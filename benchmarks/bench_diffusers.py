@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import pytest
@@ -285,35 +284,10 @@ def _clocked(call, rounds: int, clock) -> list:
 
 # Tensors of (n_seq, frames, channels) each path must read or write once per call (the attention's
 # memory floor; fp32). Patched: q, k, v read and o written; backward q, k, v, dO read and dq, dk,
-# dv written. diffusers: the same, plus SDPA's output copied by transpose + reshape (read and
-# written; its backward the same for dO) and O read again by SDPA's backward. FRESH: the patched
-# path's outputs, each a new allocation (on huge pages where the system allows) whose pages are
-# first touched (faulted in) by the call.
+# dv written, into buffers the cpp backend keeps between calls (csrc/attention.h, empty_output: no
+# page faults). diffusers: the same, plus SDPA's output copied by transpose + reshape (read and
+# written; its backward the same for dO) and O read again by SDPA's backward, into fresh memory.
 MOVED = {"fwd": {"reference": 6, "patched": 4}, "fwd+bwd": {"reference": 6 + 2 + 8, "patched": 4 + 7}}
-FRESH = {"fwd": 1, "fwd+bwd": 4}
-
-
-def _empty_on_huge_pages(n: int) -> torch.Tensor:
-    """torch.empty(n) whose whole 2 MiB pages are marked for transparent huge pages from 4 MB on,
-    as the cpp attention's outputs are (csrc/attention.h, empty_output); plain torch.empty off Linux."""
-    x = torch.empty(n)
-    if sys.platform.startswith("linux") and x.nbytes >= 4 << 20:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        page, start = 2 << 20, x.data_ptr()
-        first, last = -(-start // page) * page, (start + x.nbytes) // page * page
-        if last > first:
-            libc.madvise(first, last - first, 14)  # MADV_HUGEPAGE
-    return x
-
-
-def fresh_seconds(nbytes: int, clock, rounds: int = 5) -> float:
-    """One thread's time to allocate an output of ``nbytes`` as the patched path does and write it
-    once: the page faults of a new output."""
-    n = nbytes // 4
-    return statistics.median(_clocked(lambda: _empty_on_huge_pages(n).zero_(), rounds, clock))
 
 
 def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False) -> None:
@@ -325,7 +299,7 @@ def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False) -> No
     clock = time.thread_time if cpu_time else time.perf_counter
     both = ("reference", "patched")
     cases = []  # (name, {provider: call}, {provider: attention shapes} or None, mode)
-    roofline = {}  # attention case -> (bytes each provider must move, mode, bytes of one tensor)
+    roofline = {}  # attention case -> bytes each provider must move
     for level in levels("cpu"):
         C, side, B = level
         shape = {(B * side * side, FRAMES, C): 2}
@@ -335,7 +309,7 @@ def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False) -> No
                 calls = {p: core_call(p, B * side * side, FRAMES, C, mode, "cpu") for p in both}
                 cases.append((name, calls, None, mode))
                 element = B * side * side * FRAMES * C * 4
-                roofline[name] = ({p: n * element for p, n in MOVED[mode].items()}, mode, element)
+                roofline[name] = {p: n * element for p, n in MOVED[mode].items()}
             if not attention_only:
                 cases.append((f"motion module {mode}, {_level_name(level)}",
                               {p: module_call(p, level, mode, "cpu")[0] for p in both}, {p: shape for p in both}, mode))
@@ -382,16 +356,14 @@ def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False) -> No
                   f"| {ref / fast:.2f} |  |  |", flush=True)
     bw = harness.copy_bandwidth("cpu")  # after set_num_threads(1): one thread's
     print(f"\nroofline: one thread's copy bandwidth {bw / 1e9:.1f} GB/s (bytes read + written); MB: the tensors "
-          "each path reads and writes once (MOVED); the patched floor: its fresh outputs allocated and written "
-          "once (page faults included) plus the rest of its bytes at copy bandwidth; x ceiling: diffusers' time "
-          "over that floor")
+          "each path reads and writes once (MOVED); the patched floor: its bytes at copy bandwidth (its outputs "
+          "reuse cached buffers: no page faults); x ceiling: diffusers' time over that floor")
     print("| case | MB diffusers | MB patched | x if both ran at copy bandwidth | patched floor ms | x ceiling "
           "| patched, % of the floor's speed |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, (moved, mode, element) in roofline.items():
+    for name, moved in roofline.items():
         ref, fast = measured[name]
-        written = FRESH[mode] * element
-        floor = FRESH[mode] * fresh_seconds(element, clock) + (moved["patched"] - written) / bw
+        floor = moved["patched"] / bw
         print(f"| {name} | {moved['reference'] / 1e6:.0f} | {moved['patched'] / 1e6:.0f} "
               f"| {moved['reference'] / moved['patched']:.2f} | {floor * 1e3:.1f} | {ref / floor:.2f} "
               f"| {floor / fast:.0%} |", flush=True)

@@ -2,20 +2,25 @@
 // checks, the measured crossovers between them and the dtype switch). q, k, v are read in
 // place as (B, T, S, H, Dh) with any strides (views of one packed projection too):
 // - short sequences with unit-stride rows (attention_rows.cpp): an item's heads one at a time,
-//   q alone transposed (AVX2: nothing, the scores are dot products), the scores kept key x query
-//   so the softmax is lane-wise;
+//   the scores dot products of the rows (or, with AVX-512 below Dh 48 and past n 24, q alone
+//   transposed), kept key x query so the softmax is lane-wise;
 // - other short sequences (attention_lanes.cpp): kLanes (b, a, h) sequences side by side, one
 //   per vector lane: no padded scores, a lane-wise softmax;
 // - longer ones (attention_blocked.cpp): a (b, a) item's heads staged in fp32, scores kept
 //   transposed in blocks of 32 queries that stay in L1.
-// All backwards recompute P from the saved log-sum-exp.
+// All backwards recompute P from the saved log-sum-exp. Outputs from 4 MB on reuse cached buffers
+// (OutputCache).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -27,19 +32,91 @@
 
 namespace pvkernels {
 
-at::Tensor attention::empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options.memory_format(at::MemoryFormat::Contiguous));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const int64_t bytes = out.numel() * out.element_size();
-  if (bytes >= kHugePageBytes) {
-    constexpr uintptr_t page = 2 << 20;
-    const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t first = (start + page - 1) / page * page, last = (start + bytes) / page * page;
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: errors ignored
+namespace {
+
+// The cache of output buffers (attention.h, empty_output): whole 2 MiB pages by size class, kept
+// when their tensor is freed for the next output of that class, up to limit() bytes in all. Never
+// destroyed: a tensor freed during the process's exit still returns its buffer to it.
+class OutputCache {
+ public:
+  static OutputCache& instance() {
+    static OutputCache* cache = new OutputCache;
+    return *cache;
   }
+  static size_t limit() {  // PVKERNELS_CPU_OUTPUT_CACHE_MB, read once
+    static const size_t bytes = [] {
+      const char* env = std::getenv("PVKERNELS_CPU_OUTPUT_CACHE_MB");
+      if (env == nullptr || *env == '\0') return kDefaultMB << 20;
+      char* end = nullptr;
+      const long long mb = std::strtoll(env, &end, 10);
+      TORCH_CHECK_VALUE(*end == '\0' && mb >= 0, "PVKERNELS_CPU_OUTPUT_CACHE_MB must be a whole number of MB >= 0 ",
+                        "(0: no cache), got '", env, "'");
+      return static_cast<size_t>(mb) << 20;
+    }();
+    return bytes;
+  }
+  // a buffer of `bytes` (a whole number of pages) from the cache or, failing that, a new one
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(bytes);
+      if (it != free_.end()) {
+        void* p = it->second;
+        free_.erase(it);
+        cached_ -= bytes;
+        return p;
+      }
+    }
+    void* p = nullptr;
+    TORCH_CHECK(posix_memalign(&p, kPage, bytes) == 0, "pvkernels: out of memory allocating ", bytes, " bytes");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, bytes, MADV_HUGEPAGE);  // a hint: errors ignored
 #endif
-  return out;
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_ + bytes <= limit()) {
+        free_.emplace(bytes, p);
+        cached_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+  size_t release() {  // frees every cached buffer; returns their bytes
+    std::multimap<size_t, void*> buffers;
+    size_t bytes = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      buffers.swap(free_);
+      std::swap(bytes, cached_);
+    }
+    for (auto& entry : buffers) std::free(entry.second);
+    return bytes;
+  }
+  static constexpr size_t kPage = 2 << 20;
+  static constexpr size_t kDefaultMB = 1024;
+
+ private:
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;  // size class -> buffers
+  size_t cached_ = 0;
+};
+
+}  // namespace
+
+at::Tensor attention::empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const auto contiguous = options.memory_format(at::MemoryFormat::Contiguous);
+  const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
+  if (bytes < kCachedBytes || OutputCache::limit() == 0) return at::empty(sizes, contiguous);
+  const size_t size = (static_cast<size_t>(bytes) + OutputCache::kPage - 1) / OutputCache::kPage * OutputCache::kPage;
+  void* p = OutputCache::instance().take(size);
+  return at::from_blob(p, sizes, [size](void* q) { OutputCache::instance().give(q, size); }, contiguous);
 }
+
+int64_t release_output_cache_cpp() { return static_cast<int64_t>(OutputCache::instance().release()); }
 
 namespace {
 

@@ -79,17 +79,18 @@ constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kStreamBytes = 4 << 20;
 inline bool streamed(const at::Tensor& out) { return out.numel() * out.element_size() >= kStreamBytes; }
 
-// A new output tensor; from kHugePageBytes on, its whole 2 MiB pages are marked for transparent
-// huge pages (madvise(MADV_HUGEPAGE), as PyTorch's own allocator does under
-// THP_MEM_ALLOC_ENABLE=1; nothing where the system's THP setting is "never" or off Linux).
-// Outputs past 32 MB are fresh mappings on every call (glibc's malloc maps them anew), smaller
-// ones come from its heap, faulted in again whenever glibc has trimmed it in between (which
-// alternating large allocations make frequent); faulting them in 4 KiB pages costs more than the
-// kernels' arithmetic: one thread faults 84 MB in ~38 ms, in ~6 ms on 2 MiB pages, and a
-// forward + backward at 256 x 16 x 8 x 160 after malloc_trim took 66-69 ms with 21 MB outputs
-// on 4 KiB pages, 25-27 ms on 2 MiB pages (benchmarks/README.md). Where the heap is already
-// faulted in, the mark costs one system call.
-constexpr int64_t kHugePageBytes = 4 << 20;
+// A new output tensor: below kCachedBytes PyTorch's own (at::empty); from there on a buffer of
+// whole 2 MiB pages from a cache of them (attention.cpp, OutputCache), which keeps a freed
+// output's buffer for the next output of its size, up to PVKERNELS_CPU_OUTPUT_CACHE_MB in all
+// (default 1024; 0: at::empty every time), emptied by pvkernels.empty_cache(); new buffers marked
+// for transparent huge pages (madvise(MADV_HUGEPAGE), as PyTorch's allocator does under
+// THP_MEM_ALLOC_ENABLE=1). Fresh memory is faulted in on every call otherwise (glibc maps outputs
+// past 32 MB anew and trims its heap below that between calls), which costs more than the
+// kernels' arithmetic: one thread faults 84 MB in ~38 ms on 4 KiB pages, ~6 ms on 2 MiB pages,
+// and on a VM whose free memory is handed back to the host (virtio free page reporting, this
+// project's CI machines) huge pages come from that memory: 0.3-1.3 s for a 320-channel forward +
+// backward's 156 pages in a third of the calls (benchmarks/README.md, "Output buffers").
+constexpr int64_t kCachedBytes = 4 << 20;
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // The softmax of kLanes queries, lane-wise, from their scores' max m and sum l of exp(score -

@@ -25,6 +25,7 @@ std::tuple<at::Tensor, at::Tensor> lfq_entropy_bwd_cpp(const at::Tensor& lqp, co
                                                        const at::Tensor& w_avg,
                                                        const std::optional<at::Tensor>& grad_avg);
 at::Tensor philox_normal_cpp(int64_t seed, int64_t first, int64_t count);
+int64_t release_output_cache_cpp();
 }
 
 TORCH_LIBRARY(pvkernels_cpp, m) {
@@ -47,6 +48,8 @@ TORCH_LIBRARY(pvkernels_cpp, m) {
   // few lines, runs only when called, and no Python wrapper exposes it. No tensor argument says which
   // backend runs it, so its kernel is given here for every dispatch key, not in the CPU block.
   m.def("philox_normal(int seed, int first, int count) -> Tensor", &pvkernels::philox_normal_cpp);
+  // frees the cached output buffers (attention.h, empty_output); returns their bytes
+  m.def("release_output_cache() -> int", &pvkernels::release_output_cache_cpp);
 }
 
 TORCH_LIBRARY_IMPL(pvkernels_cpp, CPU, m) {

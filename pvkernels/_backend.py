@@ -194,6 +194,19 @@ def load_cpp(verbose: bool = False) -> bool:
     return _cpp_state["loaded"]
 
 
+def empty_cache() -> int:
+    """Frees the C++ backend's cached output buffers; returns how many bytes that was.
+
+    The cpp kernels' outputs from 4 MB on (attention's out, dq, dk, dv) take their buffers from a
+    cache that keeps a freed output's buffer for the next output of its size (up to
+    ``PVKERNELS_CPU_OUTPUT_CACHE_MB``, default 1024; 0 turns it off): fresh memory would be
+    faulted in on every call. 0 when the C++ backend is not loaded.
+    """
+    if not _cpp_state["loaded"]:
+        return 0
+    return int(torch.ops.pvkernels_cpp.release_output_cache())
+
+
 def cpp_isa() -> Optional[str]:
     """The vector path of the loaded C++ build ("avx512", "avx2", "plain"), None when it is unavailable."""
     return _cpp_state["isa"]["simd"] if load_cpp() else None

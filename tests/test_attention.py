@@ -1,5 +1,9 @@
 """spatial_attention / temporal_attention: every backend against the fp64 oracle, forward and
 backward, causality, bias gradients, strided views, odd shapes, big batches, modules, compile."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -309,6 +313,55 @@ def test_cpp_short_sequence_kernel_setting_is_checked(monkeypatch):
     q = torch.randn(1, 16, 1, 2, 32)
     with pytest.raises(ValueError, match="PVKERNELS_CPU_ATTENTION_KERNEL must be 'rows' or 'lanes'"):
         pvkernels.temporal_attention(q, q, q, backend="cpp")
+
+
+def test_cpp_output_cache():
+    # outputs from 4 MB on take their buffers from a cache (csrc/attention.h, empty_output): a freed
+    # output's buffer serves the next output of its size, forward and backward, and a reused
+    # buffer's old contents never show through
+    pvkernels.empty_cache()
+    n, T, H, D = 64, 16, 8, 160  # 5.2 MB per output: three 2 MiB pages
+    view = lambda x: x.view(n, T, 1, H, D)  # noqa: E731
+    q, k, v = (torch.randn(n, T, H * D, requires_grad=True) for _ in range(3))
+    out = pvkernels.temporal_attention(view(q), view(k), view(v), causal=False, backend="cpp")
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    out = got = None
+    assert pvkernels.empty_cache() == 4 * (6 << 20)  # out, dq, dk, dv
+    assert pvkernels.empty_cache() == 0
+
+    def checked_round():  # fresh inputs against the oracle; the outputs' addresses (outputs freed on return)
+        q, k, v = (torch.randn(n, T, H * D, requires_grad=True) for _ in range(3))
+        out = pvkernels.temporal_attention(view(q), view(k), view(v), causal=True, backend="cpp")
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        leaves = [view(x).detach().double().requires_grad_() for x in (q, k, v)]
+        expected = attention_math(*leaves, None, True, True)
+        want = torch.autograd.grad(expected, leaves, grad.double())
+        assert_close(out, expected, torch.float32, name="out")
+        for g, w, name in zip(got, want, "qkv"):
+            assert_close(view(g), w, torch.float32, name="d" + name)
+        return {x.data_ptr() for x in (out, *got)}
+
+    addresses = [checked_round(), checked_round()]  # the second round reuses the first's buffers
+    assert len(addresses[0]) == 4 and addresses[1] == addresses[0]
+
+
+@pytest.mark.parametrize("setting, cached", [("0", 0), ("10", 6 << 20), ("lots", None)])
+def test_cpp_output_cache_setting(setting, cached):
+    # PVKERNELS_CPU_OUTPUT_CACHE_MB bounds the cache (0: none); anything but a whole number is refused
+    code = ("import torch, pvkernels\n"
+            "q = torch.randn(64, 16, 1, 8, 160)\n"
+            "outs = [pvkernels.temporal_attention(q, q, q, causal=False, backend='cpp') for _ in range(3)]\n"
+            "outs = None\n"
+            "print(pvkernels.empty_cache())\n")
+    env = {**os.environ, "PVKERNELS_CPU_OUTPUT_CACHE_MB": setting}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if cached is None:
+        assert run.returncode != 0
+        assert "PVKERNELS_CPU_OUTPUT_CACHE_MB must be a whole number of MB >= 0" in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr
+        assert int(run.stdout.split()[-1]) == cached  # 10 MB: one of the three 6 MiB buffers
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
