@@ -51,7 +51,7 @@ class OutputCache {
       const long long mb = std::strtoll(env, &end, 10);
       TORCH_CHECK_VALUE(*end == '\0' && mb >= 0, "PVKERNELS_CPU_OUTPUT_CACHE_MB must be a whole number of MB >= 0 ",
                         "(0: no cache), got '", env, "'");
-      return static_cast<size_t>(mb) << 20;
+      return static_cast<size_t>(std::min<long long>(mb, 1LL << 40)) << 20;  // past 1 PB: unbounded
     }();
     return bytes;
   }

@@ -416,8 +416,9 @@ def _thp_mode() -> str:
 
 @pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason=f"transparent huge pages: {_thp_mode()}")
 def test_cpp_large_outputs_on_huge_pages():
-    # 84 MB outputs are fresh mappings on every call (glibc mmaps anything past 32 MB); the op
-    # marks them for 2 MiB pages before writing them (84 MB fault in ~6 ms instead of ~38)
+    # an output's new buffer (the output cache's: csrc/attention.h, empty_output) is marked for
+    # 2 MiB pages before it is first written (84 MB fault in ~6 ms instead of ~38); past glibc's
+    # 32 MB threshold it is a fresh mapping, which faults in as huge pages
     q, k, v = (torch.randn(4096, 16, 1, 8, 40, requires_grad=True) for _ in range(3))
     out = pvkernels.temporal_attention(q, k, v, causal=False, backend="cpp")
     assert _smaps(out.data_ptr() + out.nbytes // 2, "AnonHugePages") >= 2048
@@ -428,11 +429,10 @@ def test_cpp_large_outputs_on_huge_pages():
 
 @pytest.mark.skipif(_thp_mode() != "madvise", reason=f"transparent huge pages: {_thp_mode()}, not madvise")
 def test_cpp_heap_sized_outputs_marked_for_huge_pages():
-    # outputs from 4 MB up to glibc's 32 MB threshold come from its heap, which it trims and faults
-    # in again between calls: marked for 2 MiB pages too (a 256 x 16 x 8 x 160 forward + backward
-    # after a trim: 66-69 ms on 4 KiB pages, 25-27 ms marked). Already faulted-in pages stay 4 KiB,
-    # so the mark (the mapping's THPeligible) is what is checked; the middle of a 5.2 MB output
-    # always lies in one of its whole 2 MiB pages
+    # new buffers from 4 MB up to glibc's 32 MB threshold come from its heap: marked for 2 MiB pages
+    # too (a 256 x 16 x 8 x 160 forward + backward after a trim, before the output cache: 66-69 ms
+    # on 4 KiB pages, 25-27 ms marked). Already faulted-in pages stay 4 KiB, so the mark (the
+    # mapping's THPeligible) is what is checked; the buffers are whole 2 MiB pages
     q, k, v = (torch.randn(64, 16, 1, 8, 160, requires_grad=True) for _ in range(3))
     out = pvkernels.temporal_attention(q, k, v, causal=False, backend="cpp")
     assert _smaps(out.data_ptr() + out.nbytes // 2, "THPeligible") == 1
