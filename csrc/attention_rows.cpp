@@ -283,10 +283,13 @@ struct Items {
 Items items_of(const Sizes& z) { return {z.B * z.A, z.A, z.H, z.N, simd::round_up(z.N), z.D}; }
 
 // How far ahead the LineStreams prefetch: the rows of the head about this many operand bytes later
-// (in this item or the next ones). Forward at Dh 160 (256 x 16 x 8, fp32, Zen 5, us per item, medians
-// of alternating runs): the same head two items ahead (~480 KB) 20-24, 32 KB ahead 17-19, 96-192 KB
-// 15-22; at Dh 40, 128 KB is that same head two items ahead.
-constexpr int64_t kAheadBytes = 128 << 10;
+// (in this item or the next ones; at least the next head: Dh 160 forward, 30 KB a head). Within L1
+// (48 KB on Zen 5 and Sapphire Rapids), the prefetched lines are still there when they are read.
+// Sapphire Rapids, one process, alternating calls, inputs from L3 (benchmarks/README.md, seventh
+// session): 32 KB 1.02-1.10x 128 KB at Dh 40-160 forward and forward + backward, with AVX2 1.03-1.08x,
+// no prefetching 0.75-0.97x; Zen 5 (us per item at Dh 160, 256 x 16 x 8 forward): two items ahead
+// (~480 KB) 20-24, 32 KB 17-19, 96-192 KB 15-22, and 32-512 KB even in the sixth session.
+constexpr int64_t kAheadBytes = 32 << 10;
 
 // heads per kAheadBytes of `operands` operands' rows of element size `bytes` (at least 1)
 inline int64_t heads_ahead(int64_t operands, const Items& it, int64_t bytes) {
