@@ -66,6 +66,10 @@ def providers(device: str = DEVICE) -> list:
     return ["reference", "patched"]
 
 
+# On a GPU also bf16, what diffusers runs there and the only dtype SDPA's flash and cuDNN backends take.
+DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
+
+
 def _level_name(level) -> str:
     C, side, B = level
     return f"{C}ch {side}x{side}" + (f" b{B}" if B > 1 else "")
@@ -106,16 +110,18 @@ def core_fn(provider: str):
     return diffusers_core
 
 
-def core_call(provider: str, n_seq: int, frames: int, channels: int, mode: str, device: str = DEVICE):
+def core_call(provider: str, n_seq: int, frames: int, channels: int, mode: str, device: str = DEVICE,
+              dtype: torch.dtype = torch.float32):
     """A call of the attention lines on fresh (n_seq, frames, channels) projections."""
     fn = core_fn(provider)
-    qkv = [torch.randn(n_seq, frames, channels, device=device, requires_grad=mode != "fwd") for _ in range(3)]
+    qkv = [torch.randn(n_seq, frames, channels, device=device, dtype=dtype, requires_grad=mode != "fwd")
+           for _ in range(3)]
     if mode == "fwd":
         def call():
             with torch.no_grad():
                 return fn(*qkv, HEADS)
         return call
-    grad = torch.randn(n_seq, frames, channels, device=device)
+    grad = torch.randn(n_seq, frames, channels, device=device, dtype=dtype)
     return lambda: torch.autograd.grad(fn(*qkv, HEADS), qkv, grad)
 
 
@@ -132,20 +138,22 @@ def _cases(rows: list) -> dict:
                                      for r in rows])
 
 
-@pytest.mark.parametrize("level, mode, provider", **_cases([(lv, m, p) for lv in levels() for m in ("fwd", "fwd+bwd")
-                                                            for p in providers()]))
-def bench_motion_attention(benchmark, level, mode, provider):
+@pytest.mark.parametrize("level, mode, dtype, provider", **_cases(
+    [(lv, m, str(dt).removeprefix("torch."), p) for lv in levels() for m in ("fwd", "fwd+bwd") for dt in DTYPES
+     for p in providers()]))
+def bench_motion_attention(benchmark, level, mode, dtype, provider):
     C, side, B = level
     limit = fused_head_dim_limit(torch.device(DEVICE))
     if provider == "patched" and C // HEADS > limit:
         pytest.skip(f"head dim {C // HEADS} > {limit}: the patch falls back to AttnProcessor2_0 here")
     n_seq = B * side * side
-    call = core_call(provider, n_seq, FRAMES, C, mode)
+    dt = getattr(torch, dtype)
+    call = core_call(provider, n_seq, FRAMES, C, mode, dtype=dt)
     _warm_or_skip(call, provider)
     numel = n_seq * FRAMES * C
     flops = 4 * n_seq * FRAMES * FRAMES * C * (1 if mode == "fwd" else 3.5)
-    run(benchmark, call, "diffusers", case_key("attention", mode, _level_name(level), f"{FRAMES} frames"), provider,
-        (4 if mode == "fwd" else 12) * numel * 4, flops=flops)
+    case = case_key("attention", mode, _level_name(level), f"{FRAMES} frames", *([dtype] if dt != torch.float32 else []))
+    run(benchmark, call, "diffusers", case, provider, (4 if mode == "fwd" else 12) * numel * dt.itemsize, flops=flops)
 
 
 # the motion module --------------------------------------------------------------------------
