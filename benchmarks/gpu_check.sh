@@ -20,9 +20,11 @@
 #              attention, pseudo_video, vq, lfq: GPU shapes on CUDA; the C++ extension is not built),
 #              so a step out of time loses only its own file's results
 #   triton     the rest of the test suite's triton cases on CUDA
+#   tiles      python -m benchmarks.attention_tiles: each candidate tile of the attention kernels at
+#              the motion modules' shapes, timed and checked (what _TILES is chosen from)
 #   compile    tests/test_triton_compile.py: every variant for sm_80 / sm_90, no spills (the same
 #              sweep runs on a CPU in CI: last)
-# Test steps use pytest-xdist (4 workers: triton compiles in parallel) and pytest-timeout when the
+# Test steps use pytest-xdist (8 workers: triton compiles in parallel; -v names each test as it ends) and pytest-timeout when the
 # image has them.
 set -u
 cd "$(dirname "$0")/.."
@@ -106,16 +108,18 @@ if ! grep -q "available True" "$LOG/env.log"; then
 fi
 
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts="")
-PARALLEL=()  # 4 workers compile triton kernels side by side; each test at most 120 s
-"$PY" -c "import xdist" 2> /dev/null && PARALLEL+=(-n 4)
+PARALLEL=()  # 8 workers compile triton kernels side by side; each test at most 120 s
+"$PY" -c "import xdist" 2> /dev/null && PARALLEL+=(-n 8 -v)
 "$PY" -c "import pytest_timeout" 2> /dev/null && PARALLEL+=(--timeout 120)
-step cuda 150 env PVKERNELS_NO_CPP=1 "${PYTEST[@]}" "${PARALLEL[@]}" tests/test_cuda.py -rfE --junitxml="$LOG/cuda.xml"
+step cuda 140 env PVKERNELS_NO_CPP=1 "${PYTEST[@]}" "${PARALLEL[@]}" tests/test_cuda.py -rfE --durations=10 \
+    --junitxml="$LOG/cuda.xml"
+step triton 80 env PVKERNELS_NO_CPP=1 "${PYTEST[@]}" "${PARALLEL[@]}" tests/ -k "triton and not test_cuda and not compile" -rfE \
+    --junitxml="$LOG/triton.xml"
 for name in diffusers:110 attention:80 pseudo_video:50 vq:50 lfq:50; do
     step "bench-${name%:*}" "${name#*:}" env "${bench_env[@]}" "${PYTEST[@]}" "benchmarks/bench_${name%:*}.py" --benchmark-only \
         ${PVK_BENCH_K:+-k "$PVK_BENCH_K"} --junitxml="$LOG/bench-${name%:*}.xml"
 done
-step triton 120 env PVKERNELS_NO_CPP=1 "${PYTEST[@]}" "${PARALLEL[@]}" tests/ -k "triton and not test_cuda and not compile" -rfE \
-    --junitxml="$LOG/triton.xml"
+step tiles 90 env PVKERNELS_NO_CPP=1 "$PY" -m benchmarks.attention_tiles
 step compile 90 env PVKERNELS_NO_CPP=1 "${PYTEST[@]}" tests/test_triton_compile.py -rfE --junitxml="$LOG/compile.xml"
 # this run's results (benchmarks/results/local/ unless PVKERNELS_BENCH_SAVE_REFERENCE=1)
 find benchmarks/results \( -name '*-cuda*.json' -o -name 'triton-resources*.json' \) -newer "$LOG/.start" \

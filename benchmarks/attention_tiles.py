@@ -1,0 +1,118 @@
+"""Each candidate tile of the Triton attention kernels at the temporal shapes diffusers' motion
+modules meet, timed on a GPU and checked against SDPA's math backend: the measurements behind
+``_TILES`` (pvkernels/ops/attention.py).
+
+For every (shape, dtype): the forward with each candidate "fwd" tile (warps, query block), then
+forward + backward with the table's forward and each candidate backward: the table's own, and the
+one-launch "fused" backward at several warp counts (for fp32 too, which the table sends to the
+three-kernel backward). The projections are views of (sequences, frames, heads * head_dim)
+tensors, as the diffusers patch passes them. Prints one row per candidate: median ms (CUDA
+events, 25 calls after 3 warm-up calls), x the table's choice, the largest error against the
+math backend in fp64 on one sequence batch, and registers / spills where triton reports them.
+
+``python -m benchmarks.attention_tiles [--quick]`` on a CUDA machine (benchmarks/gpu_check.sh runs
+it); ``--quick`` one small shape, for a first look.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+import pvkernels
+from pvkernels.ops import attention
+
+# (sequences, frames, heads, head_dim): SD 1.5's motion modules at 320 / 640 channels (a 64x64 and
+# a 32x32 latent) and the temporal benchmark's 18 frames at head dim 64
+SHAPES = [(4096, 16, 8, 40), (1024, 16, 8, 80), (8192, 18, 8, 64)]
+
+
+def _time(call, reps: int = 25) -> float:
+    for _ in range(3):
+        call()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _candidates(N: int, D: int, dtype: torch.dtype) -> list:
+    """(name, configs) pairs: the table's configs first, then one kernel's tile changed at a time."""
+    table = attention._configs(N, D, dtype)
+    fwd = table["fwd"]
+    out = [("table", table)]
+    for w in (1, 2, 4, 8):
+        if w != fwd["num_warps"]:
+            out.append((f"fwd w{w}", dict(table, fwd=dict(fwd, num_warps=w))))
+    if fwd["BLOCK_M"] > 16:
+        out.append(("fwd 16 queries", dict(table, fwd=dict(fwd, BLOCK_M=16))))
+    block = max(16, 1 << (N - 1).bit_length())
+    if block <= 32:  # one block per sequence: the one-launch backward
+        for w in (2, 4, 8):
+            fused = attention._tile(block, block, w, 1, fwd["BLOCK_D"], interpreter=False)
+            if table.get("fused") != fused:
+                out.append((f"fused bwd w{w}", {"fwd": fwd, "fused": fused}))
+    return out
+
+
+def _error(q, k, v, o, grads) -> float:
+    """Largest |error| of o and its gradients (upstream all ones) against SDPA's math backend in fp64."""
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(*(t.squeeze(2).transpose(1, 2) for t in exact))
+    want = want.transpose(1, 2).unsqueeze(2)
+    want_grads = torch.autograd.grad(want, exact, torch.ones_like(want))
+    return max(float((a.detach().double() - b).abs().max()) for a, b in zip([o, *grads], [want, *want_grads]))
+
+
+def sweep(shapes, dtypes) -> None:
+    print("| shape (seq x frames x heads x dim) | dtype | candidate | fwd ms | x table | fwd+bwd ms | x table | max err |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    real = attention._configs
+    for (n_seq, N, H, D), dtype in ((s, d) for s in shapes for d in dtypes):
+        qkv = [torch.randn(n_seq, N, H * D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
+        q, k, v = (t.view(n_seq, N, 1, H, D) for t in qkv)
+        grad = torch.randn(n_seq, N, 1, H, D, device="cuda", dtype=dtype)
+        base = {}
+        for name, cfg in _candidates(N, D, dtype):
+            attention._configs = lambda *a, cfg=cfg: cfg
+            try:
+                def fwd():
+                    with torch.no_grad():
+                        return pvkernels.temporal_attention(q, k, v, causal=False, backend="triton")
+
+                def both():
+                    o = pvkernels.temporal_attention(q, k, v, causal=False, backend="triton")
+                    return o, torch.autograd.grad(o, (q, k, v), grad)
+                # the first 64 sequences against fp64, gradients with an all-ones upstream gradient
+                few = [t[:64] for t in (q, k, v)]
+                o = pvkernels.temporal_attention(*few, causal=False, backend="triton")
+                err = _error(*few, o, torch.autograd.grad(o, few, torch.ones_like(o)))
+                t_fwd, t_both = _time(fwd), _time(both)
+            except Exception as exc:  # a tile that fails to compile or launch: reported, the sweep goes on
+                print(f"| {n_seq}x{N}x{H}x{D} | {str(dtype)[6:]} | {name} | failed: {str(exc).splitlines()[0][:120]} |"
+                      " | | | |", flush=True)
+                continue
+            finally:
+                attention._configs = real
+            base.setdefault("fwd", t_fwd)
+            base.setdefault("both", t_both)
+            print(f"| {n_seq}x{N}x{H}x{D} | {str(dtype)[6:]} | {name} | {t_fwd:.3f} | {base['fwd'] / t_fwd:.2f} "
+                  f"| {t_both:.3f} | {base['both'] / t_both:.2f} | {err:.1e} |", flush=True)
+        del qkv, q, k, v, grad
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one small shape")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("attention_tiles times the GPU's tiles: it needs a CUDA device")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {attention.triton.__version__}")
+    sweep([(256, 16, 8, 40)] if args.quick else SHAPES, [torch.float32, torch.bfloat16])
