@@ -146,6 +146,9 @@ for log in sorted(glob.glob(os.path.join(out, "*.log"))):
     failed = [l.strip() for l in open(log) if l.startswith(("FAILED", "ERROR"))] if os.path.exists(log) else []
     for l in failed[:6]:
         print(f"  {name}: {l[:150]}")
+tiles = os.path.join(out, "tiles.log")
+if os.path.exists(tiles):
+    print("\n" + "".join(open(tiles).readlines()[-60:]).strip())
 rows = [r for f in sorted(glob.glob(os.path.join(out, "*-cuda*.json"))) for r in json.load(open(f)).get("rows", [])]
 fast = [r for r in rows if r.get("provider") in ("triton", "patched")]
 if fast:  # x eager: against the fastest eager form of the case (for diffusers: SDPA's best backend)
