@@ -71,7 +71,8 @@ def _error(q, k, v, o, grads) -> float:
 
 
 def sweep(shapes, dtypes) -> None:
-    print("| shape (seq x frames x heads x dim) | dtype | candidate | fwd ms | x table | fwd+bwd ms | x table | max err |")
+    print("| shape (seq x frames x heads x dim) | dtype | candidate | fwd ms | x table | fwd+bwd ms | x table "
+          "| max err |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     real = attention._configs
     for (n_seq, N, H, D), dtype in ((s, d) for s in shapes for d in dtypes):

@@ -212,13 +212,14 @@ def cpp_isa() -> Optional[str]:
     return _cpp_state["isa"]["simd"] if load_cpp() else None
 
 
-# The measured crossovers of the cpp kernels: where the build of a vector path loses to the
-# reference, "auto" takes the reference. One row per rule: op, vector path of the loaded build
-# ("*": every one), dtype ("*": any), and the shape class as (field, comparison, bound) on the
-# fields of the op's cpp_slower call (None: every shape). The README prints this table
-# (crossover_table()) beside the measurements behind it; where no row matches, the cpp build was
-# at least as fast as the reference. Measured with `python -m benchmarks.cpu_isa --classes
-# --cpu-time` (AVX2, plain), bench_attention.py (AVX-512) and bench_lfq.py.
+# The measured crossovers of the fused kernels: where they lose to the reference, "auto" takes the
+# reference. One row per rule: op, path (the cpp build's vector path, "*" for every cpp build, or
+# "cuda" for the triton kernels on a CUDA GPU), dtype ("*": any), and the shape class as (field,
+# comparison, bound) on the fields of the op's fused_slower call (None: every shape). The README
+# prints this table (crossover_table()) beside the measurements behind it; where no row matches,
+# the fused kernels were at least as fast as the reference. Measured with `python -m
+# benchmarks.cpu_isa --classes --cpu-time` (AVX2, plain), bench_attention.py (AVX-512, CUDA) and
+# bench_lfq.py.
 CROSSOVERS = (
     ("spatial_attention", "avx512", "bfloat16", ("n", ">=", 256)),  # SDPA multiplies in bf16 on AMX
     ("temporal_attention", "plain", "*", ("n", ">", 8)),
@@ -227,14 +228,17 @@ CROSSOVERS = (
     ("vq_lookup", "plain", "*", ("k", "<", 4096)),
     ("pseudo_video", "plain", "*", ("blur", "==", False)),
     ("lfq_entropy", "*", "*", ("d", "<=", 8)),  # the dense softmax is one small GEMM there
+    # H200: the streamed (multi-block) kernels 0.16-0.39x SDPA at n 256 and 1024; one block is faster
+    ("spatial_attention", "cuda", "*", ("n", ">", 32)),
+    ("temporal_attention", "cuda", "*", ("n", ">", 32)),
 )
 _COMPARE = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
             ">=": lambda a, b: a >= b, "==": lambda a, b: a == b}
 
 
-def _matches(row, op: str, isa: Optional[str], dtype: Optional[torch.dtype], shape_class: dict) -> bool:
-    row_op, row_isa, row_dtype, condition = row
-    if row_op != op or row_isa not in ("*", isa):
+def _matches(row, op: str, path: Optional[str], dtype: Optional[torch.dtype], shape_class: dict) -> bool:
+    row_op, row_path, row_dtype, condition = row
+    if row_op != op or not (row_path == path or (row_path == "*" and path != "cuda")):
         return False
     if row_dtype != "*" and (dtype is None or str(dtype).replace("torch.", "") != row_dtype):
         return False
@@ -244,19 +248,22 @@ def _matches(row, op: str, isa: Optional[str], dtype: Optional[torch.dtype], sha
     return _COMPARE[comparison](shape_class[field], bound)
 
 
-def cpp_slower(op: str, dtype: Optional[torch.dtype] = None, **shape_class) -> Callable[[str], bool]:
-    """``resolve_backend(..., slower=)`` from the rows of CROSSOVERS for the loaded build's ISA."""
+def fused_slower(op: str, dtype: Optional[torch.dtype] = None, **shape_class) -> Callable[[str], bool]:
+    """``resolve_backend(..., slower=)`` from the rows of CROSSOVERS for the fused backend: the
+    loaded cpp build's vector path, or "cuda" for triton."""
     def slower(backend: str) -> bool:
-        return backend == "cpp" and any(_matches(row, op, cpp_isa(), dtype, shape_class) for row in CROSSOVERS)
+        path = cpp_isa() if backend == "cpp" else "cuda" if backend == "triton" else None
+        return path is not None and any(_matches(row, op, path, dtype, shape_class) for row in CROSSOVERS)
     return slower
 
 
 def crossover_table() -> str:
     """CROSSOVERS as the Markdown table the README prints."""
-    lines = ["| op | vector path | dtype | auto takes the reference when |", "|---|---|---|---|"]
-    for op, isa, dtype, condition in CROSSOVERS:
+    lines = ["| op | fused path | dtype | auto takes the reference when |", "|---|---|---|---|"]
+    names = {"*": "every cpp build", "cuda": "triton on CUDA"}
+    for op, path, dtype, condition in CROSSOVERS:
         shape = "always" if condition is None else " ".join(str(part) for part in condition)
-        lines.append(f"| `{op}` | {'every' if isa == '*' else isa} | {'any' if dtype == '*' else dtype} | {shape} |")
+        lines.append(f"| `{op}` | {names.get(path, 'cpp ' + path)} | {'any' if dtype == '*' else dtype} | {shape} |")
     return "\n".join(lines)
 
 
@@ -344,7 +351,7 @@ def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dt
         unsupported: why the fused (cpp/triton) kernels cannot take this input, e.g.
             "head dim Dh = 300 > 256"; None when they can; or a function of the fused backend
             ("cpp" / "triton") returning that, where their limits differ.
-        slower: the op's measured crossovers (``cpp_slower``): called with the fused backend auto
+        slower: the op's measured crossovers (``fused_slower``): called with the fused backend auto
             would take, True when it is slower than the reference at this input's shape class.
     """
     asked, preference = requested_backend(op, backend)

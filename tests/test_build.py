@@ -166,10 +166,22 @@ def test_auto_takes_the_reference_where_the_loaded_build_loses(monkeypatch):
     assert calls == [20]
 
 
+def test_triton_crossovers_veto_triton_only():
+    # "cuda" rows are triton's on a GPU (spatial / temporal attention streamed past n 32); "*" rows
+    # every cpp build's, never triton's
+    spatial = _backend.fused_slower("spatial_attention", torch.float32, n=33)
+    assert spatial("triton") and not _backend.fused_slower("spatial_attention", torch.float32, n=32)("triton")
+    assert _backend.fused_slower("temporal_attention", torch.bfloat16, n=64)("triton")
+    assert not _backend.fused_slower("lfq_entropy", d=8)("triton") and not spatial("reference")
+    if _backend.cpp_available():
+        assert _backend.fused_slower("lfq_entropy", d=8)("cpp")
+        assert spatial("cpp") == (_backend.cpp_isa() == "plain")
+
+
 def test_crossovers_are_a_table_the_readme_prints():
     ops = ("pseudo_video", "vq_lookup", "spatial_attention", "temporal_attention", "lfq_entropy")
     for op, isa, dtype, condition in _backend.CROSSOVERS:
-        assert op in ops and isa in ("avx512", "avx2", "plain", "*"), (op, isa)
+        assert op in ops and isa in ("avx512", "avx2", "plain", "*", "cuda"), (op, isa)
         assert dtype in ("*", "float32", "float16", "bfloat16")
         assert condition is None or (len(condition) == 3 and condition[1] in _backend._COMPARE)
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()

@@ -397,8 +397,8 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("kind, N", [("temporal_causal", 7), ("temporal_causal", 18), ("temporal_full", 40),
                                      ("spatial", 70)])
 def test_gpu_tiles_in_the_interpreter(monkeypatch, dtype, kind, N):
-    # the block sizes the GPU launches (fp32: 16-key blocks and the three-kernel backward even
-    # for short sequences; 16-bit: one fused block up to 64, 64-blocks beyond), with the
+    # the block sizes the GPU launches (one fused block per sequence up to 32 frames: fp32 at 7 and
+    # 18, 16-bit up to 32; 16- to 32-key blocks and the three-kernel backward beyond), with the
     # interpreter's fp32 products, against the fp64 oracle
     from pvkernels.ops import attention, vq
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_float, cpp_slower, resolve_backend, triton, triton_interpret
+from .._backend import check_float, fused_slower, resolve_backend, triton, triton_interpret
 from ._library import define_op
 from ._triton import Launch, run
 
@@ -444,17 +444,25 @@ _ANY = math.inf
 # bounds hold for the sequence length N and head dim Dh. Chosen from the registers / spills of every
 # class compiled for sm_80 and sm_90 with triton 3.6 and 3.8 (tests/test_triton_compile.py, table
 # in docs/gpu.md); "spilled" below: a measured spill the row avoids (bytes per thread, target,
-# triton). Every tile side is >= 16, tl.dot's minimum (BLOCK_D too; a shorter sequence or head dim
-# is masked). fp32 operands are split in two TF32 parts for the tensor cores (twice the operand
-# registers of fp16/bf16), so fp32 takes 16-row or 16-key steps and always the three-kernel
-# backward. A fp16/bf16 sequence of <= 32 (temporal attention) is one block loaded once (one
-# stage) and its backward the one "fused" launch; longer ones stream 32-key blocks. Warps: a tile
-# is spread over its threads, so more warps hold a wider tile in fewer registers each.
+# triton). Where a row says "H200", its tile was timed on one (benchmarks/attention_tiles.py, at
+# the diffusers motion modules' temporal shapes, sequences x frames x heads x Dh; docs/gpu.md):
+# against the spill-free tile it replaces, and kept only where it was faster. Every tile side is
+# >= 16, tl.dot's minimum (BLOCK_D too; a shorter sequence or head dim is masked). fp32 operands
+# are split in two TF32 parts for the tensor cores (twice the operand registers of fp16/bf16), so
+# fp32 takes 16-row or 16-key steps. A sequence of <= 32 (temporal attention) is one block loaded
+# once (one stage) and its backward the one "fused" launch (fp32: up to Dh 64, or 16 frames up to
+# Dh 128); longer ones stream key blocks through the three-kernel backward. Warps: a tile is spread
+# over its threads, so more warps hold a wider tile in fewer registers each; fewer warps per
+# program let more short sequences' programs share an SM.
 _TILES = (
     # kernel  operands  N <=  Dh <=  BLOCK_M BLOCK_N warps stages
-    ("fwd",   "fp32",   16,   64,    16,  16, 4, 1),  # one 16-key block; 2 stages spilled 8 B at Dh 64 (sm_90, 3.6)
+    ("fwd",   "fp32",   16,   64,    16,  16, 2, 1),  # one 16-key block; H200 4096x16x8x40: 1.13x 4 warps
+    ("fwd",   "fp32",   32,   64,    32,  16, 2, 2),  # H200 8192x18x8x64: 1.46x 4 warps; ALLOWED_SPILL
     ("fwd",   "fp32",   _ANY, 64,    32,  16, 4, 2),  # 16-key steps (two TF32 parts per operand), double buffered
     ("fwd",   "fp32",   _ANY, _ANY,  16,  32, 8, 2),  # Dh 65-128: 16 queries, 8 warps for the wide q and accumulator
+    ("fused", "fp32",   16,   64,    16,  16, 4, 1),  # H200 4096x16x8x40: 2.52x the three kernels
+    ("fused", "fp32",   16,   _ANY,  16,  16, 4, 1),  # H200 1024x16x8x80: 1.64x; ALLOWED_SPILL
+    ("fused", "fp32",   32,   64,    32,  32, 4, 1),  # H200 8192x18x8x64: 3.33x; ALLOWED_SPILL
     ("delta", "fp32",   _ANY, _ANY,  64,  16, 4, 1),  # rowsum(dO * O): no key loop, nothing to pipeline
     ("dkdv",  "fp32",   _ANY, 16,    16,  16, 4, 2),  # 8 warps spilled 8 B at Dh 16 (sm_90, 3.6)
     ("dkdv",  "fp32",   _ANY, 64,    16,  16, 8, 2),  # k, v, dK and dV stay across the query loop: 8 warps
@@ -464,7 +472,7 @@ _TILES = (
     ("dq",    "fp32",   _ANY, _ANY,  16,  16, 8, 2),  # as at Dh <= 32: no spill at 2 stages
     ("fwd",   "16-bit", 16,   _ANY,  16,  16, 2, 1),  # 16 queries: 2 warps (16 x 16 scores are two 16 x 8 mma tiles)
     ("fwd",   "16-bit", 32,   32,    32,  32, 2, 1),  # warps grow with the q tile, 16 elements a thread: 32 x 32 on 2
-    ("fwd",   "16-bit", 32,   64,    32,  32, 4, 1),  # 32 x 64 on 4
+    ("fwd",   "16-bit", 32,   64,    32,  32, 4, 1),  # 32 x 64 on 4 (2: H200 1.29x, spilled 40-56 B with a bias)
     ("fwd",   "16-bit", 32,   _ANY,  32,  32, 8, 1),  # 32 x 128 on 8
     ("fused", "16-bit", 16,   64,    16,  16, 4, 1),  # q, k, v, dO, P and dS of the whole sequence at once: 4 warps
     ("fused", "16-bit", 16,   _ANY,  16,  16, 8, 1),  # the same, twice as wide: 8 warps
@@ -690,7 +698,7 @@ def _attention(name, q, k, v, bias, temporal, causal, backend, qkv=None):
     def unsupported(fused: str) -> Optional[str]:
         return f"head dim Dh = {D} > {MAX_HEAD_DIM[fused]}" if D > MAX_HEAD_DIM[fused] else None
 
-    slower = cpp_slower(name, dtype=q.dtype, n=q.shape[1 if temporal else 2])
+    slower = fused_slower(name, dtype=q.dtype, n=q.shape[1 if temporal else 2])
     chosen = resolve_backend(name, backend, q.device, q.dtype, unsupported=unsupported, slower=slower)
     if chosen == "reference":
         return attention_reference(q, k, v, bias, temporal, causal)

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_float, cpp_slower, resolve_backend, triton
+from .._backend import check_float, fused_slower, resolve_backend, triton
 from ._library import define_op
 from ._triton import Launch, run
 
@@ -364,7 +364,7 @@ def lfq_entropy(x: torch.Tensor, inv_temperature: float = 100.0, codebook_scale:
     if not isinstance(spherical, bool):
         raise TypeError(f"lfq_entropy: spherical must be a bool, got {type(spherical).__name__}")
     chosen = resolve_backend("lfq_entropy", backend, x.device, x.dtype,
-                             slower=cpp_slower("lfq_entropy", d=x.shape[-1]))
+                             slower=fused_slower("lfq_entropy", d=x.shape[-1]))
     C, d = x.shape[-2:]
     rows = x.reshape(-1, C, d)
     code_value = float(codebook_scale) / math.sqrt(d) if spherical else float(codebook_scale)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_float, cpp_slower, resolve_backend, triton, triton_interpret
+from .._backend import check_float, fused_slower, resolve_backend, triton, triton_interpret
 from ._library import define_op
 from ._triton import Launch, run
 from .rng import philox_normal_reference
@@ -436,7 +436,7 @@ def pseudo_video(x: torch.Tensor, blur_sigma: Params = None, noise_std: Params =
     if noise is not None and not any(std):
         noise = None  # no frame reads it
     first_order = order == "first"
-    slower = cpp_slower("pseudo_video", dtype=x.dtype, blur=any(sigma), noise=any(std))
+    slower = fused_slower("pseudo_video", dtype=x.dtype, blur=any(sigma), noise=any(std))
     chosen = resolve_backend("pseudo_video", backend, x.device, x.dtype, slower=slower)
     if chosen == "cpp":
         return _OPS["cpp"](x, sigma, std, scale, first_order, seed, noise, truncate)

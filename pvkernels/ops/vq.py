@@ -15,7 +15,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_float, cpp_slower, resolve_backend, triton, triton_interpret
+from .._backend import check_float, fused_slower, resolve_backend, triton, triton_interpret
 from ._library import define_op
 from ._triton import Launch, run
 
@@ -396,7 +396,7 @@ def vq_lookup(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", backe
     """
     k = _check_args(z, codebook, metric, k)
     # the measured crossover is the argmin's; the top-k reference also holds and ranks the N x K scores
-    slower = cpp_slower("vq_lookup", dtype=z.dtype, k=codebook.shape[0], d=z.shape[-1]) if k == 1 else None
+    slower = fused_slower("vq_lookup", dtype=z.dtype, k=codebook.shape[0], d=z.shape[-1]) if k == 1 else None
     chosen = resolve_backend("vq_lookup", backend, z.device, z.dtype, slower=slower)
     lead, D = z.shape[:-1], z.shape[-1]
     rows = z.detach().reshape(-1, D)
