@@ -2,13 +2,14 @@
 modules meet, timed on a GPU and checked against SDPA's math backend: the measurements behind
 ``_TILES`` (pvkernels/ops/attention.py).
 
-For every (shape, dtype): the forward with each candidate "fwd" tile (warps, query block), then
-forward + backward with the table's forward and each candidate backward: the table's own, and the
-one-launch "fused" backward at several warp counts (for fp32 too, which the table sends to the
-three-kernel backward). The projections are views of (sequences, frames, heads * head_dim)
-tensors, as the diffusers patch passes them. Prints one row per candidate: median ms (CUDA
-events, 25 calls after 3 warm-up calls), x the table's choice, the largest error against the
-math backend in fp64 on one sequence batch, and registers / spills where triton reports them.
+For every (shape, dtype): the table's configs, then one kernel's tile changed at a time: the
+forward on 1, 2, 4 and 8 warps (and on 16 queries where the table takes 32), and the one-launch
+"fused" backward on 2, 4 and 8 warps where a sequence is one block; last the table's again (the
+drift over the sweep). The projections are views of
+(sequences, frames, heads * head_dim) tensors, as the diffusers patch passes them. One row per
+candidate: forward alone and forward + backward, median ms of 25 calls (CUDA events, after 3
+warm-up calls), x the table's, and the largest error of the output and its three gradients
+(upstream all ones) against SDPA's math backend in fp64 on the first 64 sequences.
 
 ``python -m benchmarks.attention_tiles [--quick]`` on a CUDA machine (benchmarks/gpu_check.sh runs
 it); ``--quick`` one small shape, for a first look.
@@ -58,7 +59,7 @@ def _candidates(N: int, D: int, dtype: torch.dtype) -> list:
             fused = attention._tile(block, block, w, 1, fwd["BLOCK_D"], interpreter=False)
             if table.get("fused") != fused:
                 out.append((f"fused bwd w{w}", {"fwd": fwd, "fused": fused}))
-    return out
+    return out + [("table, again", table)]  # its x table: the drift between first and last
 
 
 def _error(q, k, v, o, grads) -> float:
@@ -67,7 +68,7 @@ def _error(q, k, v, o, grads) -> float:
     want = torch.nn.functional.scaled_dot_product_attention(*(t.squeeze(2).transpose(1, 2) for t in exact))
     want = want.transpose(1, 2).unsqueeze(2)
     want_grads = torch.autograd.grad(want, exact, torch.ones_like(want))
-    return max(float((a.detach().double() - b).abs().max()) for a, b in zip([o, *grads], [want, *want_grads]))
+    return max(float((a.detach().double() - b.detach()).abs().max()) for a, b in zip([o, *grads], [want, *want_grads]))
 
 
 def sweep(shapes, dtypes) -> None:
