@@ -24,6 +24,10 @@
 #              the motion modules' shapes, timed and checked (what _TILES is chosen from)
 #   compile    tests/test_triton_compile.py: every variant for sm_80 / sm_90, no spills (the same
 #              sweep runs on a CPU in CI: last)
+# $OUT gets summary.txt (one screen, also printed at the end) and gpu-check.tar.gz: every log, the
+# junit XML of each pytest step, this run's benchmark results (*-cuda.json, which the benchmarks write
+# to benchmarks/results/local/) and triton-resources-<triton>.json. Two files, since the device tool
+# brings back at most 8; the unpacked files stay in $LOG (printed at the end).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/pvk-out}"
