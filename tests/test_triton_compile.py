@@ -172,9 +172,10 @@ def write_results(rows: list) -> Path:
 
 
 def table(rows: list) -> str:
-    """The README table: per triton, kernel and target, variants, register / shared ranges, spills, occupancy."""
-    lines = ["| triton | kernel | target | variants | registers | dynamic shared (KB) | spills | occupancy (min-max) |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    """The README table: per triton, kernel and target, variants, register / shared ranges, spills, occupancy,
+    variants with vector loads."""
+    lines = ["| triton | kernel | target | variants | registers | dynamic shared (KB) | spills | occupancy (min-max) "
+             "| vector loads |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for version in dict.fromkeys(r.get("triton", "?") for r in rows):
         for kernel in KERNELS:
             for arch in TARGETS:
@@ -186,9 +187,10 @@ def table(rows: list) -> str:
                 shared = [r["dynamic_shared"] / 1024 for r in group]
                 occ = [r["occupancy"] for r in group]
                 spills = sum(r["stack"] > 0 for r in group)
+                vector = sum(r.get("vector_loads", 0) > 0 for r in group)
                 lines.append(f"| {version} | `{kernel.strip('_')}` | sm_{arch} | {len(group)} | "
                              f"{min(regs)}-{max(regs)} | {min(shared):.0f}-{max(shared):.0f} | {spills} | "
-                             f"{min(occ):.0%}-{max(occ):.0%} |")
+                             f"{min(occ):.0%}-{max(occ):.0%} | {vector} |")
     return "\n".join(lines)
 
 

@@ -5,7 +5,8 @@ interpreter's). A launch is specialised exactly as ``kernel[grid](*args, **kwarg
 a device (triton's own binder: pointer alignment, integers equal to 1 or divisible by 16,
 constexprs, options), compiled with ``triton.compile`` for ``GPUTarget("cuda", arch, 32)``, and
 its cubin read by the wheel's ``cuobjdump --dump-resource-usage`` (registers, stack = spill
-bytes per thread, static shared); ``metadata.shared`` is the dynamic shared memory.
+bytes per thread, static shared); ``metadata.shared`` is the dynamic shared memory; its PTX gives
+the global load instructions per thread and how many of them load vectors (ld.global.v2 / v4).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 # per-SM limits (CUDA occupancy calculator): registers, warps, blocks, shared bytes, shared per block
 SM_LIMITS = {80: (65536, 64, 32, 167936, 166912), 90: (65536, 64, 32, 233472, 232448)}
 _USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+# a global load in the PTX: its opcode, with the vector width (ld.global.v4.b32) or without (ld.global.b16)
+_GLOBAL_LOAD = re.compile(r"\bld\.global[.\w]*")
 
 
 def specialise(kernel, args: tuple, kwargs: dict, target: GPUTarget):
@@ -66,6 +69,7 @@ def compile_variant(kernel, args: tuple, kwargs: dict, arch: int) -> dict:
     except Exception as exc:  # reported as a failing row, never swallowed
         row["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
         return row
+    loads = _GLOBAL_LOAD.findall(compiled.asm["ptx"])
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -77,7 +81,8 @@ def compile_variant(kernel, args: tuple, kwargs: dict, arch: int) -> dict:
     blocks, occ = occupancy(arch, registers, shared, compiled.metadata.num_warps)
     row.update(registers=registers, stack=stack, local=local, dynamic_shared=compiled.metadata.shared,
                static_shared=static_shared, warps=compiled.metadata.num_warps, stages=compiled.metadata.num_stages,
-               blocks_per_sm=blocks, occupancy=round(occ, 4))
+               blocks_per_sm=blocks, occupancy=round(occ, 4), global_loads=len(loads),
+               vector_loads=sum(".v2." in op or ".v4." in op for op in loads))
     return row
 
 
