@@ -111,7 +111,7 @@ fi
 
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts="")
 # The test steps: -v names each test as it ends (its log outlives a step out of time, the junit
-# XML does not); 8 workers compile triton kernels side by side; a test past 45 s has its stack
+# XML does not); 8 workers compile triton kernels side by side; a test past 90 s has its stack
 # dumped and its worker ended (the thread method: a signal waits for a CUDA call that never
 # returns), which xdist reports as the worker crashing in that test. On 2026-12-04 both test steps
 # ran out of time (test_cuda 35-36 of 66 tests done in 140-150 s with 4 or 8 workers, the rest
@@ -120,7 +120,7 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts="")
 # of compile processes is one suspect of the hang at exit.
 TESTS=("$PY" -m pytest -v -p no:cacheprovider -o addopts="" -rfE --durations=15)
 "$PY" -c "import xdist" 2> /dev/null && TESTS+=(-n 8)
-"$PY" -c "import pytest_timeout" 2> /dev/null && TESTS+=(--timeout 45 --timeout-method thread)
+"$PY" -c "import pytest_timeout" 2> /dev/null && TESTS+=(--timeout 90 --timeout-method thread)
 test_env=(PVKERNELS_NO_CPP=1 TORCHINDUCTOR_COMPILE_THREADS=1)
 step cuda 140 env "${test_env[@]}" "${TESTS[@]}" tests/test_cuda.py --junitxml="$LOG/cuda.xml"
 step triton 80 env "${test_env[@]}" "${TESTS[@]}" tests/ -k "triton and not test_cuda and not compile" \
