@@ -394,12 +394,12 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.skipif(not ON_CPU, reason="on a GPU every test above runs these tiles for real")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind, N", [("temporal_causal", 7), ("temporal_causal", 18), ("temporal_full", 40),
-                                     ("spatial", 70)])
-def test_gpu_tiles_in_the_interpreter(monkeypatch, dtype, kind, N):
+@pytest.mark.parametrize("kind, N, D", [("temporal_causal", 7, 40), ("temporal_causal", 18, 40),
+                                        ("temporal_full", 40, 40), ("spatial", 70, 40), ("temporal_full", 16, 80)])
+def test_gpu_tiles_in_the_interpreter(monkeypatch, dtype, kind, N, D):
     # the block sizes the GPU launches (one fused block per sequence up to 32 frames: fp32 at 7 and
-    # 18, 16-bit up to 32; 16- to 32-key blocks and the three-kernel backward beyond), with the
-    # interpreter's fp32 products, against the fp64 oracle
+    # 18, and 16 at head dim 80; 16-bit up to 32; 16- to 32-key blocks and the three-kernel backward
+    # beyond), with the interpreter's fp32 products, against the fp64 oracle
     from pvkernels.ops import attention, vq
 
     def gpu_tiles(*args):
@@ -410,7 +410,7 @@ def test_gpu_tiles_in_the_interpreter(monkeypatch, dtype, kind, N):
 
     real = attention._configs
     monkeypatch.setattr(attention, "_configs", gpu_tiles)
-    B, A, H, D = 1, 3, 2, 40
+    B, A, H = 1, 3, 2
     shape = (B, N, A, H, D) if kind != "spatial" else (B, A, N, H, D)
     qkv = torch.randn(*shape[:3], 3, H, D).to(dtype).requires_grad_()
     bias = torch.randn(H, N, N).to(dtype).requires_grad_()
