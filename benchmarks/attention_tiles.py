@@ -1,5 +1,5 @@
 """Each candidate tile of the Triton attention kernels at the temporal shapes diffusers' motion
-modules meet, timed on a GPU and checked against SDPA's math backend: the measurements behind
+modules meet, timed on a GPU and checked against the fp64 oracle: the measurements behind
 ``_TILES`` (pvkernels/ops/attention.py).
 
 For every (shape, dtype): the table's configs, then one kernel's tile changed at a time: the
@@ -8,9 +8,9 @@ forward on 1, 2, 4 and 8 warps (and on 16 queries where the table takes 32), and
 with the head dim specialised (vector loads where it divides by 16: Dh 64 and 80 here, not 40),
 and last the table's again (the drift over the sweep). The projections are views of
 (sequences, frames, heads * head_dim) tensors, as the diffusers patch passes them. One row per
-candidate: forward alone and forward + backward, median ms of 25 calls (CUDA events, after 3
+candidate: forward alone and forward + backward, median ms of 25 synchronised calls (after 3
 warm-up calls), x the table's, and the largest error of the output and its three gradients
-(upstream all ones) against SDPA's math backend in fp64 on the first 64 sequences.
+(upstream all ones) against the oracle (attention_reference) in fp64 on the first 64 sequences.
 
 ``python -m benchmarks.attention_tiles [--quick]`` on a CUDA machine (benchmarks/gpu_check.sh runs
 it); ``--quick`` one small shape, for a first look.
@@ -18,12 +18,14 @@ it); ``--quick`` one small shape, for a first look.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
 import pvkernels
 from pvkernels.ops import attention
+from pvkernels.ops.attention import attention_reference
+
+from .harness import time_calls
 
 # (sequences, frames, heads, head_dim): SD 1.5's motion modules at 320 / 640 channels (a 64x64 and
 # a 32x32 latent) and the temporal benchmark's 18 frames at head dim 64
@@ -31,17 +33,10 @@ SHAPES = [(4096, 16, 8, 40), (1024, 16, 8, 80), (8192, 18, 8, 64)]
 
 
 def _time(call, reps: int = 25) -> float:
+    """Median ms of ``reps`` synchronised calls (the benchmarks' harness), after 3 warm-up calls."""
     for _ in range(3):
         call()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return time_calls(call, reps, "cuda")[0] * 1e3
 
 
 KERNELS = ("_attention_fwd_kernel", "_attention_bwd_fused_kernel", "_attention_bwd_delta_kernel",
@@ -82,10 +77,9 @@ def _candidates(N: int, D: int, dtype: torch.dtype) -> list:
 
 
 def _error(q, k, v, o, grads) -> float:
-    """Largest |error| of o and its gradients (upstream all ones) against SDPA's math backend in fp64."""
+    """Largest |error| of o and its gradients (upstream all ones) against the oracle in fp64."""
     exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    want = torch.nn.functional.scaled_dot_product_attention(*(t.squeeze(2).transpose(1, 2) for t in exact))
-    want = want.transpose(1, 2).unsqueeze(2)
+    want = attention_reference(*exact, None, True, False)
     want_grads = torch.autograd.grad(want, exact, torch.ones_like(want))
     return max(float((a.detach().double() - b.detach()).abs().max()) for a, b in zip([o, *grads], [want, *want_grads]))
 
