@@ -4,9 +4,9 @@ modules meet, timed on a GPU and checked against the fp64 oracle: the measuremen
 
 For every (shape, dtype): the table's configs, then one kernel's tile changed at a time: the
 forward on 1, 2, 4 and 8 warps (and on 16 queries where the table takes 32), and the one-launch
-"fused" backward on 2, 4 and 8 warps where a sequence is one block, the table's tiles on kernels
-with the head dim specialised (vector loads where it divides by 16: Dh 64 and 80 here, not 40),
-and last the table's again (the drift over the sweep). The projections are views of
+"fused" backward on 2, 4 and 8 warps where a sequence is one block, the table's tiles with the
+head dim read at run time (scalar loads: the kernels before the launchers passed it at compile
+time, attention._head_dim_meta), and last the table's again (the drift over the sweep). The projections are views of
 (sequences, frames, heads * head_dim) tensors, as the diffusers patch passes them. One row per
 candidate: forward alone and forward + backward, median ms of 25 synchronised calls (after 3
 warm-up calls), x the table's, and the largest error of the output and its three gradients
@@ -39,41 +39,25 @@ def _time(call, reps: int = 25) -> float:
     return time_calls(call, reps, "cuda")[0] * 1e3
 
 
-KERNELS = ("_attention_fwd_kernel", "_attention_bwd_fused_kernel", "_attention_bwd_delta_kernel",
-           "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel")
-
-
-def head_dim_specialised() -> dict:
-    """The attention kernels rebuilt with the head dim specialised: where it divides by 16, triton
-    knows the head-dim mask constant over 16 lanes and loads the rows as vectors (docs/gpu.md)."""
-    out = {}
-    for name in KERNELS:
-        kernel = getattr(attention, name)
-        keep = [a for a in getattr(kernel, "do_not_specialize", None) or attention._RUNTIME if a != "head_dim"]
-        out[name] = attention.triton.jit(do_not_specialize=keep)(kernel.fn)
-    return out
-
-
 def _candidates(N: int, D: int, dtype: torch.dtype) -> list:
-    """(name, configs, kernels) triples: the table's configs first, then one kernel's tile changed at a
-    time, then the table's tiles on head-dim specialised kernels (kernels: module attributes to
-    replace, None for attention's own)."""
+    """(name, configs, head dim at compile time) triples: the table's configs first, then one
+    kernel's tile changed at a time, then the table's tiles with the head dim read at run time."""
     table = attention._configs(N, D, dtype)
     fwd = table["fwd"]
-    out = [("table", table, None)]
+    out = [("table", table, True)]
     for w in (1, 2, 4, 8):
         if w != fwd["num_warps"]:
-            out.append((f"fwd w{w}", dict(table, fwd=dict(fwd, num_warps=w)), None))
+            out.append((f"fwd w{w}", dict(table, fwd=dict(fwd, num_warps=w)), True))
     if fwd["BLOCK_M"] > 16:
-        out.append(("fwd 16 queries", dict(table, fwd=dict(fwd, BLOCK_M=16)), None))
+        out.append(("fwd 16 queries", dict(table, fwd=dict(fwd, BLOCK_M=16)), True))
     block = max(16, 1 << (N - 1).bit_length())
     if block <= 32:  # one block per sequence: the one-launch backward
         for w in (2, 4, 8):
             fused = attention._tile(block, block, w, 1, fwd["BLOCK_D"], interpreter=False)
             if table.get("fused") != fused:
-                out.append((f"fused bwd w{w}", {"fwd": fwd, "fused": fused}, None))
-    out.append(("table, head dim specialised", table, head_dim_specialised()))
-    return out + [("table, again", table, None)]  # its x table: the drift between first and last
+                out.append((f"fused bwd w{w}", {"fwd": fwd, "fused": fused}, True))
+    out.append(("table, runtime head dim", table, False))
+    return out + [("table, again", table, True)]  # its x table: the drift between first and last
 
 
 def _error(q, k, v, o, grads) -> float:
@@ -94,11 +78,9 @@ def sweep(shapes, dtypes) -> None:
         q, k, v = (t.view(n_seq, N, 1, H, D) for t in qkv)
         grad = torch.randn(n_seq, N, 1, H, D, device="cuda", dtype=dtype)
         base = {}
-        for name, cfg, kernels in _candidates(N, D, dtype):
+        for name, cfg, specialise in _candidates(N, D, dtype):
             attention._configs = lambda *a, cfg=cfg: cfg
-            own = {attr: getattr(attention, attr) for attr in kernels or {}}
-            for attr, kernel in (kernels or {}).items():
-                setattr(attention, attr, kernel)
+            attention.SPECIALISE_HEAD_DIM = specialise
             try:
                 def fwd():
                     with torch.no_grad():
@@ -118,8 +100,7 @@ def sweep(shapes, dtypes) -> None:
                 continue
             finally:
                 attention._configs = real
-                for attr, kernel in own.items():
-                    setattr(attention, attr, kernel)
+                attention.SPECIALISE_HEAD_DIM = True
             base.setdefault("fwd", t_fwd)
             base.setdefault("both", t_both)
             print(f"| {n_seq}x{N}x{H}x{D} | {str(dtype)[6:]} | {name} | {t_fwd:.3f} | {base['fwd'] / t_fwd:.2f} "

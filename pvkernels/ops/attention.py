@@ -147,8 +147,12 @@ if triton is not None:
         n_other, n_seq, n_heads, head_dim, scale,
         causal, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
     ):
         """One (b, a, h) sequence x BLOCK_M queries; online softmax over BLOCK_N key blocks."""
+        if HEAD_DIM > 0:  # see _head_dim_meta
+            head_dim = HEAD_DIM
+            q_stride_h, k_stride_h, v_stride_h, o_stride_h = HEAD_DIM, HEAD_DIM, HEAD_DIM, HEAD_DIM
         b, a, h = _sequence(tl.program_id(0), n_other, n_heads)
         start_m = tl.program_id(1) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -210,10 +214,15 @@ if triton is not None:
         n_other, n_seq, n_heads, head_dim, scale,
         causal, HAS_BIAS: tl.constexpr, RECOMPUTE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
     ):
         """delta = rowsum(dO * O) = rowsum(P * dP) of BLOCK_M queries, in fp32. RECOMPUTE (fp16/bf16,
         whose stored O is rounded): rowsum(P * dP) with P recomputed from lse, over the key blocks.
         delta has lse's layout (lse_stride_*)."""
+        if HEAD_DIM > 0:  # see _head_dim_meta
+            head_dim = HEAD_DIM
+            (do_stride_h, o_stride_h, q_stride_h, k_stride_h, v_stride_h) = (
+                HEAD_DIM, HEAD_DIM, HEAD_DIM, HEAD_DIM, HEAD_DIM)
         b, a, h = _sequence(tl.program_id(0), n_other, n_heads)
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -261,12 +270,17 @@ if triton is not None:
         n_other, n_seq, n_heads, head_dim, scale,
         causal, bias_grad, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
     ):
         """The whole backward of one (b, a, h) sequence that fits one block, its queries and keys the
         same rows (n_seq <= BLOCK_M == BLOCK_N): P from lse, delta = rowsum(P * dP) in place of the
         delta kernel, dQ, dK, dV; dq/dk/dv share the grad_stride_* layout; dbias (H, N, N) fp32 is
         summed over (b, a) atomically."""
         tl.static_assert(BLOCK_M == BLOCK_N)
+        if HEAD_DIM > 0:  # see _head_dim_meta
+            head_dim = HEAD_DIM
+            (do_stride_h, q_stride_h, k_stride_h, v_stride_h, grad_stride_h) = (
+                HEAD_DIM, HEAD_DIM, HEAD_DIM, HEAD_DIM, HEAD_DIM)
         b, a, h = _sequence(tl.program_id(0), n_other, n_heads)
         # the block starts at program_id(1) * BLOCK_N = 0 (grid (rows, 1)), written as in the dK/dV
         # kernel: without it ptxas moved 50 of the 64 variants by -42 to +19 registers (triton 3.8)
@@ -318,9 +332,14 @@ if triton is not None:
         n_other, n_seq, n_heads, head_dim, scale,
         causal, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
     ):
         """One key block, loop over the query blocks -> dK, dV (P recomputed from lse). dk/dv share
         the grad_stride_* layout, delta lse's."""
+        if HEAD_DIM > 0:  # see _head_dim_meta
+            head_dim = HEAD_DIM
+            (do_stride_h, q_stride_h, k_stride_h, v_stride_h, grad_stride_h) = (
+                HEAD_DIM, HEAD_DIM, HEAD_DIM, HEAD_DIM, HEAD_DIM)
         b, a, h = _sequence(tl.program_id(0), n_other, n_heads)
         start_n = tl.program_id(1) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -370,8 +389,13 @@ if triton is not None:
         n_other, n_seq, n_heads, head_dim, scale,
         causal, bias_grad, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
     ):
         """One query block, loop over the key blocks -> dQ, and dbias (summed over (b, a) atomically)."""
+        if HEAD_DIM > 0:  # see _head_dim_meta
+            head_dim = HEAD_DIM
+            (do_stride_h, q_stride_h, k_stride_h, v_stride_h, grad_stride_h) = (
+                HEAD_DIM, HEAD_DIM, HEAD_DIM, HEAD_DIM, HEAD_DIM)
         b, a, h = _sequence(tl.program_id(0), n_other, n_heads)
         start_m = tl.program_id(1) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -458,18 +482,18 @@ _TILES = (
     # kernel  operands  N <=  Dh <=  BLOCK_M BLOCK_N warps stages
     ("fwd",   "fp32",   16,   64,    16,  16, 2, 1),  # one 16-key block; H200 4096x16x8x40: 1.13x 4 warps
     ("fwd",   "fp32",   32,   64,    32,  16, 2, 2),  # H200 8192x18x8x64: 1.46x 4 warps; ALLOWED_SPILL
-    ("fwd",   "fp32",   _ANY, 64,    32,  16, 4, 2),  # 16-key steps (two TF32 parts per operand), double buffered
+    ("fwd",   "fp32",   _ANY, 64,    32,  16, 4, 1),  # 16-key steps (two TF32 parts per operand); 2 stages spilled 8 B
     ("fwd",   "fp32",   _ANY, _ANY,  16,  32, 8, 2),  # Dh 65-128: 16 queries, 8 warps for the wide q and accumulator
     ("fused", "fp32",   16,   64,    16,  16, 4, 1),  # H200 4096x16x8x40: 2.52x the three kernels
     ("fused", "fp32",   16,   _ANY,  16,  16, 4, 1),  # H200 1024x16x8x80: 1.64x; ALLOWED_SPILL
     ("fused", "fp32",   32,   64,    32,  32, 4, 1),  # H200 8192x18x8x64: 3.33x; ALLOWED_SPILL
     ("delta", "fp32",   _ANY, _ANY,  64,  16, 4, 1),  # rowsum(dO * O): no key loop, nothing to pipeline
-    ("dkdv",  "fp32",   _ANY, 16,    16,  16, 4, 2),  # 8 warps spilled 8 B at Dh 16 (sm_90, 3.6)
+    ("dkdv",  "fp32",   _ANY, 16,    16,  16, 4, 3),  # 8 warps spilled 8 B at Dh 16 (sm_90, 3.6), 2 stages with a bias
     ("dkdv",  "fp32",   _ANY, 64,    16,  16, 8, 2),  # k, v, dK and dV stay across the query loop: 8 warps
     ("dkdv",  "fp32",   _ANY, _ANY,  16,  16, 8, 3),  # 255 registers with every tile tried: ALLOWED_SPILL
     ("dq",    "fp32",   _ANY, 32,    16,  16, 8, 2),  # q, dO and dQ stay across the key loop: 8 warps
-    ("dq",    "fp32",   _ANY, 64,    16,  16, 8, 3),  # 2 stages spilled 24 B (sm_80, 3.6), 1 stage 8 B (sm_90, 3.8)
-    ("dq",    "fp32",   _ANY, _ANY,  16,  16, 8, 2),  # as at Dh <= 32: no spill at 2 stages
+    ("dq",    "fp32",   _ANY, 64,    16,  16, 8, 1),  # 2 and 3 stages spilled 8-24 B (sm_80, sm_90)
+    ("dq",    "fp32",   _ANY, _ANY,  16,  16, 8, 1),  # 2 stages spilled 8-24 B, 3 stages 16 B (sm_80)
     ("fwd",   "16-bit", 16,   _ANY,  16,  16, 2, 1),  # 16 queries: 2 warps (16 x 16 scores are two 16 x 8 mma tiles)
     ("fwd",   "16-bit", 32,   32,    32,  32, 2, 1),  # warps grow with the q tile, 16 elements a thread: 32 x 32 on 2
     ("fwd",   "16-bit", 32,   64,    32,  32, 4, 1),  # 32 x 64 on 4 (2: H200 1.29x, spilled 40-56 B with a bias)
@@ -508,10 +532,27 @@ def _configs(N: int, D: int, dtype: torch.dtype) -> dict:
     return tiles
 
 
+# Whether the launchers pass the head dim at compile time where they can (_head_dim_meta); the
+# tiles sweep (benchmarks/attention_tiles.py) sets it False to time the runtime head dim.
+SPECIALISE_HEAD_DIM = True
+
+
+def _head_dim_meta(D: int, *tensors: torch.Tensor) -> int:
+    """The kernels' HEAD_DIM: D where every (B, T, S, H, Dh) operand holds its heads packed (stride_h
+    == Dh: contiguous tensors and the views of a packed projection), else 0 (head dim and head
+    strides read at run time). With both known at compile time, a head's offset h * Dh and the
+    head-dim mask let triton prove a row's elements aligned and contiguous and load them as vectors
+    (sm_90, triton 3.6, the fp32 forward of 16 frames at Dh 40: 12 ld.global.v4 per thread instead of
+    48 scalar loads, 125 registers instead of 144; bf16 6 instead of 48, 80 registers instead of 128;
+    docs/gpu.md). One binary per head dim."""
+    packed = all(x.shape[3] == 1 or x.stride(3) == D for x in tensors)
+    return D if SPECIALISE_HEAD_DIM and packed else 0
+
+
 def _attention_fwd_launches(q, k, v, bias, out, lse, temporal, causal) -> list:
     B, T, S, H, D = q.shape
     N, A = (T, S) if temporal else (S, T)
-    meta = dict(_configs(N, D, q.dtype)["fwd"], HAS_BIAS=bias is not None)
+    meta = dict(_configs(N, D, q.dtype)["fwd"], HAS_BIAS=bias is not None, HEAD_DIM=_head_dim_meta(D, q, k, v, out))
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, bias_ptr=bias if bias is not None else q, o_ptr=out, lse_ptr=lse,
                 **_strides("q", q, temporal), **_strides("k", k, temporal), **_strides("v", v, temporal),
                 **_strides("o", out, temporal), **_strides("lse", lse, temporal), **_bias_strides(bias, N),
@@ -537,21 +578,22 @@ def _attention_bwd_launches(grad_out, q, k, v, bias, out, lse, delta, dq, dk, dv
                  **_sizes(q, temporal, causal))
     grads = _strides("grad", dq, temporal)
     dbias_arg = dbias if bias_grad else lse  # fp32 either way: one binary
+    head_dim = _head_dim_meta(D, grad_out, q, k, v, dq, out)
     if "fused" in cfg:
-        meta = dict(cfg["fused"], HAS_BIAS=has_bias)
+        meta = dict(cfg["fused"], HAS_BIAS=has_bias, HEAD_DIM=head_dim)
         args = dict(reads, **grads, dq_ptr=dq, dk_ptr=dk, dv_ptr=dv, dbias_ptr=dbias_arg, bias_grad=int(bias_grad))
         return [Launch(_attention_bwd_fused_kernel, (rows, 1), args=(), meta=meta, kwargs=args)]
     # fp32: delta = dO . O; fp16/bf16: recomputed as rowsum(P * dP), since the stored O is rounded
     recompute = q.dtype != torch.float32
-    meta = dict(cfg["delta"], HAS_BIAS=has_bias and recompute, RECOMPUTE=recompute)
+    meta = dict(cfg["delta"], HAS_BIAS=has_bias and recompute, RECOMPUTE=recompute, HEAD_DIM=head_dim)
     args = dict(reads, o_ptr=out, **_strides("o", out, temporal), delta_ptr=delta)
     delta_launch = Launch(_attention_bwd_delta_kernel, (rows, triton.cdiv(N, meta["BLOCK_M"])), args=(), meta=meta,
                           kwargs=args)
-    meta = dict(cfg["dkdv"], HAS_BIAS=has_bias)
+    meta = dict(cfg["dkdv"], HAS_BIAS=has_bias, HEAD_DIM=head_dim)
     args = dict(reads, **grads, delta_ptr=delta, dk_ptr=dk, dv_ptr=dv)
     dkdv_launch = Launch(_attention_bwd_dkdv_kernel, (rows, triton.cdiv(N, meta["BLOCK_N"])), args=(), meta=meta,
                          kwargs=args)
-    meta = dict(cfg["dq"], HAS_BIAS=has_bias)
+    meta = dict(cfg["dq"], HAS_BIAS=has_bias, HEAD_DIM=head_dim)
     args = dict(reads, **grads, delta_ptr=delta, dq_ptr=dq, dbias_ptr=dbias_arg, bias_grad=int(bias_grad))
     dq_launch = Launch(_attention_bwd_dq_kernel, (rows, triton.cdiv(N, meta["BLOCK_M"])), args=(), meta=meta,
                        kwargs=args)
