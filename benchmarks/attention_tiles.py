@@ -6,11 +6,12 @@ For every (shape, dtype): the table's configs, then one kernel's tile changed at
 forward on 1, 2, 4 and 8 warps (and on 16 queries where the table takes 32), and the one-launch
 "fused" backward on 2, 4 and 8 warps where a sequence is one block, the table's tiles with the
 head dim read at run time (scalar loads: the kernels before the launchers passed it at compile
-time, attention._head_dim_meta), and last the table's again (the drift over the sweep). The projections are views of
-(sequences, frames, heads * head_dim) tensors, as the diffusers patch passes them. One row per
-candidate: forward alone and forward + backward, median ms of 25 synchronised calls (after 3
-warm-up calls), x the table's, and the largest error of the output and its three gradients
-(upstream all ones) against the oracle (attention_reference) in fp64 on the first 64 sequences.
+time, attention._head_dim_meta), and last the table's again (the drift over the sweep). The
+projections are views of (sequences, frames, heads * head_dim) tensors, as the diffusers patch
+passes them. One row per candidate: forward alone and forward + backward, median ms of 25
+synchronised calls (after 3 warm-up calls), x the table's, and the largest error of the output
+and its three gradients (upstream all ones) against the oracle (attention_reference) in fp64 on
+the first 64 sequences.
 
 ``python -m benchmarks.attention_tiles [--quick]`` on a CUDA machine (benchmarks/gpu_check.sh runs
 it); ``--quick`` one small shape, for a first look.

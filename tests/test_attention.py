@@ -547,6 +547,35 @@ def test_head_dim_limits():
     assert fused_head_dim_limit(torch.device("cpu")) == 256 and fused_head_dim_limit(torch.device("cuda")) == 128
 
 
+def test_triton_head_dim_at_compile_time(monkeypatch):
+    # the launchers pass the head dim as a constexpr (vector loads on a GPU: test_triton_compile) where
+    # every operand holds its heads packed, diffusers' (pixels, frames, heads * Dh) projections
+    # included, and leave it to run time (0) for any operand whose heads are not, or when told not to
+    pytest.importorskip("triton")
+    from pvkernels.ops import attention
+
+    proj = torch.empty(64, 16, 8 * 40, device="meta")
+    q = proj.view(64, 16, 1, 8, 40)
+    apart = torch.empty(64, 16, 1, 3, 8, 40, device="meta")[:, :, :, 0]  # heads 40 apart, rows 960 apart
+    spread = torch.empty(64, 16, 1, 40, 8, device="meta").transpose(3, 4)  # heads 1 apart
+    one_head = torch.empty(64, 16, 1, 1, 40, device="meta").as_strided((64, 16, 1, 1, 40), (640, 40, 40, 7, 1))
+    lse = torch.empty(64, 16, 1, 8, device="meta")
+
+    def head_dim(q, k, v, out=None):
+        out = torch.empty(q.shape, device="meta") if out is None else out
+        fwd = attention._attention_fwd_launches(q, k, v, None, out, lse[..., :q.shape[3]], True, False)
+        bwd = attention._attention_bwd_launches(out, q, k, v, None, out, lse[..., :q.shape[3]], lse[..., :q.shape[3]],
+                                                out, out, out, None, True, False, False)
+        return {launch.meta["HEAD_DIM"] for launch in fwd + bwd}
+
+    assert head_dim(q, q, q) == {40}
+    assert head_dim(q, apart, q) == {40}
+    assert head_dim(q, spread, q) == {0}
+    assert head_dim(one_head, one_head, one_head) == {40}  # one head: its stride never multiplies
+    monkeypatch.setattr(attention, "SPECIALISE_HEAD_DIM", False)
+    assert head_dim(q, q, q) == {0}
+
+
 def test_triton_head_dim_limit(monkeypatch):
     # triton stops at 128 where cpp goes on: the limit is the asked backend's (checked without a
     # GPU under the interpreter flag; the error comes before any launch)

@@ -61,10 +61,14 @@ def gpu_launches() -> list:
     meta = "meta"
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     launches = []
-    for N, D, dtype, temporal in itertools.product(ATTENTION_N, ATTENTION_D, dtypes, (True, False)):
+    for N, D, dtype, temporal, packed in itertools.product(ATTENTION_N, ATTENTION_D, dtypes, (True, False),
+                                                           (True, False)):
         B, A, H = 2, 3, 4
         shape = (B, N, A, H, D) if temporal else (B, A, N, H, D)
-        q, k, v = torch.empty(*shape[:3], 3, H, D, device=meta, dtype=dtype).unbind(3)  # a packed projection
+        # the views of a packed projection (heads packed: the head dim a constexpr), or of one whose
+        # heads are 3 * Dh apart (the head dim read at run time; attention._head_dim_meta)
+        qkv = torch.empty(*shape[:3], 3, H, D, device=meta, dtype=dtype)
+        q, k, v = (qkv if packed else qkv.view(*shape[:3], H, 3, D).transpose(3, 4)).unbind(3)
         out = torch.empty(shape, device=meta, dtype=dtype)
         lse = torch.empty(shape[:4], device=meta)
         for causal, bias_state in itertools.product((False, True) if temporal else (False,), ("none", "fixed", "grad")):
@@ -214,18 +218,20 @@ def test_every_variant_compiles(resources):
 # of a one-block sequence past head dim 64 (16 frames) or past 16 frames spills 8-248 B with triton
 # 3.6 and 8-424 B with 3.8 (a bias: the most), yet on an H200 (triton 3.6, no bias) it ran 1.64x
 # (1024x16x8x80) and 3.33x (8192x18x8x64) the spill-free three-kernel backward
-# (benchmarks/attention_tiles.py; _TILES). With a bias only, 8-16 B (the H200-timed tiles of the
-# fp32 forward of 17-32 frames on 2 warps and of the fp32 one-launch backward of 16 frames, and
-# the 16-bit dK/dV and one-launch backward, since the head dim is a constexpr: their spill-free
-# stage or warp counts cost the variants without a bias registers). Anything else that spills, or
-# more, fails, on either triton.
+# (benchmarks/attention_tiles.py; _TILES). With a bias only, 8-16 B: the H200-timed tiles of the
+# fp32 forward of 17-32 frames on 2 warps and of the fp32 one-launch backward of 16 frames, the
+# 16-bit one-launch backward of 32 frames at Dh 65-128, 16-bit dK/dV and fp32 dQ at Dh 33-64, with
+# the head dim a constexpr: their spill-free stage or warp counts cost the variants without a bias
+# registers, or spill with the head dim read at run time. Anything else that spills, or more,
+# fails, on either triton.
 ALLOWED_SPILL = {("_attention_bwd_dkdv_kernel", "fp32", "BLOCK_D=128"): 8,
                  ("_attention_bwd_fused_kernel", "fp32", "BLOCK_D=128"): 352,
                  ("_attention_bwd_fused_kernel", "fp32", "BLOCK_M=32"): 424,
                  ("_attention_fwd_kernel", "fp32", "HAS_BIAS=1 BLOCK_M=32 BLOCK_N=16 w2"): 16,
                  ("_attention_bwd_fused_kernel", "fp32", "HAS_BIAS=1 BLOCK_M=16"): 8,
                  ("_attention_bwd_fused_kernel", "bf16 fp16", "HAS_BIAS=1 BLOCK_M=32 BLOCK_D=128"): 8,
-                 ("_attention_bwd_dkdv_kernel", "bf16 fp16", "HAS_BIAS=1 BLOCK_M=32 BLOCK_D=64"): 8}
+                 ("_attention_bwd_dkdv_kernel", "bf16 fp16", "HAS_BIAS=1 BLOCK_M=32 BLOCK_D=64"): 8,
+                 ("_attention_bwd_dq_kernel", "fp32", "HAS_BIAS=1 BLOCK_D=64 w8 s3"): 8}
 
 
 def _allowed_stack(row) -> int:
@@ -238,6 +244,18 @@ def test_no_variant_spills(resources):
     spills = [f"{r['kernel']} {r['variant']} {r['target']}: {r['registers']} registers, {r['stack']} B stack"
               for r in resources if r.get("stack", 0) > _allowed_stack(r)]
     assert not spills, f"{len(spills)} of {len(resources)} variants spill:\n" + "\n".join(spills)
+
+
+def test_packed_heads_load_vectors(resources):
+    # the head dim a constexpr (heads packed: attention._head_dim_meta): every attention variant loads
+    # its rows with vector instructions from head dim 16 on (at 8 a thread of 4-8 warps holds less than
+    # a vector); the runtime head dim (heads not packed) is compiled too
+    attention = [r for r in resources if r["kernel"].startswith("_attention") and "error" not in r]
+    head_dims = [int(r["variant"].split("HEAD_DIM=")[1].split()[0]) for r in attention]
+    scalar = [f"{r['kernel']} {r['variant']} {r['target']}" for r, d in zip(attention, head_dims)
+              if d >= 16 and r["vector_loads"] == 0]
+    assert not scalar, "\n".join(scalar)
+    assert 0 in head_dims
 
 
 def test_every_kernel_and_target_is_covered(resources):

@@ -492,7 +492,7 @@ _TILES = (
     ("dkdv",  "fp32",   _ANY, 64,    16,  16, 8, 2),  # k, v, dK and dV stay across the query loop: 8 warps
     ("dkdv",  "fp32",   _ANY, _ANY,  16,  16, 8, 3),  # 255 registers with every tile tried: ALLOWED_SPILL
     ("dq",    "fp32",   _ANY, 32,    16,  16, 8, 2),  # q, dO and dQ stay across the key loop: 8 warps
-    ("dq",    "fp32",   _ANY, 64,    16,  16, 8, 1),  # 2 and 3 stages spilled 8-24 B (sm_80, sm_90)
+    ("dq",    "fp32",   _ANY, 64,    16,  16, 8, 3),  # 1 and 2 stages spilled 8-24 B; a bias: ALLOWED_SPILL
     ("dq",    "fp32",   _ANY, _ANY,  16,  16, 8, 1),  # 2 stages spilled 8-24 B, 3 stages 16 B (sm_80)
     ("fwd",   "16-bit", 16,   _ANY,  16,  16, 2, 1),  # 16 queries: 2 warps (16 x 16 scores are two 16 x 8 mma tiles)
     ("fwd",   "16-bit", 32,   32,    32,  32, 2, 1),  # warps grow with the q tile, 16 elements a thread: 32 x 32 on 2
