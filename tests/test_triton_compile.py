@@ -222,8 +222,10 @@ def test_every_variant_compiles(resources):
 # fp32 forward of 17-32 frames on 2 warps and of the fp32 one-launch backward of 16 frames, the
 # 16-bit one-launch backward of 32 frames at Dh 65-128, 16-bit dK/dV and fp32 dQ at Dh 33-64, with
 # the head dim a constexpr: their spill-free stage or warp counts cost the variants without a bias
-# registers, or spill with the head dim read at run time. Anything else that spills, or more,
-# fails, on either triton.
+# registers, or spill with the head dim read at run time. The 16-bit forward of 17-32 frames on 2
+# warps (H200 1.29x 4 warps, with the head dim read at run time) spills 40-72 B with a bias and the
+# head dim at run time, none with it a constexpr. Anything else that spills, or more, fails, on
+# either triton.
 ALLOWED_SPILL = {("_attention_bwd_dkdv_kernel", "fp32", "BLOCK_D=128"): 8,
                  ("_attention_bwd_fused_kernel", "fp32", "BLOCK_D=128"): 352,
                  ("_attention_bwd_fused_kernel", "fp32", "BLOCK_M=32"): 424,
@@ -231,7 +233,8 @@ ALLOWED_SPILL = {("_attention_bwd_dkdv_kernel", "fp32", "BLOCK_D=128"): 8,
                  ("_attention_bwd_fused_kernel", "fp32", "HAS_BIAS=1 BLOCK_M=16"): 8,
                  ("_attention_bwd_fused_kernel", "bf16 fp16", "HAS_BIAS=1 BLOCK_M=32 BLOCK_D=128"): 8,
                  ("_attention_bwd_dkdv_kernel", "bf16 fp16", "HAS_BIAS=1 BLOCK_M=32 BLOCK_D=64"): 8,
-                 ("_attention_bwd_dq_kernel", "fp32", "HAS_BIAS=1 BLOCK_D=64 w8 s3"): 8}
+                 ("_attention_bwd_dq_kernel", "fp32", "HAS_BIAS=1 BLOCK_D=64 w8 s3"): 8,
+                 ("_attention_fwd_kernel", "bf16 fp16", "HAS_BIAS=1 HEAD_DIM=0 BLOCK_M=32 BLOCK_D=64 w2"): 72}
 
 
 def _allowed_stack(row) -> int:

@@ -496,7 +496,7 @@ _TILES = (
     ("dq",    "fp32",   _ANY, _ANY,  16,  16, 8, 1),  # 2 stages spilled 8-24 B, 3 stages 16 B (sm_80)
     ("fwd",   "16-bit", 16,   _ANY,  16,  16, 2, 1),  # 16 queries: 2 warps (16 x 16 scores are two 16 x 8 mma tiles)
     ("fwd",   "16-bit", 32,   32,    32,  32, 2, 1),  # warps grow with the q tile, 16 elements a thread: 32 x 32 on 2
-    ("fwd",   "16-bit", 32,   64,    32,  32, 4, 1),  # 32 x 64 on 4 (2: H200 1.29x, spilled 40-56 B with a bias)
+    ("fwd",   "16-bit", 32,   64,    32,  32, 2, 1),  # H200 8192x18x8x64: 1.29x 4 warps; a bias: ALLOWED_SPILL
     ("fwd",   "16-bit", 32,   _ANY,  32,  32, 8, 1),  # 32 x 128 on 8
     ("fused", "16-bit", 16,   64,    16,  16, 4, 1),  # q, k, v, dO, P and dS of the whole sequence at once: 4 warps
     ("fused", "16-bit", 16,   _ANY,  16,  16, 8, 1),  # the same, twice as wide: 8 warps
