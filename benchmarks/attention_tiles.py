@@ -9,9 +9,9 @@ head dim read at run time (scalar loads: the kernels before the launchers passed
 time, attention._head_dim_meta), and last the table's again (the drift over the sweep). The
 projections are views of (sequences, frames, heads * head_dim) tensors, as the diffusers patch
 passes them. One row per candidate: forward alone and forward + backward, median ms of 25
-synchronised calls (after 3 warm-up calls), x the table's, and the largest error of the output
-and its three gradients (upstream all ones) against the oracle (attention_reference) in fp64 on
-the first 64 sequences.
+calls timed by CUDA events (after 3 warm-up calls; harness.time_calls), x the table's, and the
+largest error of the output and its three gradients (upstream all ones) against the oracle
+(attention_reference) in fp64 on the first 64 sequences.
 
 ``python -m benchmarks.attention_tiles [--quick]`` on a CUDA machine (benchmarks/gpu_check.sh runs
 it); ``--quick`` one small shape, for a first look.
@@ -34,7 +34,7 @@ SHAPES = [(4096, 16, 8, 40), (1024, 16, 8, 80), (8192, 18, 8, 64)]
 
 
 def _time(call, reps: int = 25) -> float:
-    """Median ms of ``reps`` synchronised calls (the benchmarks' harness), after 3 warm-up calls."""
+    """Median ms of ``reps`` calls timed by CUDA events (the benchmarks' harness), after 3 warm-up calls."""
     for _ in range(3):
         call()
     return time_calls(call, reps, "cuda")[0] * 1e3

@@ -12,6 +12,9 @@ Two figures per provider:
   buffer larger than the last-level cache (as ``triton.testing.do_bench`` does on a GPU); the
   call alone is timed. On the CPU the minor page faults per call are counted in both figures:
   a fresh output that the allocator took from the kernel is zeroed page by page on first touch.
+On the CPU a call is timed by the clock; on CUDA by events around it on the stream, without a
+synchronisation per call (``time_calls``; until 2026-12-04 by the clock with one, which counted
+each call's Python launch overhead in full: the H200 results of that date).
 
 Where a run's JSON goes: ``benchmarks/results/local/`` (gitignored), so a benchmark run never
 changes a clone's tracked files. The committed reference results in ``benchmarks/results/``
@@ -132,7 +135,14 @@ def minor_faults() -> int:
 
 def time_calls(call, rounds: int, device: str = DEVICE, before=None) -> tuple[float, float]:
     """Median seconds of ``call`` over ``rounds`` timed calls (``before()`` untimed before each),
-    and the median minor page faults per call."""
+    and the median minor page faults per call (0 on CUDA). On the CPU a call is timed by the clock
+    from a synchronised start to its end. On CUDA by events recorded on the stream around it, with
+    no synchronisation between calls (as ``triton.testing.do_bench``): the GPU's time from the
+    call's first work to its last, the Python that launches it overlapping the work queued before
+    it (the previous call in a hot loop, ``before``'s flush in context) as in a model's step; a
+    call whose launching outlasts that work shows it as the GPU's idle time between its kernels."""
+    if device == "cuda":
+        return _cuda_time_calls(call, rounds, before), 0.0
     times, faults = [], []
     for _ in range(rounds):
         if before is not None:
@@ -145,6 +155,20 @@ def time_calls(call, rounds: int, device: str = DEVICE, before=None) -> tuple[fl
         times.append(time.perf_counter() - start)
         faults.append(minor_faults() - f0)
     return sorted(times)[rounds // 2], sorted(faults)[rounds // 2]
+
+
+def _cuda_time_calls(call, rounds: int, before=None) -> float:
+    """Median seconds between CUDA events recorded before and after each call, synchronised once."""
+    marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
+    torch.cuda.synchronize()
+    for start, end in marks:
+        if before is not None:
+            before()
+        start.record()
+        call()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(start.elapsed_time(end) / 1e3 for start, end in marks)[rounds // 2]
 
 
 def speedups(op: str, case: str, provider: str, median: float) -> dict:
@@ -179,9 +203,12 @@ def run(benchmark, fn, op: str, case: str, provider: str, bytes_moved: int, devi
 
     call()  # warm-up outside the timing (compiles, first-touch allocations)
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
-    median = benchmark.stats.stats.median
-    _, hot_faults = time_calls(call, 1, device)
-    context, context_faults = (time_calls(call, rounds, device,
+    # the hot loop: pytest-benchmark's clock on the CPU; on CUDA the calls' events (time_calls),
+    # pytest-benchmark's synchronised wall clock (Python launch included) kept as wall_ms
+    wall = benchmark.stats.stats.median
+    median = time_calls(fn, rounds, device)[0] if device == "cuda" else wall
+    _, hot_faults = time_calls(fn, 1, device)
+    context, context_faults = (time_calls(fn, rounds, device,
                                           before=lambda: (foreign_op(bytes_moved, device), flush_caches(device)))
                                if in_context else (float("nan"), float("nan")))
     _medians[(op, case, provider)] = median
@@ -197,6 +224,8 @@ def run(benchmark, fn, op: str, case: str, provider: str, bytes_moved: int, devi
     }
     if device == "cpu":
         info.update(minor_faults_hot=hot_faults, minor_faults_in_context=context_faults)
+    else:
+        info["wall_ms"] = wall * 1e3
     if flops:
         info["GFLOP/s"] = flops / median / 1e9
     info.update(speedups(op, case, provider, median))

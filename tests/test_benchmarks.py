@@ -142,6 +142,38 @@ def test_harness_timing_and_the_in_context_preamble():
     assert in_call >= 32 and in_preamble == 0, out
 
 
+def test_harness_times_cuda_calls_by_events(monkeypatch):
+    # on CUDA a call is timed by events recorded around it on the stream, with one synchronisation
+    # before and one after all the calls (none per call: the launching overlaps the work queued
+    # before it, as triton.testing.do_bench); the preamble runs before each start event
+    log, clock = [], iter(range(100))
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            self.at = next(clock)
+            log.append("record")
+
+        def elapsed_time(self, end):  # ms
+            return (end.at - self.at) * 10.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: log.append("sync"))
+    naps = iter([0, 3, 1])  # clock ticks in each call: 10, 40, 20 ms between its events
+
+    def call():
+        log.append("call")
+        for _ in range(next(naps)):
+            next(clock)
+
+    seconds, faults = harness.time_calls(call, 3, "cuda", before=lambda: log.append("preamble"))
+    assert log == ["sync"] + ["preamble", "record", "call", "record"] * 3 + ["sync"]
+    assert seconds == 0.02 and faults == 0
+
+
 # --- where a benchmark run writes (issue 17): never over the committed reference results ---
 
 ROOT = Path(__file__).resolve().parent.parent
