@@ -43,7 +43,9 @@ constexpr int64_t kRow = kMaxHeadDim + kLanes;
 
 // The cache lines of N rows of a later head (row stride and D in elements of T), prefetched one at
 // a time from the kernels' inner loops: the rows of a head are short strided runs, which the
-// hardware prefetchers did not follow, and bursts of prefetches stalled the kernel instead.
+// hardware prefetchers did not follow, and bursts of prefetches stalled the kernel instead. Into
+// L2 (prefetcht1), where the current head's lines stay in L1: on the Sapphire Rapids VM 1.00-1.07x
+// into L1 (benchmarks/README.md, "Ninth session"); 128 KB ahead instead of 32 was slower.
 class LineStream {
  public:
   LineStream() = default;  // nothing to prefetch
@@ -53,7 +55,7 @@ class LineStream {
         last_(static_cast<uintptr_t>(D * sizeof(T) - 1)), rows_(N) {}
   void next() {
     if (rows_ == 0) return;
-    __builtin_prefetch(reinterpret_cast<const void*>(p_));
+    __builtin_prefetch(reinterpret_cast<const void*>(p_), 0, 2);  // read, locality 2: prefetcht1
     p_ += 64;
     if ((p_ & ~uintptr_t{63}) > ((row_ + last_) & ~uintptr_t{63})) row_ += stride_, p_ = row_, --rows_;
   }
