@@ -73,7 +73,7 @@ def sweep(shapes, dtypes) -> None:
     print("| shape (seq x frames x heads x dim) | dtype | candidate | fwd ms | x table | fwd+bwd ms | x table "
           "| max err |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    real = attention._configs
+    real, specialised = attention._configs, attention.SPECIALISE_HEAD_DIM
     for (n_seq, N, H, D), dtype in ((s, d) for s in shapes for d in dtypes):
         qkv = [torch.randn(n_seq, N, H * D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
         q, k, v = (t.view(n_seq, N, 1, H, D) for t in qkv)
@@ -101,7 +101,7 @@ def sweep(shapes, dtypes) -> None:
                 continue
             finally:
                 attention._configs = real
-                attention.SPECIALISE_HEAD_DIM = True
+                attention.SPECIALISE_HEAD_DIM = specialised
             base.setdefault("fwd", t_fwd)
             base.setdefault("both", t_both)
             print(f"| {n_seq}x{N}x{H}x{D} | {str(dtype)[6:]} | {name} | {t_fwd:.3f} | {base['fwd'] / t_fwd:.2f} "
