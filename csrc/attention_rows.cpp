@@ -30,10 +30,13 @@ using simd::kRegisters, simd::load, simd::store, simd::splat, simd::iota;
 // Register blocks: score rows (keys) per broadcast_scores block (the staged buffers hold whole
 // vectors of rows), and output rows x output vectors in the products (4 x 5 accumulators with 32
 // registers; 4 x 3 with 16, all 16 with the 3 rows and the broadcast weight: 1.07-1.09x 4 x 2 at
-// Dh 80 and 160 with AVX2).
+// Dh 80 and 160 with AVX2). With 32 registers, rows of at most 3 vectors (Dh <= 48) take 8 rows a
+// block (24 accumulators): each loaded vector feeds twice the FMAs (Dh 40, 16 frames, forward in L2:
+// 4.87 us an item against 5.47 with 4 rows; benchmarks/README.md, "Tenth session").
 constexpr int kKeys = kLanes;
 constexpr int kOutRows = 4;
 constexpr int kOutVecs = kRegisters >= 32 ? 5 : 3;
+constexpr int kNarrowVecs = 3, kNarrowRows = kRegisters >= 32 ? 8 : kOutRows;
 
 // A sequence's rows are staged in fp32 at a fixed stride of kRow floats (every row of a register
 // block is then addressed off one pointer by a constant; kMaxHeadDim + kLanes: rows do not share
@@ -214,11 +217,11 @@ struct Weights {
 };
 enum class Skip { none, lower, upper };
 
-// rows r0 .. r0 + nr (nr <= kOutRows) of V vectors from d0, the last `tail` lanes wide
-template <int V, typename TM, typename T>
+// rows r0 .. r0 + nr (nr <= RB) of V vectors from d0, the last `tail` lanes wide
+template <int V, int RB, typename TM, typename T>
 void product_block(Weights W, const TM* M, int64_t ms, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi, int64_t d0,
                    int tail, float scale, T* out, int64_t os, bool stream, LineStream& ahead) {
-  vfloat acc[kOutRows][V] = {};
+  vfloat acc[RB][V] = {};
   for (int64_t c = c_lo; c < c_hi; ++c) {
     ahead.next();
     vfloat x[V];
@@ -227,13 +230,13 @@ void product_block(Weights W, const TM* M, int64_t ms, int64_t r0, int64_t nr, i
       x[v] = v + 1 < V || tail == kLanes ? simd::load_f32(m) : simd::load_f32_partial(m, tail);
       simd::keep_in_register(x[v]);
     }
-    for (int r = 0; r < kOutRows; ++r) {
+    for (int r = 0; r < RB; ++r) {
       const vfloat w = splat(W.w(r0 + r, c));  // rows past R: zero weights, not stored
       for (int v = 0; v < V; ++v) acc[r][v] += w * x[v];
     }
   }
 #pragma GCC unroll 16  // whole: acc stays in registers
-  for (int r = 0; r < kOutRows; ++r) {
+  for (int r = 0; r < RB; ++r) {
     if (r >= nr) break;
     T* o = out + (r0 + r) * os + d0;
 #pragma GCC unroll 16
@@ -247,14 +250,15 @@ void product_block(Weights W, const TM* M, int64_t ms, int64_t r0, int64_t nr, i
   }
 }
 
-// product_block<V> for the nv (<= V) vectors left of a row
-template <int V, typename TM, typename T>
+// product_block<V, RB> for the nv (<= V) vectors left of a row
+template <int V, int RB, typename TM, typename T>
 void product_vecs(int64_t nv, Weights W, const TM* M, int64_t ms, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi,
                   int64_t d0, int tail, float scale, T* out, int64_t os, bool stream, LineStream& ahead) {
   if constexpr (V > 1) {
-    if (nv < V) return product_vecs<V - 1>(nv, W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
+    if (nv < V)
+      return product_vecs<V - 1, RB>(nv, W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
   }
-  product_block<V>(W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
+  product_block<V, RB>(W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
 }
 
 template <typename TM, typename T>
@@ -262,16 +266,23 @@ void product(Weights W, const TM* M, int64_t ms, int64_t R, int64_t C, int64_t D
              int64_t os, bool stream, LineStream ahead = {}) {
   const int64_t vecs = (D + kLanes - 1) / kLanes;
   const int last = static_cast<int>(D - (vecs - 1) * kLanes);  // lanes of the last vector
-  for (int64_t r0 = 0; r0 < R; r0 += kOutRows) {
-    const int64_t nr = std::min<int64_t>(kOutRows, R - r0);
+  // the row's vectors in blocks of at most kOutVecs, as even as they go (10 = 5 + 5, 8 = 4 + 4)
+  const int64_t blocks = (vecs + kOutVecs - 1) / kOutVecs, per = (vecs + blocks - 1) / blocks;
+  const bool narrow = per <= kNarrowVecs;
+  const int64_t rows = narrow ? kNarrowRows : kOutRows;
+  for (int64_t r0 = 0; r0 < R; r0 += rows) {
+    const int64_t nr = std::min<int64_t>(rows, R - r0);
     const int64_t c_lo = skip == Skip::upper ? r0 : 0;
     const int64_t c_hi = skip == Skip::lower ? std::min(C, r0 + nr) : C;
-    // the row's vectors in blocks of at most kOutVecs, as even as they go (10 = 5 + 5, 8 = 4 + 4)
-    const int64_t blocks = (vecs + kOutVecs - 1) / kOutVecs, per = (vecs + blocks - 1) / blocks;
     for (int64_t v0 = 0; v0 < vecs; v0 += per) {
-      const int64_t nv = std::min<int64_t>(per, vecs - v0);
-      product_vecs<kOutVecs>(nv, W, M, ms, r0, nr, c_lo, c_hi, v0 * kLanes, v0 + nv == vecs ? last : kLanes, scale, out,
-                             os, stream, ahead);
+      const int64_t nv = std::min<int64_t>(per, vecs - v0), d0 = v0 * kLanes;
+      const int tail = v0 + nv == vecs ? last : kLanes;
+      if (narrow) {
+        product_vecs<kNarrowVecs, kNarrowRows>(nv, W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream,
+                                               ahead);
+      } else {
+        product_vecs<kOutVecs, kOutRows>(nv, W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
+      }
     }
   }
   ahead.rest();
@@ -367,24 +378,35 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         head_scores(k_h, kv.sn, q_h, qv.sn, N, NP, D, scale, Ks, Qs, zero, Pt, dots, later(kp, kv), later(qp, qv));
         const float* bias_h = bias != nullptr ? bias + h * N * NP : nullptr;
         for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
-          vfloat m = splat(-std::numeric_limits<float>::infinity());
-          for (int64_t j = 0; j < N; ++j) {
+          // the maximum and the sum over keys in 4 partial chains each (a quarter as long)
+          auto score = [&](int64_t j) {
             vfloat x = load(Pt + j * NP + i0);
             if (bias_h != nullptr) x += load(bias_h + j * NP + i0);
             if (causal) x = future(j, i0) ? splat(-std::numeric_limits<float>::infinity()) : x;
             store(Pt + j * NP + i0, x);
-            m = simd::max(m, x);
+            return x;
+          };
+          vfloat m0 = splat(-std::numeric_limits<float>::infinity()), m1 = m0, m2 = m0, m3 = m0;
+          int64_t j = 0;
+          for (; j + 4 <= N; j += 4) {
+            m0 = simd::max(m0, score(j)), m1 = simd::max(m1, score(j + 1));
+            m2 = simd::max(m2, score(j + 2)), m3 = simd::max(m3, score(j + 3));
           }
-          vfloat l = {};
+          for (; j < N; ++j) m0 = simd::max(m0, score(j));
+          const vfloat m = simd::max(simd::max(m0, m1), simd::max(m2, m3));
           const vfloat shift = softmax_shift(m);
-          for (int64_t j = 0; j < N; ++j) {
+          auto prob = [&](int64_t j) {
             vfloat p = simd::exp(load(Pt + j * NP + i0) - shift);
             if (causal) p = future(j, i0) ? vfloat{} : p;
             store(Pt + j * NP + i0, p);
-            l += p;
-          }
+            return p;
+          };
+          vfloat l0 = {}, l1 = {}, l2 = {}, l3 = {};
+          for (j = 0; j + 4 <= N; j += 4) l0 += prob(j), l1 += prob(j + 1), l2 += prob(j + 2), l3 += prob(j + 3);
+          for (; j < N; ++j) l0 += prob(j);
+          const vfloat l = (l0 + l1) + (l2 + l3);
           const vfloat rinv = softmax_rinv(m, l);
-          for (int64_t j = 0; j < N; ++j) store(Pt + j * NP + i0, load(Pt + j * NP + i0) * rinv);
+          for (j = 0; j < N; ++j) store(Pt + j * NP + i0, load(Pt + j * NP + i0) * rinv);
           const vfloat lse_i = softmax_lse(m, l);
           for (int64_t i = i0; i < std::min(N, i0 + kLanes); ++i) lp[lb + h * lv.sh + i * lv.sn] = lse_i[i - i0];
         }
