@@ -576,6 +576,29 @@ def test_triton_head_dim_at_compile_time(monkeypatch):
     assert head_dim(q, q, q) == {0}
 
 
+def test_triton_configs_cached_per_target(monkeypatch):
+    # _configs is cached (launch overhead on a GPU): the interpreter's tiles and the GPU's stay apart
+    # whichever is asked first, and each call gets the same answer as the first
+    pytest.importorskip("triton")
+    from pvkernels.ops import attention
+
+    def configs(interpret, N, D, dtype=torch.float32):
+        monkeypatch.setattr(attention, "triton_interpret", lambda: interpret)
+        return attention._configs(N, D, dtype)
+
+    for i, (N, D) in enumerate(((16, 40), (77, 40), (16, 96))):
+        first = bool(i % 2)  # either target asked first
+        a, b = configs(first, N, D), configs(not first, N, D)
+        gpu, interp = (b, a) if first else (a, b)
+        assert {tile["PRECISION"] for tile in gpu.values()} == {"tf32x3"}
+        assert {tile["PRECISION"] for tile in interp.values()} == {"ieee"}
+        assert configs(False, N, D) == gpu and configs(True, N, D) == interp
+    assert configs(False, 77, 40).keys() == {"fwd", "delta", "dkdv", "dq"}
+    assert configs(False, 16, 96)["fwd"]["BLOCK_D"] == 128 and configs(True, 16, 40)["fwd"]["BLOCK_D"] == 64
+    assert configs(False, 77, 40)["fwd"]["BLOCK_M"] == 32  # fp32's row, then the 16-bit one
+    assert configs(False, 77, 40, torch.bfloat16)["fwd"]["BLOCK_M"] == 128
+
+
 def test_triton_head_dim_limit(monkeypatch):
     # triton stops at 128 where cpp goes on: the limit is the asked backend's (checked without a
     # GPU under the interpreter flag; the error comes before any launch)

@@ -11,6 +11,7 @@ a per-thread (H, N, N) fp32 accumulator when the bias needs a gradient.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -436,13 +437,18 @@ if triton is not None:
 
 # 3. launchers -------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _stride_names(role: str) -> tuple:
+    return tuple(f"{role}_stride_{axis}" for axis in "banhd")
+
+
 def _strides(role: str, x: torch.Tensor, temporal: bool) -> dict:
     """x's strides as the kernels' keyword arguments ``{role}_stride_b/a/n/h[/d]``: the tensor
     seen as (b, a, n, h[, d]), n the attended axis (T when temporal, else S)."""
     s = x.stride()
     if temporal:
         s = (s[0], s[2], s[1]) + s[3:]
-    return {f"{role}_stride_{axis}": stride for axis, stride in zip("banhd", s)}
+    return dict(zip(_stride_names(role), s))
 
 
 def _bias_strides(bias, N: int) -> dict:
@@ -516,9 +522,15 @@ def _configs(N: int, D: int, dtype: torch.dtype) -> dict:
     """The meta of each kernel launched for one (sequence length, head dim, dtype): "fwd", and
     "fused" (the sequence is one block) or "delta", "dkdv" and "dq". On a GPU from _TILES; the
     interpreter computes in fp32 (its bf16 dot is wrong) with one block per sequence where it
-    fits (it pays per program)."""
+    fits (it pays per program). Cached (a call's Python is launch overhead on a GPU): the dicts are
+    shared, copy before changing one."""
+    return _configs_for(N, D, dtype, triton_interpret())
+
+
+@functools.lru_cache(maxsize=None)
+def _configs_for(N: int, D: int, dtype: torch.dtype, interpret: bool) -> dict:
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    if triton_interpret():
+    if interpret:
         block = min(max(16, triton.next_power_of_2(N)), 64)
         tile = _tile(block, block, 4, 1, BLOCK_D, interpreter=True)
         return dict(fwd=tile, fused=tile) if N <= 64 else dict(fwd=tile, delta=tile, dkdv=tile, dq=tile)
