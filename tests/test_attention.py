@@ -582,6 +582,8 @@ def test_triton_configs_cached_per_target(monkeypatch):
     pytest.importorskip("triton")
     from pvkernels.ops import attention
 
+    attention._configs_for.cache_clear()
+
     def configs(interpret, N, D, dtype=torch.float32):
         monkeypatch.setattr(attention, "triton_interpret", lambda: interpret)
         return attention._configs(N, D, dtype)
