@@ -206,8 +206,10 @@ def run(benchmark, fn, op: str, case: str, provider: str, bytes_moved: int, devi
     # the hot loop: pytest-benchmark's clock on the CPU; on CUDA the calls' events (time_calls),
     # pytest-benchmark's synchronised wall clock (Python launch included) kept as wall_ms
     wall = benchmark.stats.stats.median
-    median = time_calls(fn, rounds, device)[0] if device == "cuda" else wall
-    _, hot_faults = time_calls(fn, 1, device)
+    if device == "cuda":
+        median = time_calls(fn, rounds, device)[0]
+    else:
+        median, (_, hot_faults) = wall, time_calls(fn, 1, device)
     context, context_faults = (time_calls(fn, rounds, device,
                                           before=lambda: (foreign_op(bytes_moved, device), flush_caches(device)))
                                if in_context else (float("nan"), float("nan")))
