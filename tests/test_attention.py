@@ -601,6 +601,55 @@ def test_triton_configs_cached_per_target(monkeypatch):
     assert configs(False, 77, 40, torch.bfloat16)["fwd"]["BLOCK_M"] == 128
 
 
+def test_triton_eager_calls_skip_the_custom_op(monkeypatch):
+    # a plain eager call runs the Triton impls itself (the custom op's dispatch is ~10 us of Python a
+    # call, launch overhead on a GPU), forward and backward; the profiler and dispatch modes see the op
+    pytest.importorskip("triton")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pvkernels.ops import attention
+
+    calls = []
+    for entry in (attention._FWD["triton"], attention._BWD["triton"]):
+        monkeypatch.setattr(entry, "op", lambda *args, op=entry.op: calls.append(op) or op(*args))
+    device = dev("triton")
+    q, k, v = (torch.randn(2, 5, 3, 2, 8, device=device, requires_grad=True) for _ in range(3))
+    grad = torch.randn(2, 5, 3, 2, 8, device=device)
+    q64, k64, v64 = (x.detach().double().cpu().requires_grad_() for x in (q, k, v))
+    want = attention_math(q64, k64, v64, None, True, True)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), grad.double().cpu())
+    out = attend("temporal_causal", q, k, v, backend="triton")
+    for got, expected in zip((out, *torch.autograd.grad(out, (q, k, v), grad)), (want, *want_grads)):
+        assert_close(got, expected, torch.float32)
+    with torch.no_grad():
+        assert_close(attend("temporal_causal", q, k, v, backend="triton"), want, torch.float32)
+    assert calls == []
+    with torch.profiler.profile() as prof:
+        attend("temporal_causal", q.detach(), k.detach(), v.detach(), backend="triton")
+    assert len(calls) == 1 and any("attention_fwd_triton" in event.name for event in prof.events())
+    with FlopCounterMode(display=False):
+        attend("temporal_causal", q.detach(), k.detach(), v.detach(), backend="triton")
+    assert len(calls) == 2
+
+
+def test_triton_op_under_torch_compile():
+    # traced, the Triton entry is the custom op (its fake kernel gives the shapes)
+    pytest.importorskip("triton")
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    device = dev("triton")
+    q, k, v = (torch.randn(2, 5, 3, 2, 8, device=device) for _ in range(3))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: attend("temporal_full", q, k, v, backend="triton") * 2.0,
+                             backend=backend, fullgraph=True)
+    assert_close(compiled(q, k, v), oracle("temporal_full", q, k, v) * 2.0, torch.float32)
+    assert "pvkernels.attention_fwd_triton.default" in ops
+
+
 def test_triton_head_dim_limit(monkeypatch):
     # triton stops at 128 where cpp goes on: the limit is the asked backend's (checked without a
     # GPU under the interpreter flag; the error comes before any launch)

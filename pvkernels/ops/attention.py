@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .._backend import check_float, fused_slower, resolve_backend, triton, triton_interpret
 from ._library import define_op
-from ._triton import Launch, run
+from ._triton import Launch, cdiv, run
 
 # The largest head dim each fused backend takes (csrc/attention.h's kMaxHeadDim; the Triton
 # kernels keep a Dh row of every tile in registers); "auto" takes the reference beyond.
@@ -569,7 +569,7 @@ def _attention_fwd_launches(q, k, v, bias, out, lse, temporal, causal) -> list:
                 **_strides("q", q, temporal), **_strides("k", k, temporal), **_strides("v", v, temporal),
                 **_strides("o", out, temporal), **_strides("lse", lse, temporal), **_bias_strides(bias, N),
                 **_sizes(q, temporal, causal))
-    grid = (B * A * H, triton.cdiv(N, meta["BLOCK_M"]))
+    grid = (B * A * H, cdiv(N, meta["BLOCK_M"]))
     return [Launch(_attention_fwd_kernel, grid, args=(), meta=meta, kwargs=args)]
 
 
@@ -599,15 +599,15 @@ def _attention_bwd_launches(grad_out, q, k, v, bias, out, lse, delta, dq, dk, dv
     recompute = q.dtype != torch.float32
     meta = dict(cfg["delta"], HAS_BIAS=has_bias and recompute, RECOMPUTE=recompute, HEAD_DIM=head_dim)
     args = dict(reads, o_ptr=out, **_strides("o", out, temporal), delta_ptr=delta)
-    delta_launch = Launch(_attention_bwd_delta_kernel, (rows, triton.cdiv(N, meta["BLOCK_M"])), args=(), meta=meta,
+    delta_launch = Launch(_attention_bwd_delta_kernel, (rows, cdiv(N, meta["BLOCK_M"])), args=(), meta=meta,
                           kwargs=args)
     meta = dict(cfg["dkdv"], HAS_BIAS=has_bias, HEAD_DIM=head_dim)
     args = dict(reads, **grads, delta_ptr=delta, dk_ptr=dk, dv_ptr=dv)
-    dkdv_launch = Launch(_attention_bwd_dkdv_kernel, (rows, triton.cdiv(N, meta["BLOCK_N"])), args=(), meta=meta,
+    dkdv_launch = Launch(_attention_bwd_dkdv_kernel, (rows, cdiv(N, meta["BLOCK_N"])), args=(), meta=meta,
                          kwargs=args)
     meta = dict(cfg["dq"], HAS_BIAS=has_bias, HEAD_DIM=head_dim)
     args = dict(reads, **grads, delta_ptr=delta, dq_ptr=dq, dbias_ptr=dbias_arg, bias_grad=int(bias_grad))
-    dq_launch = Launch(_attention_bwd_dq_kernel, (rows, triton.cdiv(N, meta["BLOCK_M"])), args=(), meta=meta,
+    dq_launch = Launch(_attention_bwd_dq_kernel, (rows, cdiv(N, meta["BLOCK_M"])), args=(), meta=meta,
                        kwargs=args)
     return [delta_launch, dkdv_launch, dq_launch]
 
@@ -756,6 +756,8 @@ def _attention(name, q, k, v, bias, temporal, causal, backend, qkv=None):
     chosen = resolve_backend(name, backend, q.device, q.dtype, unsupported=unsupported, slower=slower)
     if chosen == "reference":
         return attention_reference(q, k, v, bias, temporal, causal)
+    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, bias))):
+        return _ops(chosen)[0](q, k, v, bias, temporal, causal)[0]  # nothing to differentiate: no autograd node
     if qkv is not None:
         return PackedAttentionFunction.apply(qkv, bias, temporal, causal, chosen)
     return AttentionFunction.apply(q, k, v, bias, temporal, causal, chosen)

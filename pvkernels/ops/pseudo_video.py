@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .._backend import check_float, fused_slower, resolve_backend, triton, triton_interpret
 from ._library import define_op
-from ._triton import Launch, run
+from ._triton import Launch, cdiv, run
 from .rng import philox_normal_reference
 
 Params = Union[Sequence[float], torch.Tensor, None]
@@ -215,7 +215,7 @@ def _axis_plan(n: int, r_max: int) -> tuple:
     if n <= _FULL:
         block = max(16, triton.next_power_of_2(n))
         return block, block, 0, min(block, _TILE)
-    return _TILE, triton.cdiv(_TILE + 2 * r_max, _CHUNK) * _CHUNK, r_max, _CHUNK
+    return _TILE, cdiv(_TILE + 2 * r_max, _CHUNK) * _CHUNK, r_max, _CHUNK
 
 
 def _blur_matrix(sigma: float, truncate: float, H: int, W: int, n: int, block: int, halo: int, pad: int) -> list:
@@ -262,7 +262,7 @@ def _pseudo_video_launches(x, out, noise, blur_sigma, noise_std, signal_scale, f
     rows, cols, radii, scale, std, tiles, (ph, pw) = _frame_tables(blur_sigma, noise_std, signal_scale, truncate,
                                                                    H, W, x.device)
     resident = H <= _FULL and W <= _FULL
-    grid = (B * C, triton.cdiv(H, tiles["BLOCK_H"]), triton.cdiv(W, tiles["BLOCK_W"]))
+    grid = (B * C, cdiv(H, tiles["BLOCK_H"]), cdiv(W, tiles["BLOCK_W"]))
     # fp32 stand-ins for the pointers a launch does not use: one binary whatever the flags
     noise_args = (noise, *noise.stride()) if noise is not None else (scale, 0, 0, 0, 0, 0)
     interpret = triton_interpret()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .._backend import check_float, fused_slower, resolve_backend, triton, triton_interpret
 from ._library import define_op
-from ._triton import Launch, run
+from ._triton import Launch, cdiv, run
 
 METRICS = ("l2", "cosine")
 MAX_TOPK = 64  # the most nearest codes per row the fused kernels keep (csrc/vq.cpp's kMaxTopK)
@@ -271,7 +271,7 @@ def _vq_lookup_launches(z, codebook, e, half, idx, zq, dot_fp32, k: int = 1) -> 
     N, D = z.shape
     args = (z, e, codebook, half, idx, zq, z.stride(0), z.stride(1), e.stride(0), codebook.stride(0),
             N, codebook.shape[0], D)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     if k == 1:
         kernel = _vq_lookup_fwd_kernel if triton_interpret() else _TUNED[dot_fp32]
         return [Launch(kernel, grid, args, _config(D, dot_fp32))]
