@@ -1,5 +1,6 @@
 // The one place where the C++ ops are declared to torch.library (namespace pvkernels_cpp).
 // Fake (meta) kernels live in Python next to each op so torch.compile can trace them.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -60,4 +61,14 @@ TORCH_LIBRARY_IMPL(pvkernels_cpp, CPU, m) {
   m.impl("attention_bwd", &pvkernels::attention_bwd_cpp);
   m.impl("lfq_entropy_fwd", &pvkernels::lfq_entropy_fwd_cpp);
   m.impl("lfq_entropy_bwd", &pvkernels::lfq_entropy_bwd_cpp);
+}
+
+// The attention and LFQ ops are differentiated by their autograd Functions (pvkernels/ops), which run
+// them without grad. Differentiating an op itself (a double backward: create_graph=True, then a
+// gradient of the gradient) raises "derivative for pvkernels_cpp::... is not implemented", as the
+// Triton custom ops do, where torch's deprecated fallback warned and took them for constants (a
+// silently wrong second derivative). No cost without grad: the kernel redispatches.
+TORCH_LIBRARY_IMPL(pvkernels_cpp, Autograd, m) {
+  for (const char* op : {"attention_fwd", "attention_bwd", "lfq_entropy_fwd", "lfq_entropy_bwd"})
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }

@@ -650,6 +650,25 @@ def test_triton_op_under_torch_compile():
     assert "pvkernels.attention_fwd_triton.default" in ops
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_double_backward_raises(backend):
+    # the fused backward has no derivative of its own: create_graph=True gives the first-order
+    # gradient, and differentiating that raises (torch's fallback took the cpp ops for constants)
+    if backend == "cpp" and not pvkernels.cpp_available():
+        pytest.skip("C++ extension unavailable")
+    pytest.importorskip("triton" if backend == "triton" else "torch")
+    device = dev(backend)
+    q, k, v = (torch.randn(1, 4, 3, 2, 8, device=device, requires_grad=True) for _ in range(3))
+    out = attend("temporal_full", q, k, v, backend=backend)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+    q64, k64, v64 = (x.detach().double().cpu().requires_grad_() for x in (q, k, v))
+    want = torch.autograd.grad(attention_math(q64, k64, v64, None, True, False).square().sum(), (q64, k64, v64))
+    for got, expected in zip(grads, want):
+        assert_close(got, expected, torch.float32)
+    with pytest.raises(RuntimeError, match="not implemented|no autograd formula"):
+        torch.autograd.grad(grads[0].sum(), (q, k, v))
+
+
 def test_triton_head_dim_limit(monkeypatch):
     # triton stops at 128 where cpp goes on: the limit is the asked backend's (checked without a
     # GPU under the interpreter flag; the error comes before any launch)

@@ -151,6 +151,20 @@ def test_float64_on_fused_backend_raises():
         lfq_entropy(torch.randn(4, 1, 8, dtype=torch.float64), backend="cpp")
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_double_backward_raises(backend):
+    # create_graph=True gives the first-order gradient; differentiating it raises (the fused
+    # backward has no derivative), where torch's fallback took the cpp op for a constant
+    _skip_unavailable(backend)
+    x = torch.randn(6, 2, 5, device=dev(backend), requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    (grad,) = torch.autograd.grad(lfq_entropy(x, 1.3, backend=backend)[0], x, create_graph=True)
+    (want,) = torch.autograd.grad(lfq_entropy(x64, 1.3, backend="reference")[0], x64)
+    assert_close(grad, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="not implemented|no autograd formula"):
+        torch.autograd.grad(grad.square().sum(), x)
+
+
 def test_torch_compile_fullgraph():
     if not pvkernels.cpp_available():
         pytest.skip("C++ extension unavailable")
