@@ -125,6 +125,12 @@ def core_call(provider: str, n_seq: int, frames: int, channels: int, mode: str, 
     return lambda: torch.autograd.grad(fn(*qkv, HEADS), qkv, grad)
 
 
+def attention_flops(n_seq: int, frames: int, channels: int, mode: str) -> float:
+    """The attention's multiply-adds, 2 flops each: Q K^T and P V forward (frames^2 x head dim x
+    heads each, per sequence); the backward's recomputed scores, dP, dQ, dK and dV 2.5 times that."""
+    return 4 * n_seq * frames * frames * channels * (1 if mode == "fwd" else 3.5)
+
+
 def _warm_or_skip(call, provider):
     try:
         call()
@@ -151,9 +157,9 @@ def bench_motion_attention(benchmark, level, mode, dtype, provider):
     call = core_call(provider, n_seq, FRAMES, C, mode, dtype=dt)
     _warm_or_skip(call, provider)
     numel = n_seq * FRAMES * C
-    flops = 4 * n_seq * FRAMES * FRAMES * C * (1 if mode == "fwd" else 3.5)
     case = case_key("attention", mode, _level_name(level), f"{FRAMES} frames", *([dtype] if dt != torch.float32 else []))
-    run(benchmark, call, "diffusers", case, provider, (4 if mode == "fwd" else 12) * numel * dt.itemsize, flops=flops)
+    run(benchmark, call, "diffusers", case, provider, (4 if mode == "fwd" else 12) * numel * dt.itemsize,
+        flops=attention_flops(n_seq, FRAMES, C, mode))
 
 
 # the motion module --------------------------------------------------------------------------
@@ -317,7 +323,8 @@ def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False) -> No
                 calls = {p: core_call(p, B * side * side, FRAMES, C, mode, "cpu") for p in both}
                 cases.append((name, calls, None, mode))
                 element = B * side * side * FRAMES * C * 4
-                roofline[name] = {p: n * element for p, n in MOVED[mode].items()}
+                roofline[name] = ({p: n * element for p, n in MOVED[mode].items()},
+                                  attention_flops(B * side * side, FRAMES, C, mode))
             if not attention_only:
                 cases.append((f"motion module {mode}, {_level_name(level)}",
                               {p: module_call(p, level, mode, "cpu")[0] for p in both}, {p: shape for p in both}, mode))
@@ -362,19 +369,24 @@ def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False) -> No
             print(f"| attention {mode}, SD 1.5 UNet's {sum(SD15_MODULES.values())} motion modules "
                   f"({sum(names.values())} layers: sum of the medians above) | {ref * 1e3:.1f} | {fast * 1e3:.1f} "
                   f"| {ref / fast:.2f} |  |  |", flush=True)
-    bw = harness.copy_bandwidth("cpu")  # after set_num_threads(1): one thread's
-    print(f"\nroofline: one thread's copy bandwidth {bw / 1e9:.1f} GB/s (bytes read + written); MB: the tensors "
-          "each path reads and writes once (MOVED); the patched floor: its bytes at copy bandwidth (its outputs "
-          "reuse cached buffers: no page faults); x ceiling: diffusers' time over that floor")
-    print("| case | MB diffusers | MB patched | x if both ran at copy bandwidth | patched floor ms | x ceiling "
-          "| patched, % of the floor's speed |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, moved in roofline.items():
+    # after set_num_threads(1): one thread's copy bandwidth and fp32 matmul rate
+    bw, gemm = harness.copy_bandwidth("cpu"), harness.gemm_rate(torch.float32, "cpu")
+    print(f"\nroofline: one thread's copy bandwidth of memory {bw / 1e9:.1f} GB/s (bytes read + written), its fp32 "
+          f"matmul {gemm / 1e9:.0f} GFLOP/s; MB: the tensors each path reads and writes once (MOVED); the patched "
+          "floor: the larger of its bytes at the copy bandwidth of a working set that size (the cache that holds "
+          "it; its outputs reuse cached buffers: no page faults) and its flops at the matmul rate; x ceiling: "
+          "diffusers' time over that floor")
+    print("| case | MB diffusers | MB patched | x if both ran at copy bandwidth | copy GB/s at that size | GFLOP "
+          "| patched floor ms, bytes / flops | x ceiling | patched, % of the floor's speed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (moved, flops) in roofline.items():
         ref, fast = measured[name]
-        floor = moved["patched"] / bw
+        rate = harness.copy_bandwidth("cpu", working_set=moved["patched"])
+        floors = moved["patched"] / rate, flops / gemm
+        floor = max(floors)
         print(f"| {name} | {moved['reference'] / 1e6:.0f} | {moved['patched'] / 1e6:.0f} "
-              f"| {moved['reference'] / moved['patched']:.2f} | {floor * 1e3:.1f} | {ref / floor:.2f} "
-              f"| {floor / fast:.0%} |", flush=True)
+              f"| {moved['reference'] / moved['patched']:.2f} | {rate / 1e9:.1f} | {flops / 1e9:.2f} "
+              f"| {floors[0] * 1e3:.1f} / {floors[1] * 1e3:.1f} | {ref / floor:.2f} | {floor / fast:.0%} |", flush=True)
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

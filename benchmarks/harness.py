@@ -58,14 +58,20 @@ def case_key(*parts, device: str = DEVICE) -> str:
     return "/".join(str(p) for p in parts) + f"/{device}"
 
 
-def copy_bandwidth(device: str = DEVICE) -> float:
-    """Measured copy bandwidth (bytes read + written per second) of the device, once per session."""
-    if device not in _bandwidth:
-        n = (64 if QUICK else 256) * 2**20 // 4
-        src = torch.rand(n, device=device)
+def copy_bandwidth(device: str = DEVICE, working_set: int | None = None) -> float:
+    """Measured copy bandwidth (bytes read + written per second) of the device, once per session
+    and size: of memory (256 MB copied: a 512 MB working set, quick 128 MB), or of a copy of
+    ``working_set`` bytes (source and destination, at most the memory copy's): the rate of data that
+    size in whatever cache holds it."""
+    size = (128 if QUICK else 512) * 2**20
+    if working_set is not None:
+        size = max(min(size, working_set), 2**16)
+    key = (device, size)
+    if key not in _bandwidth:
+        src = torch.rand(size // 8, device=device)
         dst = torch.empty_like(src)
-        _bandwidth[device] = 2 * src.numel() * 4 / _best_time(lambda: dst.copy_(src), device)
-    return _bandwidth[device]
+        _bandwidth[key] = 2 * src.numel() * 4 / _best_time(lambda: dst.copy_(src), device)
+    return _bandwidth[key]
 
 
 def gemm_rate(dtype: torch.dtype, device: str = DEVICE) -> float:
