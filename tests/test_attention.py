@@ -632,6 +632,20 @@ def test_triton_eager_calls_skip_the_custom_op(monkeypatch):
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_inference(backend):
+    # torch.vmap over inputs that need no grad: the fused ops run per example (torch's batching
+    # fallback; the Triton entry hands vmap's batched tensors to its custom op, not the kernels)
+    if backend == "cpp" and not pvkernels.cpp_available():
+        pytest.skip("C++ extension unavailable")
+    pytest.importorskip("triton" if backend == "triton" else "torch")
+    device = dev(backend)
+    q, k, v = (torch.randn(3, 1, 4, 2, 2, 8, device=device) for _ in range(3))
+    out = torch.vmap(lambda a, b, c: attend("temporal_causal", a, b, c, backend=backend))(q, k, v)
+    for i in range(3):
+        assert_close(out[i], oracle("temporal_causal", q[i], k[i], v[i]), torch.float32)
+
+
 def test_triton_op_under_torch_compile():
     # traced, the Triton entry is the custom op (its fake kernel gives the shapes)
     pytest.importorskip("triton")

@@ -19,11 +19,13 @@ def _eager_or_op(op: Callable, impl: Callable) -> Callable:
     """The Triton op as the dispatch calls it: ``impl`` itself in plain eager calls, where the custom
     op's own dispatch costs ~10 us of Python a call (launch overhead on a GPU), and the custom op
     wherever something must see it: torch.compile / export tracing, a dispatch mode (FakeTensorMode,
-    FlopCounterMode), the profiler (its trace names the op), a tensor subclass, or grad mode with an
+    FlopCounterMode), the profiler (its trace names the op), torch.func transforms (vmap's batched
+    tensors, whose storage the kernels cannot read), a tensor subclass, or grad mode with an
     input that requires grad (a double backward: the op has no autograd formula and says so when
     differentiated, where the bare kernels' outputs would silently be constants)."""
     def call(*args):
-        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or torch.autograd._profiler_enabled():
+        if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+                or torch.autograd._profiler_enabled() or torch._C._functorch.peek_interpreter_stack() is not None):
             return call.op(*args)
         grad = torch.is_grad_enabled()
         for a in args:
