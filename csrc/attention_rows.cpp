@@ -65,6 +65,11 @@ class LineStream {
   void rest() {
     while (rows_ > 0) next();
   }
+  void next(int64_t n) {
+    for (; n > 0 && rows_ > 0; --n) next();
+  }
+  // the lines left, about (rows of other alignments may span a line more or less)
+  int64_t lines() const { return rows_ * (((row_ + last_) >> 6) - (row_ >> 6) + 1); }
 
  private:
   uintptr_t p_ = 0, row_ = 0, stride_ = 0, last_ = 0;
@@ -132,10 +137,20 @@ struct Rows {
 // St[j][i] = scale * A[j] . B[i] for j < N and all NP lanes i (zero for i >= N; B's rows past N
 // read as `zero`): dot products along the rows, D a whole number of vectors (zero past the
 // operand's D), kLanes / 2 queries x 2 keys at a time, each block's kLanes sums reduced into one
-// vector (simd::sum_each); ahead_*: a line each per step.
+// vector (simd::sum_each); ahead_*: with AVX-512 a line each per step, with AVX2 their share of
+// the lines per block, before its steps. An AVX2 step is half an AVX-512 one, and the streams'
+// bookkeeping in every step cost more than their prefetches saved where the inputs sit in L3 (8x8
+// level, Dh 160: 0.94-0.96x no prefetching at all; the bookkeeping without its prefetches
+// 0.90-0.93x). Per block, the AVX2 build measured 1.05-1.11x forward at 8x8 and 16x16, 0.99-1.11x at
+// 640 channels, 0.98-1.03x at 320 (forward + backward 1.04-1.16x, 1.01-1.04x, 0.99-1.01x), the
+// AVX-512 one 0.94-1.04x (benchmarks/README.md, "Eleventh session").
 constexpr int kDotQueries = kLanes / 2;
+constexpr bool kPrefetchPerBlock = kLanes == 8;
 void dot_scores(Rows A, Rows B, int64_t N, int64_t NP, int64_t D, float scale, const float* zero, float* St,
                 LineStream ahead_a, LineStream ahead_b) {
+  // the blocks that compute (a block of padded queries alone is skipped)
+  const int64_t blocks = (N + 1) / 2 * ((N + kDotQueries - 1) / kDotQueries);
+  const int64_t share_a = (ahead_a.lines() + blocks - 1) / blocks, share_b = (ahead_b.lines() + blocks - 1) / blocks;
   for (int64_t j0 = 0; j0 < N; j0 += 2) {
     const float* a0 = A.row(j0);
     const float* a1 = j0 + 1 < N ? A.row(j0 + 1) : zero;
@@ -148,8 +163,9 @@ void dot_scores(Rows A, Rows B, int64_t N, int64_t NP, int64_t D, float scale, c
       const float* b[kDotQueries];
       for (int q = 0; q < kDotQueries; ++q) b[q] = i0 + q < N ? B.row(i0 + q) : zero;
       vfloat acc[kLanes] = {};  // [key][query]
+      if constexpr (kPrefetchPerBlock) ahead_a.next(share_a), ahead_b.next(share_b);
       for (int64_t d = 0; d < D; d += kLanes) {
-        ahead_a.next(), ahead_b.next();
+        if constexpr (!kPrefetchPerBlock) ahead_a.next(), ahead_b.next();
         const vfloat x0 = load(a0 + d), x1 = load(a1 + d);
         for (int q = 0; q < kDotQueries; ++q) {
           vfloat y = load(b[q] + d);
