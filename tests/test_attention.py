@@ -601,6 +601,13 @@ def test_triton_configs_cached_per_target(monkeypatch):
     assert configs(False, 77, 40, torch.bfloat16)["fwd"]["BLOCK_M"] == 128
 
 
+def skip_unavailable(backend):
+    if backend == "cpp" and not pvkernels.cpp_available():
+        pytest.skip("C++ extension unavailable")
+    if backend == "triton":
+        pytest.importorskip("triton")
+
+
 def test_triton_eager_calls_skip_the_custom_op(monkeypatch):
     # a plain eager call runs the Triton impls itself (the custom op's dispatch is ~10 us of Python a
     # call, launch overhead on a GPU), forward and backward; the profiler and dispatch modes see the op
@@ -636,9 +643,7 @@ def test_triton_eager_calls_skip_the_custom_op(monkeypatch):
 def test_vmap_inference(backend):
     # torch.vmap over inputs that need no grad: the fused ops run per example (torch's batching
     # fallback; the Triton entry hands vmap's batched tensors to its custom op, not the kernels)
-    if backend == "cpp" and not pvkernels.cpp_available():
-        pytest.skip("C++ extension unavailable")
-    pytest.importorskip("triton" if backend == "triton" else "torch")
+    skip_unavailable(backend)
     device = dev(backend)
     q, k, v = (torch.randn(3, 1, 4, 2, 2, 8, device=device) for _ in range(3))
     out = torch.vmap(lambda a, b, c: attend("temporal_causal", a, b, c, backend=backend))(q, k, v)
@@ -668,9 +673,7 @@ def test_triton_op_under_torch_compile():
 def test_double_backward_raises(backend):
     # the fused backward has no derivative of its own: create_graph=True gives the first-order
     # gradient, and differentiating that raises (torch's fallback took the cpp ops for constants)
-    if backend == "cpp" and not pvkernels.cpp_available():
-        pytest.skip("C++ extension unavailable")
-    pytest.importorskip("triton" if backend == "triton" else "torch")
+    skip_unavailable(backend)
     device = dev(backend)
     q, k, v = (torch.randn(1, 4, 3, 2, 8, device=device, requires_grad=True) for _ in range(3))
     out = attend("temporal_full", q, k, v, backend=backend)
