@@ -670,6 +670,29 @@ def test_triton_op_under_torch_compile():
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_jit_trace_records_the_op(backend):
+    # torch.jit.trace records the fused op, so the traced function computes on new inputs
+    skip_unavailable(backend)
+    device = dev(backend)
+    f = lambda q, k, v: attend("temporal_full", q, k, v, backend=backend) * 2.0  # noqa: E731
+    traced = torch.jit.trace(f, tuple(torch.randn(1, 4, 3, 2, 8, device=device) for _ in range(3)))
+    assert "pvkernels" in str(traced.graph)
+    q, k, v = (torch.randn(1, 4, 3, 2, 8, device=device) for _ in range(3))
+    assert_close(traced(q, k, v), oracle("temporal_full", q, k, v) * 2.0, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_forward_ad_raises(backend):
+    # forward-mode AD has no rule on the fused backends: it raises rather than drop the tangent
+    import torch.autograd.forward_ad as fwAD
+
+    skip_unavailable(backend)
+    q, k, v = (torch.randn(1, 4, 3, 2, 8, device=dev(backend)) for _ in range(3))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="jvp|forward AD"):
+        attend("temporal_full", fwAD.make_dual(q, torch.randn_like(q)), k, v, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_double_backward_raises(backend):
     # the fused backward has no derivative of its own: create_graph=True gives the first-order
     # gradient, and differentiating that raises (torch's fallback took the cpp ops for constants)

@@ -15,17 +15,23 @@ from .._backend import cpp_available, triton
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # no __torch_dispatch__ of their own
 
 
+def _plain_eager() -> bool:
+    """No torch.compile / export tracing, torch.jit.trace, dispatch mode (FakeTensorMode,
+    FlopCounterMode), profiler or torch.func transform active."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None
+                or torch.autograd._profiler_enabled() or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
 def _eager_or_op(op: Callable, impl: Callable) -> Callable:
-    """The Triton op as the dispatch calls it: ``impl`` itself in plain eager calls, where the custom
-    op's own dispatch costs ~10 us of Python a call (launch overhead on a GPU), and the custom op
-    wherever something must see it: torch.compile / export tracing, a dispatch mode (FakeTensorMode,
-    FlopCounterMode), the profiler (its trace names the op), torch.func transforms (vmap's batched
-    tensors, whose storage the kernels cannot read), a tensor subclass, or grad mode with an
-    input that requires grad (a double backward: the op has no autograd formula and says so when
-    differentiated, where the bare kernels' outputs would silently be constants)."""
+    """The Triton op as the dispatch calls it: ``impl`` itself in plain eager calls, where the
+    custom op's own dispatch costs ~10 us of Python a call (launch overhead on a GPU), and the
+    custom op wherever something must see it (_plain_eager() False): tracing records the op
+    (torch.jit.trace would not see the kernels' writes), dispatch modes and the profiler name it,
+    torch.func's batched tensors have no storage for the kernels; and for a tensor subclass, or in
+    grad mode an input that requires grad (a double backward: the op has no autograd formula and
+    says so when differentiated, where the kernels' outputs would silently be constants)."""
     def call(*args):
-        if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-                or torch.autograd._profiler_enabled() or torch._C._functorch.peek_interpreter_stack() is not None):
+        if not _plain_eager():
             return call.op(*args)
         grad = torch.is_grad_enabled()
         for a in args:

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from .._backend import check_float, fused_slower, resolve_backend, triton, triton_interpret
 from ._library import define_op
@@ -756,8 +757,10 @@ def _attention(name, q, k, v, bias, temporal, causal, backend, qkv=None):
     chosen = resolve_backend(name, backend, q.device, q.dtype, unsupported=unsupported, slower=slower)
     if chosen == "reference":
         return attention_reference(q, k, v, bias, temporal, causal)
-    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, bias))):
-        return _ops(chosen)[0](q, k, v, bias, temporal, causal)[0]  # nothing to differentiate: no autograd node
+    differentiated = forward_ad._current_level >= 0 or (
+        torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, bias)))
+    if not differentiated:  # no autograd node
+        return _ops(chosen)[0](q, k, v, bias, temporal, causal)[0]
     if qkv is not None:
         return PackedAttentionFunction.apply(qkv, bias, temporal, causal, chosen)
     return AttentionFunction.apply(q, k, v, bias, temporal, causal, chosen)
