@@ -148,9 +148,10 @@ constexpr int kDotQueries = kLanes / 2;
 constexpr bool kPrefetchPerBlock = kLanes == 8;
 void dot_scores(Rows A, Rows B, int64_t N, int64_t NP, int64_t D, float scale, const float* zero, float* St,
                 LineStream ahead_a, LineStream ahead_b) {
-  // the blocks that compute (a block of padded queries alone is skipped)
+  // per block: the streams' lines over the blocks that compute (a block of padded queries alone is skipped)
   const int64_t blocks = (N + 1) / 2 * ((N + kDotQueries - 1) / kDotQueries);
-  const int64_t share_a = (ahead_a.lines() + blocks - 1) / blocks, share_b = (ahead_b.lines() + blocks - 1) / blocks;
+  auto share = [&](const LineStream& s) { return kPrefetchPerBlock ? (s.lines() + blocks - 1) / blocks : 0; };
+  const int64_t share_a = share(ahead_a), share_b = share(ahead_b);
   for (int64_t j0 = 0; j0 < N; j0 += 2) {
     const float* a0 = A.row(j0);
     const float* a1 = j0 + 1 < N ? A.row(j0 + 1) : zero;

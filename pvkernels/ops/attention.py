@@ -757,6 +757,7 @@ def _attention(name, q, k, v, bias, temporal, causal, backend, qkv=None):
     chosen = resolve_backend(name, backend, q.device, q.dtype, unsupported=unsupported, slower=slower)
     if chosen == "reference":
         return attention_reference(q, k, v, bias, temporal, causal)
+    # under a forward-AD level (no public query for it) the Function runs, and says it has no jvp
     differentiated = forward_ad._current_level >= 0 or (
         torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, bias)))
     if not differentiated:  # no autograd node
