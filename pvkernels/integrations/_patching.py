@@ -151,8 +151,16 @@ class Patch:
             replacement.__pvkernels_patch__ = self
             self._set(owner, attr, replacement)
         else:
-            bound = getattr(owner, attr)
-            replacement = make(lambda module, *args, **kwargs: bound(*args, **kwargs))
+            # the original is called on the module the replacement is bound to: a deep copy of the
+            # patched module (an EMA twin) rebinds the replacement, and must not run the source's method
+            previous = vars(owner).get(attr)
+            if previous is None:
+                func = getattr(type(owner), attr)
+            elif isinstance(previous, types.MethodType) and previous.__self__ is owner:
+                func = previous.__func__
+            else:  # some other callable set on the instance: called as it is
+                func = lambda module, *args, **kwargs: previous(*args, **kwargs)  # noqa: E731
+            replacement = make(func)
             functools.update_wrapper(replacement, getattr(type(owner), attr))
             replacement.__pvkernels_patch__ = self
             self._set(owner, attr, types.MethodType(replacement, owner))

@@ -101,6 +101,24 @@ def test_focus_present_mask_falls_back():
     assert p.stats == {"fast": CALLS_PER_STEP, "fallback": {}}
 
 
+def test_a_deep_copy_of_a_patched_model_runs_its_own_weights():
+    """The peer's Trainer deep-copies the model for its EMA: a copy of a patched model computes
+    with its own weights, on the kernels and in the fallback (a focus_present_mask)."""
+    torch.manual_seed(0)
+    model = unet()
+    reference = copy.deepcopy(model)
+    x, t, mask = videos(torch.Generator().manual_seed(0)), torch.tensor([3, 41]), torch.tensor([True, False])
+    with integrations.patch_video_diffusion(model) as p:
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            for m in (twin, reference):
+                for q in m.parameters():
+                    q.mul_(1.5)
+        got = twin(x, t, focus_present_mask=mask)
+        assert p.stats["fast"] == 2 and p.stats["fallback"], p.stats
+    assert_close(got, reference(x, t, focus_present_mask=mask), rtol=1e-4, atol=1e-5)
+
+
 def test_unpatch_print_and_version(monkeypatch):
     model = unet()
     forward = peer.Attention.forward
