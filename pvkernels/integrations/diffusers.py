@@ -15,9 +15,13 @@ Not computed here (AttnProcessor2_0 runs, the reason is counted): ``encoder_hidd
 (cross-attention), an attention mask, qk norms, kv_heads != heads, a ``scale`` other than
 head_dim ** -0.5, float64, a head_dim past the fused kernels' limit (256 on the CPU, 128 on a
 GPU: AnimateDiff's 1280-channel levels, 8 heads of 160, run fused on the CPU only), the
-deprecated ``scale`` argument. A processor other than ``AttnProcessor2_0`` found on a layer or set
-later (``set_attn_processor``, IP-adapter, xformers, fused projections) is left to diffusers and
-its calls are counted.
+deprecated ``scale`` argument. Layers whose projections were fused (``fuse_qkv_projections()``
+before the patch: ``FusedAttnProcessor2_0``) are computed from the fused projection's output in
+place. Any other processor found on a layer, and any processor set after the patch
+(``set_attn_processor``, ``set_default_attn_processor``, IP-adapter, xformers, fusing the projections
+after the patch) is left to diffusers and its calls are counted. diffusers re-creates processors from
+their class (``type(processor)()``, loading or unloading an IP adapter): ours then gives a processor
+of the same patch.
 """
 from __future__ import annotations
 
@@ -39,6 +43,15 @@ BLOCKS = (
     ("diffusers.models.attention", "TemporalBasicTransformerBlock"),
     ("diffusers.models.transformers.latte_transformer_3d", "LatteTransformer3DModel"),
 )
+# the modules of the models that hold those blocks: their set_default_attn_processor() accepts only the
+# processor classes in their CROSS_ATTENTION_PROCESSORS, to which a patch adds its own while active
+MODELS = (
+    "diffusers.models.unets.unet_motion_model",
+    "diffusers.models.unets.unet_3d_condition",
+    "diffusers.models.unets.unet_spatio_temporal_condition",
+    "diffusers.models.unets.unet_i2vgen_xl",
+    "diffusers.models.controlnets.controlnet_sparsectrl",
+)
 _FORWARD_PARAMS = ("hidden_states", "encoder_hidden_states", "attention_mask", "cross_attention_kwargs")
 _PROCESSOR_PARAMS = ("attn", "hidden_states", "encoder_hidden_states", "attention_mask", "temb", "args", "kwargs")
 _ATTRIBUTES = ("heads", "inner_dim", "inner_kv_dim", "scale", "to_q", "to_k", "to_v", "to_out", "spatial_norm",
@@ -51,18 +64,23 @@ def _peer():
     for module, name in BLOCKS:
         owner = import_peer(module, DISTRIBUTION)
         blocks.append((owner, name))
-    return mod, blocks
+    return mod, blocks, [import_peer(module, DISTRIBUTION) for module in MODELS]
 
 
-def _check(mod, blocks) -> None:
-    problems = missing(mod, ("Attention", "AttnProcessor2_0"), "diffusers.models.attention_processor")
+def _check(mod, blocks, models) -> None:
+    problems = missing(mod, ("Attention", "AttnProcessor2_0", "FusedAttnProcessor2_0"),
+                       "diffusers.models.attention_processor")
     for owner, name in blocks:
         problems += missing(owner, (name,), owner.__name__)
+    for owner in models:
+        problems += missing(owner, ("CROSS_ATTENTION_PROCESSORS",), owner.__name__)
     if hasattr(mod, "Attention"):
         problems += attention_problems(mod, _FORWARD_PARAMS, dict(query_dim=8, heads=2, dim_head=4),
                                        _ATTRIBUTES + ("set_processor",))
+    for name in ("AttnProcessor2_0", "FusedAttnProcessor2_0"):
+        if hasattr(mod, name):
+            problems += signature_problems(getattr(mod, name).__call__, _PROCESSOR_PARAMS, f"{name}.__call__")
     if hasattr(mod, "AttnProcessor2_0"):
-        problems += signature_problems(mod.AttnProcessor2_0.__call__, _PROCESSOR_PARAMS, "AttnProcessor2_0.__call__")
         try:
             default = type(mod.Attention(query_dim=8, heads=2, dim_head=4).processor)
             if default is not mod.AttnProcessor2_0:
@@ -72,8 +90,9 @@ def _check(mod, blocks) -> None:
     check_peer(DISTRIBUTION, TESTED, problems)
 
 
-def _reason(attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs) -> Optional[str]:
-    """Why AttnProcessor2_0's call is not computed on the fused kernels (None: it is)."""
+def _reason(attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs, fused: bool) -> Optional[str]:
+    """Why AttnProcessor2_0's call (FusedAttnProcessor2_0's if fused) is not computed on the fused
+    kernels (None: it is)."""
     if args or kwargs.get("scale") is not None:
         return "the deprecated scale argument"
     if encoder_hidden_states is not None:
@@ -82,6 +101,8 @@ def _reason(attn, hidden_states, encoder_hidden_states, attention_mask, args, kw
         return "attention mask"
     if attn.norm_q is not None or attn.norm_k is not None:
         return "qk norm"
+    if fused and not isinstance(getattr(attn, "to_qkv", None), torch.nn.Module):
+        return "FusedAttnProcessor2_0 on a layer without fused projections (no to_qkv)"
     if hidden_states.dim() not in (3, 4):
         return f"hidden_states of {hidden_states.dim()} dims, not (batch, n, channels) or (batch, c, h, w)"
     if hidden_states.device.type not in ("cpu", "cuda"):
@@ -96,10 +117,10 @@ def _reason(attn, hidden_states, encoder_hidden_states, attention_mask, args, kw
     return unsupported(hidden_states, heads, head_dim, 0, None)
 
 
-def _forward(attn, hidden_states: torch.Tensor, temb) -> torch.Tensor:
-    """AttnProcessor2_0.__call__ for self-attention without a mask, line for line, with the fused
-    kernels reading (batch, n, heads, head_dim) views of the projections in place of
-    "transpose to (batch, heads, n, head_dim), SDPA, transpose back and copy"."""
+def _forward(attn, hidden_states: torch.Tensor, temb, fused: bool) -> torch.Tensor:
+    """AttnProcessor2_0.__call__ (FusedAttnProcessor2_0's if fused) for self-attention without a
+    mask, line for line, with the fused kernels reading (batch, n, heads, head_dim) views of the
+    projections in place of "transpose to (batch, heads, n, head_dim), SDPA, transpose back and copy"."""
     residual = hidden_states
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -110,9 +131,13 @@ def _forward(attn, hidden_states: torch.Tensor, temb) -> torch.Tensor:
     batch_size = hidden_states.shape[0]
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    query = attn.to_q(hidden_states)
-    key = attn.to_k(hidden_states)
-    value = attn.to_v(hidden_states)
+    if fused:  # one projection, (batch, n, 3 * inner): q, k, v are views of it
+        qkv = attn.to_qkv(hidden_states)
+        query, key, value = torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
+    else:
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
     heads = attn.heads
     head_dim = key.shape[-1] // heads
     q, k, v = (t.view(batch_size, -1, heads, head_dim) for t in (query, key, value))
@@ -129,16 +154,26 @@ def _forward(attn, hidden_states: torch.Tensor, temb) -> torch.Tensor:
 
 
 class PvkernelsAttnProcessor:
-    """The processor ``patch_diffusers`` sets on an ``Attention``: what ``AttnProcessor2_0``
-    computes, on pvkernels' kernels where it can, else ``AttnProcessor2_0`` itself (counted).
+    """The processor ``patch_diffusers`` sets on an ``Attention``: what ``original`` (diffusers'
+    ``AttnProcessor2_0``, or ``FusedAttnProcessor2_0`` where the projections are fused) computes, on
+    pvkernels' kernels where it can, else ``original`` itself (counted).
 
-    One instance per patch, shared by the layers (it holds no per-layer state, as AttnProcessor2_0
-    holds none); a deep copy of a patched model shares it, so the copy is patched by the same
-    Patch. Once the patch is undone it is plain AttnProcessor2_0, uncounted.
+    Each patch makes its own subclass per processor it stands for (``patch``, ``original`` and
+    ``fused`` are class attributes), so ``type(processor)()``, which diffusers calls to re-create a
+    layer's processor, gives one of the same patch. The patch sets one instance of each on its
+    layers (they hold no per-layer state, as AttnProcessor2_0 holds none); a deep copy of a patched
+    model shares it, so the copy is patched by the same Patch. Once the patch is undone it is
+    ``original``, uncounted.
     """
 
-    def __init__(self, patch: "DiffusersPatch", original):
-        self.patch, self.original = patch, original
+    patch: "DiffusersPatch"
+    original: object
+    fused: bool
+
+    def __init__(self):
+        if not hasattr(type(self), "patch"):
+            raise TypeError("PvkernelsAttnProcessor is made by pvkernels.integrations.patch_diffusers(), "
+                            "not directly (use diffusers' AttnProcessor2_0)")
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -146,10 +181,10 @@ class PvkernelsAttnProcessor:
         # cross_attention_kwargs it passes by the processor's signature
         patch = self.patch
         if patch.active:
-            why = _reason(attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs)
+            why = _reason(attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs, self.fused)
             if why is None:
                 patch.fast()
-                return _forward(attn, hidden_states, temb)
+                return _forward(attn, hidden_states, temb, self.fused)
             patch.fallback(why)
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
@@ -157,7 +192,7 @@ class PvkernelsAttnProcessor:
         return self
 
     def __repr__(self) -> str:
-        return f"PvkernelsAttnProcessor({'active' if self.patch.active else 'undone'})"
+        return f"{type(self).__name__}({'active' if self.patch.active else 'undone'})"
 
 
 def _foreign_counter(patch: "DiffusersPatch"):
@@ -166,46 +201,60 @@ def _foreign_counter(patch: "DiffusersPatch"):
     the model shares it instead of copying the Patch."""
     def count(attn, args):
         processor = attn.processor
-        if processor is not patch.processor and patch.active:
-            patch.fallback(f"processor {type(processor).__name__} (not AttnProcessor2_0: set by the user or a "
-                           "loader, left to diffusers)")
+        if not patch.owns(processor) and patch.active:
+            patch.fallback(f"processor {type(processor).__name__} (not ours: set by the user or a loader, left "
+                           "to diffusers)")
     return count
 
 
 class DiffusersPatch(Patch):
     """A :class:`Patch` that also sets processors: ``install(block)`` puts ours on every
-    ``Attention`` of the block whose processor is ``AttnProcessor2_0`` and a counting hook on
-    every one; ``unpatch()`` removes the hooks and gives each layer whose processor is still ours
-    the very processor object it had (a processor set after the patch is kept)."""
+    ``Attention`` of the block whose processor is ``AttnProcessor2_0`` (``processor``) or
+    ``FusedAttnProcessor2_0`` (``fused_processor``) and a counting hook on every one; ``unpatch()``
+    removes the hooks and gives each layer whose processor is still one of ours the very processor
+    object it had (a processor set after the patch is kept)."""
 
-    def __init__(self, strict: bool, attention_cls: type, default_cls: type):
+    def __init__(self, strict: bool, attention_cls: type, default_cls: type, fused_cls: type):
         super().__init__("diffusers", strict)
-        self.attention_cls, self.default_cls = attention_cls, default_cls
-        self.processor = PvkernelsAttnProcessor(self, default_cls())
+        self.attention_cls = attention_cls
+        # diffusers' processor class -> ours, an instance of a subclass made for this patch
+        self._ours = {}
+        for cls, fused in ((default_cls, False), (fused_cls, True)):
+            attrs = dict(patch=self, original=cls(), fused=fused, __module__=__name__,
+                         __doc__=f"{cls.__name__} on pvkernels' kernels (PvkernelsAttnProcessor).")
+            self._ours[cls] = type(f"Pvkernels{cls.__name__}", (PvkernelsAttnProcessor,), attrs)()
+        self.processor, self.fused_processor = self._ours[default_cls], self._ours[fused_cls]
         self._count = _foreign_counter(self)
         self._layers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Attention -> (previous, hook)
 
+    def owns(self, processor) -> bool:
+        """Whether ``processor`` is one of this patch's (set by it, or re-created from its class)."""
+        return isinstance(processor, PvkernelsAttnProcessor) and processor.patch is self
+
     def install(self, block: torch.nn.Module) -> None:
         for attn in block.modules():
-            if not isinstance(attn, self.attention_cls) or attn in self._layers:
+            # a deep copy of a patched layer holds our hook already (and our processor, shared)
+            if (not isinstance(attn, self.attention_cls) or attn in self._layers
+                    or self._count in attn._forward_pre_hooks.values()):
                 continue
             previous = attn.processor
             hook = attn.register_forward_pre_hook(self._count)
-            # ours of an undone patch (a deep copy taken while patched) is AttnProcessor2_0 again
-            stale = isinstance(previous, PvkernelsAttnProcessor) and not previous.patch.active
-            if type(previous) is self.default_cls or stale:
-                attn.set_processor(self.processor)
+            kind = type(previous)
+            if isinstance(previous, PvkernelsAttnProcessor) and not previous.patch.active:
+                kind = type(previous.original)  # ours of an undone patch (a deep copy taken while patched)
+            if kind in self._ours:
+                attn.set_processor(self._ours[kind])
             self._layers[attn] = (previous, hook)
 
     @property
     def layers(self) -> int:
         """Attention layers that run our processor now."""
-        return sum(attn.processor is self.processor for attn in self._layers.keys())
+        return sum(self.owns(attn.processor) for attn in self._layers.keys())
 
     def unpatch(self) -> None:
         for attn, (previous, hook) in list(self._layers.items()):
             hook.remove()
-            if attn.processor is self.processor:
+            if self.owns(attn.processor):
                 attn.set_processor(previous)
         self._layers = weakref.WeakKeyDictionary()
         super().unpatch()
@@ -224,8 +273,9 @@ def patch_diffusers(model: Optional[torch.nn.Module] = None, *, strict: bool = F
         model: a module (a ``UNetMotionModel``, ``UNet3DConditionModel``,
             ``UNetSpatioTemporalConditionModel``, ``LatteTransformer3DModel``, a pipeline's
             ``unet`` / ``transformer``, or one of the blocks): the blocks inside it now are
-            patched. None patches the block classes: every instance, existing or built later,
-            gets our processor on each forward for the layers it holds then, until ``unpatch()``.
+            patched, and on each forward give ours to the layers new to them. None patches the
+            block classes: every instance, existing or built later, gets our processor on each
+            forward for the layers it holds then, until ``unpatch()``.
         strict: raise a ValueError naming the reason instead of falling back.
 
     Returns:
@@ -243,28 +293,33 @@ def patch_diffusers(model: Optional[torch.nn.Module] = None, *, strict: bool = F
         >>> p.stats  # 11 motion modules x 2 self-attentions
         {'fast': 22, 'fallback': {}}
     """
-    mod, blocks = _peer()
-    _check(mod, blocks)
-    patch = DiffusersPatch(strict, mod.Attention, mod.AttnProcessor2_0)
-    classes = tuple(getattr(owner, name) for owner, name in blocks)
-    if model is None:
-        def make(original):
-            def forward(module, *args, **kwargs):
-                if patch.active:
-                    patch.install(module)  # new layers only: a processor set later stays
-                return original(module, *args, **kwargs)
-            return forward
-        for cls in classes:
-            patch.replace(cls, "forward", make)
-            patch.mark(cls)
-        return patch
-    if not isinstance(model, torch.nn.Module):
+    if model is not None and not isinstance(model, torch.nn.Module):
         raise TypeError(f"pvkernels.integrations: model must be an nn.Module or None, got {type(model).__name__}")
-    found = [m for m in model.modules() if isinstance(m, classes)]
-    for block in found:
-        patch.install(block)
-        patch.mark(block)
-    if not found:
+    mod, blocks, models = _peer()
+    _check(mod, blocks, models)
+    patch = DiffusersPatch(strict, mod.Attention, mod.AttnProcessor2_0, mod.FusedAttnProcessor2_0)
+    ours = tuple(type(p) for p in patch._ours.values())
+    for owner in models:  # set_default_attn_processor() on a patched model: diffusers' default for all
+        patch._set(owner, "CROSS_ATTENTION_PROCESSORS", owner.CROSS_ATTENTION_PROCESSORS + ours)
+    classes = tuple(getattr(owner, name) for owner, name in blocks)
+
+    def make(original):
+        def forward(module, *args, **kwargs):
+            # layers new to the block (FreeNoise swaps a motion module's transformer blocks) get ours
+            # too, a processor set later stays. While torch.compile traces, a model's patch installs
+            # nothing (its layers got ours when it was made; registering hooks would break the graph),
+            # a class's patch does (a graph break: its blocks may meet torch.compile first)
+            if patch.active and (model is None or not torch.compiler.is_compiling()):
+                patch.install(module)
+            return original(module, *args, **kwargs)
+        return forward
+    owners = classes if model is None else [m for m in model.modules() if isinstance(m, classes)]
+    for owner in owners:
+        if model is not None:
+            patch.install(owner)
+        patch.replace(owner, "forward", make)
+        patch.mark(owner)
+    if model is not None and not owners:
         warnings.warn(f"pvkernels.integrations.patch_diffusers: {type(model).__name__} holds none of "
                       f"{', '.join(c.__name__ for c in classes)}: nothing patched", RuntimeWarning, stacklevel=2)
     return patch

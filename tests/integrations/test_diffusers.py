@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import copy
 import importlib
+import types
 
 import pytest
 import torch
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e '.[test]' installs 0.42.1)")
 import diffusers  # noqa: E402
+from diffusers.loaders.ip_adapter import IPAdapterMixin  # noqa: E402
 from diffusers.models import attention_processor as ap  # noqa: E402
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D  # noqa: E402
 
 from pvkernels import integrations  # noqa: E402
 from pvkernels.integrations import PeerVersionError  # noqa: E402
+from pvkernels.integrations import diffusers as patching  # noqa: E402
 
 from ..utils import assert_close  # noqa: E402
 from .parity import fake_version, instance_and_class  # noqa: E402
@@ -231,6 +234,132 @@ def test_processors_set_by_the_user_are_left_and_counted():
     p.unpatch()
     assert all(type(proc) is ap.AttnProcessor for proc in model.attn_processors.values())
     model.set_default_attn_processor()  # diffusers' own methods still work
+
+
+def ip_adapter_state_dict(model, clip_dim: int = 6) -> dict:
+    """A random IP adapter for ``model`` in the layout diffusers' loader reads: the image projection,
+    and a key and a value projection for each spatial cross-attention (not the motion modules')."""
+    cross = model.config.cross_attention_dim
+    gen = torch.Generator().manual_seed(5)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen) * 0.1
+    image_proj = {"proj.weight": rand(4 * cross, clip_dim), "proj.bias": rand(4 * cross),
+                  "norm.weight": 1 + rand(cross), "norm.bias": rand(cross)}
+    layers, key_id = {}, 1
+    for name, attn in model.named_modules():
+        if isinstance(attn, ap.Attention) and name.endswith("attn2") and "motion_modules" not in name:
+            hidden = attn.to_q.in_features
+            layers[f"{key_id}.to_k_ip.weight"], layers[f"{key_id}.to_v_ip.weight"] = rand(hidden, cross), rand(hidden, cross)
+            key_id += 2
+    return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+def test_loading_and_unloading_an_ip_adapter():
+    """diffusers' loader re-creates the motion modules' processors from their class (and unloading
+    re-creates every processor but the IP adapter's): ours come back as processors of the same patch,
+    the motion modules stay on the kernels, the outputs stay diffusers' own."""
+    torch.manual_seed(0)
+    model = motion_unet()
+    reference = copy.deepcopy(model)
+    x = videos(SIZE)(torch.Generator().manual_seed(0))
+    image = torch.randn(BATCH, 1, 6)
+    adapter = ip_adapter_state_dict(model)
+
+    def run(m, **kw):
+        torch.manual_seed(1)
+        text = torch.randn(BATCH, 7, 8).repeat_interleave(FRAMES, dim=0)
+        return m(x, _timesteps(), text, **kw).sample
+    p = integrations.patch_diffusers(model)
+    for m in (model, reference):
+        m._load_ip_adapter_weights([adapter], low_cpu_mem_usage=False)
+    kinds = {type(proc) for proc in model.attn_processors.values()}
+    assert kinds == {ap.AttnProcessor2_0, ap.IPAdapterAttnProcessor2_0, type(p.processor)} and p.layers == 14
+    assert_close(run(model, added_cond_kwargs={"image_embeds": [image]}),
+                 run(reference, added_cond_kwargs={"image_embeds": [image]}), rtol=1e-4, atol=1e-5)
+    assert p.stats == {"fast": 14, "fallback": {}}, p.stats
+    for m in (model, reference):
+        IPAdapterMixin.unload_ip_adapter(types.SimpleNamespace(unet=m))  # the pipeline's method, on the unet
+    assert p.layers == 14 and ap.IPAdapterAttnProcessor2_0 not in {type(v) for v in model.attn_processors.values()}
+    assert_close(run(model), run(reference), rtol=1e-4, atol=1e-5)
+    assert p.stats == {"fast": 28, "fallback": {}}, p.stats
+    p.unpatch()
+    assert all(type(proc) is ap.AttnProcessor2_0 for proc in model.attn_processors.values())
+    with pytest.raises(TypeError, match="made by pvkernels.integrations.patch_diffusers"):
+        patching.PvkernelsAttnProcessor()
+
+
+def fused(build):
+    """``build()`` with its projections fused (``fuse_qkv_projections``: FusedAttnProcessor2_0)."""
+    def fused_build():
+        model = build()
+        model.fuse_qkv_projections()
+        return model
+    return fused_build
+
+
+@pytest.mark.parametrize("family", ["animatediff", "modelscope"])
+def test_fused_projections(family):
+    """Projections fused before the patch: q, k, v are views of to_qkv's output, trained in parity;
+    fused after the patch: diffusers' FusedAttnProcessor2_0 runs, counted, and unfusing gives ours back."""
+    build, size, step, fast, cross = FAMILIES[family]
+    by_instance, by_class = instance_and_class(fused(build), integrations.patch_diffusers, videos(size), step,
+                                               steps=2)
+    for p in (by_instance, by_class):
+        expect(p, 2, fast, cross)
+        assert p.fused_processor.fused and not p.processor.fused
+    model = build()
+    with integrations.patch_diffusers(model) as p:
+        model.fuse_qkv_projections()
+        step(model, videos(size)(torch.Generator().manual_seed(0)))
+        assert p.stats["fast"] == 0 and list(p.stats["fallback"].values()) == [fast], p.stats
+        model.unfuse_qkv_projections()
+        step(model, videos(size)(torch.Generator().manual_seed(0)))
+        assert p.stats["fast"] == fast
+
+
+def test_set_default_attn_processor_on_a_patched_model():
+    """diffusers' own default for every layer (its check knows our processors while patched); the
+    module constants it reads come back as they were."""
+    modules = [importlib.import_module(m) for m in patching.MODELS]
+    constants = [m.CROSS_ATTENTION_PROCESSORS for m in modules]
+    for build in (motion_unet, unet3d, svd_unet):
+        model = build()
+        with integrations.patch_diffusers(model) as p:
+            assert p.layers > 0
+            model.set_default_attn_processor()
+            assert p.layers == 0 and all(type(v) is ap.AttnProcessor for v in model.attn_processors.values())
+    assert all(m.CROSS_ATTENTION_PROCESSORS is c for m, c in zip(modules, constants))
+
+
+def test_a_patched_models_blocks_take_new_layers_and_deep_copies():
+    """A model's patch: a layer swapped into a patched block later (FreeNoise swaps the motion
+    modules' transformer blocks) gets ours on the block's next forward; a deep copy of the patched
+    model (an EMA twin) runs its own weights, counted by the same patch once per call."""
+    torch.manual_seed(0)
+    model = latte()
+    reference = copy.deepcopy(model)
+    x = videos(16)(torch.Generator().manual_seed(0))
+    with integrations.patch_diffusers(model) as p:
+        old = model.temporal_transformer_blocks[0].attn1
+        new = model.temporal_transformer_blocks[0].attn1 = ap.Attention(query_dim=8, heads=2, dim_head=4)
+        new.load_state_dict(old.state_dict())
+        latte_step(model, x)
+        assert new.processor is p.processor and p.layers == 7
+        expect(p, 1, 4, 2)
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            for m in (twin, reference):
+                for t in m.parameters():
+                    t.mul_(1.5)
+        torch.manual_seed(3)
+        got = latte_step(twin, x)[1]["out"]
+        expect(p, 2, 4, 2)
+        assert p.layers == 7 and "[pvkernels: diffusers]" in repr(twin)
+    torch.manual_seed(3)
+    expected = latte_step(reference, x)[1]["out"]
+    assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not any(m._forward_pre_hooks or "forward" in vars(m) for m in model.modules())
 
 
 def attn_processors(model):
