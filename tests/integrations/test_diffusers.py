@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e '.[test]' installs 0.42.1)")
 import diffusers  # noqa: E402
 from diffusers.loaders.ip_adapter import IPAdapterMixin  # noqa: E402
+from diffusers.pipelines.free_noise_utils import AnimateDiffFreeNoiseMixin  # noqa: E402
 from diffusers.models import attention_processor as ap  # noqa: E402
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D  # noqa: E402
 
@@ -332,21 +333,41 @@ def test_set_default_attn_processor_on_a_patched_model():
     assert all(m.CROSS_ATTENTION_PROCESSORS is c for m, c in zip(modules, constants))
 
 
-def test_a_patched_models_blocks_take_new_layers_and_deep_copies():
-    """A model's patch: a layer swapped into a patched block later (FreeNoise swaps the motion
-    modules' transformer blocks) gets ours on the block's next forward; a deep copy of the patched
-    model (an EMA twin) runs its own weights, counted by the same patch once per call."""
+def test_free_noise_after_a_models_patch():
+    """AnimateDiff's FreeNoise (the pipeline's enable_free_noise) swaps every motion module's
+    transformer blocks for new ones: a model's patched blocks give their new layers ours on the
+    next forward, which attends over the context windows."""
+    torch.manual_seed(0)
+    model = motion_unet()
+    reference = copy.deepcopy(model)
+    p = integrations.patch_diffusers(model)
+    pipe = types.SimpleNamespace(_free_noise_context_length=4, _free_noise_context_stride=1,
+                                 _free_noise_weighting_scheme="pyramid", device=torch.device("cpu"),
+                                 dtype=torch.float32)
+    for m in (model, reference):
+        for block in (*m.down_blocks, m.mid_block, *m.up_blocks):
+            if getattr(block, "motion_modules", None) is not None:
+                AnimateDiffFreeNoiseMixin._enable_free_noise_in_block(pipe, block)
+    assert type(model.down_blocks[0].motion_modules[0].transformer_blocks[0]).__name__ == "FreeNoiseTransformerBlock"
+    x = videos(SIZE)(torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    got = motion_step(model, x)[1]["out"]
+    torch.manual_seed(1)
+    assert_close(got, motion_step(reference, x)[1]["out"], rtol=1e-4, atol=1e-5)
+    # 5 frames in windows of 4 (stride 1): two windows per self-attention
+    assert p.layers == 14 and p.stats == {"fast": 28, "fallback": {}}, p.stats
+    p.unpatch()
+    assert not any(m._forward_pre_hooks or "forward" in vars(m) for m in model.modules())
+
+
+def test_a_deep_copy_of_a_patched_model():
+    """A deep copy of a patched model (an EMA twin) runs its own weights, on the kernels and in the
+    fallback, counted by the same patch once per call; its layers are not the patch's to restore."""
     torch.manual_seed(0)
     model = latte()
     reference = copy.deepcopy(model)
     x = videos(16)(torch.Generator().manual_seed(0))
     with integrations.patch_diffusers(model) as p:
-        old = model.temporal_transformer_blocks[0].attn1
-        new = model.temporal_transformer_blocks[0].attn1 = ap.Attention(query_dim=8, heads=2, dim_head=4)
-        new.load_state_dict(old.state_dict())
-        latte_step(model, x)
-        assert new.processor is p.processor and p.layers == 7
-        expect(p, 1, 4, 2)
         twin = copy.deepcopy(model)
         with torch.no_grad():
             for m in (twin, reference):
@@ -354,12 +375,10 @@ def test_a_patched_models_blocks_take_new_layers_and_deep_copies():
                     t.mul_(1.5)
         torch.manual_seed(3)
         got = latte_step(twin, x)[1]["out"]
-        expect(p, 2, 4, 2)
-        assert p.layers == 7 and "[pvkernels: diffusers]" in repr(twin)
+        expect(p, 1, 4, 2)
+        assert p.layers == 6 and "[pvkernels: diffusers]" in repr(twin)
     torch.manual_seed(3)
-    expected = latte_step(reference, x)[1]["out"]
-    assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    assert not any(m._forward_pre_hooks or "forward" in vars(m) for m in model.modules())
+    assert_close(got, latte_step(reference, x)[1]["out"], rtol=1e-4, atol=1e-5)
 
 
 def attn_processors(model):
