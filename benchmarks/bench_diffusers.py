@@ -16,10 +16,11 @@ forward (inference, no grad) and forward + backward. Three cases:
 
 Provider "reference" is diffusers' own code, unpatched; "patched" the same after the patch.
 Skipped without diffusers (``pip install -e ".[test]"`` installs it). On a shared machine,
-``python -m benchmarks.bench_diffusers [--cpu-time] [--rounds N] [--attention-only]`` times the
-providers of every case (``--attention-only``: the attention lines' cases alone) in alternating
-rounds (``--cpu-time``: one thread's CPU time, which other jobs disturb far less) and prints the
-table of the README.
+``python -m benchmarks.bench_diffusers [--cpu-time] [--rounds N] [--attention-only | --fused]`` times
+the providers of every case (``--attention-only``: the attention lines' cases alone; ``--fused``: the
+motion modules alone, their projections fused as ``fuse_qkv_projections()`` fuses them) in
+alternating rounds (``--cpu-time``: one thread's CPU time, which other jobs disturb far less) and
+prints the table of the README.
 """
 from __future__ import annotations
 
@@ -164,21 +165,29 @@ def bench_motion_attention(benchmark, level, mode, dtype, provider):
 
 # the motion module --------------------------------------------------------------------------
 
-def motion_module(channels: int, device: str = DEVICE):
-    """AnimateDiff's motion module as UNetMotionModel / MotionAdapter build it at this width."""
+def motion_module(channels: int, device: str = DEVICE, fused: bool = False):
+    """AnimateDiff's motion module as UNetMotionModel / MotionAdapter build it at this width; fused:
+    its projections fused, as UNetMotionModel.fuse_qkv_projections() fuses them."""
+    from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
     from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
     torch.manual_seed(0)
-    return AnimateDiffTransformer3D(num_attention_heads=HEADS, attention_head_dim=channels // HEADS,
-                                    in_channels=channels, norm_num_groups=8 if QUICK else 32,
-                                    activation_fn="geglu", positional_embeddings="sinusoidal",
-                                    num_positional_embeddings=32, double_self_attention=True).to(device)
+    module = AnimateDiffTransformer3D(num_attention_heads=HEADS, attention_head_dim=channels // HEADS,
+                                      in_channels=channels, norm_num_groups=8 if QUICK else 32,
+                                      activation_fn="geglu", positional_embeddings="sinusoidal",
+                                      num_positional_embeddings=32, double_self_attention=True).to(device)
+    if fused:
+        for attn in module.modules():
+            if isinstance(attn, Attention):
+                attn.fuse_projections()
+                attn.set_processor(FusedAttnProcessor2_0())
+    return module
 
 
-def module_call(provider: str, level, mode: str, device: str = DEVICE):
+def module_call(provider: str, level, mode: str, device: str = DEVICE, fused: bool = False):
     """(call, patch or None): one forward (no grad) or forward + backward of the motion module."""
     C, side, B = level
-    module = motion_module(C, device)
+    module = motion_module(C, device, fused)
     p = integrations.patch_diffusers(module) if provider == "patched" else None
     x = torch.randn(B * FRAMES, C, side, side, device=device, requires_grad=mode != "fwd")
     if mode == "fwd":
@@ -187,7 +196,9 @@ def module_call(provider: str, level, mode: str, device: str = DEVICE):
                 return module(x, num_frames=FRAMES)
         return call, p
     params = list(module.parameters())
-    return lambda: torch.autograd.grad(module(x, num_frames=FRAMES).square().mean(), [x] + params), p
+    # fused: to_q, to_k and to_v are left unused (to_qkv holds their weights)
+    return lambda: torch.autograd.grad(module(x, num_frames=FRAMES).square().mean(), [x] + params,
+                                       allow_unused=fused), p
 
 
 def attention_seconds(provider: str, shapes: dict, mode: str, rounds: int, device: str = DEVICE) -> float:
@@ -304,10 +315,11 @@ def _clocked(call, rounds: int, clock) -> list:
 MOVED = {"fwd": {"reference": 6, "patched": 4}, "fwd+bwd": {"reference": 6 + 2 + 8, "patched": 4 + 7}}
 
 
-def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False) -> None:
+def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False, fused: bool = False) -> None:
     """Every case's two providers in alternating rounds: medians, the ratio's range over the
     rounds and the attention share (its lines timed alone, the same clock); a markdown table.
-    attention_only: the attention lines alone, no module or UNet step."""
+    attention_only: the attention lines alone, no module or UNet step; fused: the motion modules
+    alone, with fused projections (no attention share: the lines timed alone read separate ones)."""
     if cpu_time:
         torch.set_num_threads(1)
     clock = time.thread_time if cpu_time else time.perf_counter
@@ -318,6 +330,10 @@ def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False) -> No
         C, side, B = level
         shape = {(B * side * side, FRAMES, C): 2}
         for mode in ("fwd", "fwd+bwd"):
+            if fused:
+                cases.append((f"motion module {mode}, {_level_name(level)}, fused projections",
+                              {p: module_call(p, level, mode, "cpu", fused=True)[0] for p in both}, None, mode))
+                continue
             if C // HEADS <= fused_head_dim_limit(torch.device("cpu")):
                 name = f"attention {mode}, {_level_name(level)}"
                 calls = {p: core_call(p, B * side * side, FRAMES, C, mode, "cpu") for p in both}
@@ -328,7 +344,7 @@ def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False) -> No
             if not attention_only:
                 cases.append((f"motion module {mode}, {_level_name(level)}",
                               {p: module_call(p, level, mode, "cpu")[0] for p in both}, {p: shape for p in both}, mode))
-    if not attention_only:
+    if not attention_only and not fused:
         steps = {p: unet_step(p, "cpu") for p in both}
         cases.append((f"UNetMotionModel {'-'.join(map(str, UNET_CHANNELS))} step, {UNET_SIDE}x{UNET_SIDE}",
                       {p: s[0] for p, s in steps.items()},
@@ -369,6 +385,8 @@ def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False) -> No
             print(f"| attention {mode}, SD 1.5 UNet's {sum(SD15_MODULES.values())} motion modules "
                   f"({sum(names.values())} layers: sum of the medians above) | {ref * 1e3:.1f} | {fast * 1e3:.1f} "
                   f"| {ref / fast:.2f} |  |  |", flush=True)
+    if not roofline:
+        return
     # after set_num_threads(1): one thread's copy bandwidth and fp32 matmul rate
     bw, gemm = harness.copy_bandwidth("cpu"), harness.gemm_rate(torch.float32, "cpu")
     print(f"\nroofline: one thread's copy bandwidth of memory {bw / 1e9:.1f} GB/s (bytes read + written), its fp32 "
@@ -388,12 +406,15 @@ def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False) -> No
               f"| {moved['reference'] / moved['patched']:.2f} | {rate / 1e9:.1f} | {flops / 1e9:.2f} "
               f"| {floors[0] * 1e3:.1f} / {floors[1] * 1e3:.1f} | {ref / floor:.2f} | {floor / fast:.0%} |", flush=True)
 
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-time", action="store_true", help="one thread's CPU time instead of wall clock")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per case (default 5)")
-    parser.add_argument("--attention-only", action="store_true", help="the attention lines' cases alone")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--attention-only", action="store_true", help="the attention lines' cases alone")
+    only.add_argument("--fused", action="store_true", help="the motion modules alone, their projections fused")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    interleaved(cpu_time=args.cpu_time, rounds=args.rounds, attention_only=args.attention_only)
+    interleaved(cpu_time=args.cpu_time, rounds=args.rounds, attention_only=args.attention_only, fused=args.fused)
