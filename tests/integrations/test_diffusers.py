@@ -471,17 +471,27 @@ def test_more_than_65535_sequences_through_a_motion_module():
     assert_close(g_got, g_expected, rtol=1e-4, atol=1e-5 * float(g_expected.abs().max()))
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["", "fused"])
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])  # triton: a GPU or the interpreter
-def test_motion_module_on_every_backend(backend, monkeypatch):
+def test_motion_module_on_every_backend(backend, fused, monkeypatch):
+    """Values and the input's gradient; fused: q, k, v strided views of to_qkv's output."""
     monkeypatch.setenv("PVKERNELS_BACKEND", backend)
     block = motion_module()
+    if fused:
+        for attn in block.modules():
+            if isinstance(attn, ap.Attention):
+                attn.fuse_projections()
+                attn.set_processor(ap.FusedAttnProcessor2_0())
     twin = copy.deepcopy(block)
-    x = torch.randn(2 * 3, 8, 3, 2)
+    x = torch.randn(2 * 3, 8, 3, 2, requires_grad=True)
     expected = block(x, num_frames=2)
+    (g_expected,) = torch.autograd.grad(expected.square().sum(), x)
     with integrations.patch_diffusers(twin) as p:
         got = twin(x, num_frames=2)
+        (g_got,) = torch.autograd.grad(got.square().sum(), x)
     assert p.stats == {"fast": 2, "fallback": {}}
     assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert_close(g_got, g_expected, rtol=1e-4, atol=1e-5 * float(g_expected.abs().max()))
 
 
 def test_torch_compile_fullgraph():
