@@ -67,6 +67,29 @@ def latte():
         video_length=FRAMES)
 
 
+def sparsectrl():
+    """SparseCtrl: SparseControlNetModel, AnimateDiff's down blocks (a motion module after each)
+    on the control frames. diffusers starts its output convolutions at zero: random here, so that
+    the motion modules' outputs and gradients reach the loss from the first step."""
+    model = diffusers.SparseControlNetModel(
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, cross_attention_dim=8,
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"), attention_head_dim=4,
+        motion_num_attention_heads=2, motion_max_seq_length=8, conditioning_embedding_out_channels=(4, 8))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                param.normal_(0, 0.3)
+    return model
+
+
+def i2vgen():
+    """I2VGen-XL: I2VGenXLUNet, ModelScope's blocks (TransformerTemporalModel) with image conditioning."""
+    return diffusers.I2VGenXLUNet(
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, cross_attention_dim=8, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        sample_size=SIZE)
+
+
 def _timesteps():
     return torch.tensor([3, 41])
 
@@ -88,6 +111,19 @@ def svd_step(model, x):
     return out.square().mean(), {"out": out}
 
 
+def sparsectrl_step(model, x):
+    text = torch.randn(BATCH, 7, 8).repeat_interleave(FRAMES, dim=0)
+    cond, mask = torch.randn_like(x), (torch.rand(BATCH, 1, FRAMES, 1, 1) < 0.5).float().expand(-1, -1, -1, SIZE, SIZE)
+    down, mid = model(x, _timesteps(), text, controlnet_cond=cond, conditioning_mask=mask, return_dict=False)
+    return sum(d.square().mean() for d in down) + mid.square().mean(), {"mid": mid, "down0": down[0]}
+
+
+def i2vgen_step(model, x):
+    out = model(x, _timesteps(), fps=torch.tensor([8, 12]), image_latents=torch.randn_like(x),
+                image_embeddings=torch.randn(BATCH, 8), encoder_hidden_states=torch.randn(BATCH, 7, 8)).sample
+    return out.square().mean(), {"out": out}
+
+
 def latte_step(model, x):
     out = model(x, timestep=_timesteps(), encoder_hidden_states=torch.randn(BATCH, 7, 6)).sample
     return out.square().mean(), {"out": out}
@@ -102,6 +138,10 @@ FAMILIES = {
     "svd": (svd_unet, SIZE, svd_step, 4, 4),
     # 2 x (spatial attn1, temporal attn1; spatial attn2 is cross-attention)
     "latte": (latte, 16, latte_step, 4, 2),
+    # 2 motion modules x attn1
+    "sparsectrl": (sparsectrl, SIZE, sparsectrl_step, 2, 0),
+    # as ModelScope
+    "i2vgen": (i2vgen, SIZE, i2vgen_step, 10, 0),
 }
 
 
@@ -324,7 +364,7 @@ def test_set_default_attn_processor_on_a_patched_model():
     module constants it reads come back as they were."""
     modules = [importlib.import_module(m) for m in patching.MODELS]
     constants = [m.CROSS_ATTENTION_PROCESSORS for m in modules]
-    for build in (motion_unet, unet3d, svd_unet):
+    for build in (motion_unet, unet3d, svd_unet, i2vgen, sparsectrl):
         model = build()
         with integrations.patch_diffusers(model) as p:
             assert p.layers > 0
