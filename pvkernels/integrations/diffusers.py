@@ -35,7 +35,9 @@ from ._attention import attend, unsupported
 from ._patching import Patch, attention_problems, check_peer, import_peer, missing, signature_problems
 
 DISTRIBUTION = "diffusers"
-TESTED = (("0.42.1", "0.43"),)
+# 0.32.2 (the first with diffusers.models.controlnets) and 0.42.1 in .ci/run; every minor release between
+# passed tests/integrations/test_diffusers.py once (twelfth session: 0.33.1, 0.34.0, 0.35.2, 0.36.0 ... 0.42.0)
+TESTED = (("0.32.2", "0.43"),)
 # (module, class): the blocks whose attention layers are patched
 BLOCKS = (
     ("diffusers.models.unets.unet_motion_model", "AnimateDiffTransformer3D"),

@@ -557,8 +557,8 @@ def test_version_structure_and_models_without_blocks(monkeypatch):
     assert p.modules == 0 and p.layers == 0
     with pytest.raises(TypeError, match="nn.Module or None"):
         integrations.patch_diffusers("unet")
-    fake_version(monkeypatch, "diffusers", "0.36.0")
-    with pytest.raises(PeerVersionError, match="diffusers 0.36.0 is outside the tested versions"):
+    fake_version(monkeypatch, "diffusers", "0.31.0")
+    with pytest.raises(PeerVersionError, match="diffusers 0.31.0 is outside the tested versions"):
         integrations.patch_diffusers()
     monkeypatch.undo()
 
