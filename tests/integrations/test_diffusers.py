@@ -511,7 +511,7 @@ def test_more_than_65535_sequences_through_a_motion_module():
     assert_close(g_got, g_expected, rtol=1e-4, atol=1e-5 * float(g_expected.abs().max()))
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["", "fused"])
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])  # triton: a GPU or the interpreter
 def test_motion_module_on_every_backend(backend, fused, monkeypatch):
     """Values and the input's gradient; fused: q, k, v strided views of to_qkv's output."""
