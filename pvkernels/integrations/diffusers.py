@@ -300,10 +300,15 @@ def patch_diffusers(model: Optional[torch.nn.Module] = None, *, strict: bool = F
     mod, blocks, models = _peer()
     _check(mod, blocks, models)
     patch = DiffusersPatch(strict, mod.Attention, mod.AttnProcessor2_0, mod.FusedAttnProcessor2_0)
+    classes = tuple(getattr(owner, name) for owner, name in blocks)
+    owners = classes if model is None else [m for m in model.modules() if isinstance(m, classes)]
+    if not owners:
+        warnings.warn(f"pvkernels.integrations.patch_diffusers: {type(model).__name__} holds none of "
+                      f"{', '.join(c.__name__ for c in classes)}: nothing patched", RuntimeWarning, stacklevel=2)
+        return patch
     ours = tuple(type(p) for p in patch._ours.values())
     for owner in models:  # set_default_attn_processor() on a patched model: diffusers' default for all
         patch._set(owner, "CROSS_ATTENTION_PROCESSORS", owner.CROSS_ATTENTION_PROCESSORS + ours)
-    classes = tuple(getattr(owner, name) for owner, name in blocks)
 
     def make(original):
         def forward(module, *args, **kwargs):
@@ -315,15 +320,11 @@ def patch_diffusers(model: Optional[torch.nn.Module] = None, *, strict: bool = F
                 patch.install(module)
             return original(module, *args, **kwargs)
         return forward
-    owners = classes if model is None else [m for m in model.modules() if isinstance(m, classes)]
     for owner in owners:
         if model is not None:
             patch.install(owner)
         patch.replace(owner, "forward", make)
         patch.mark(owner)
-    if model is not None and not owners:
-        warnings.warn(f"pvkernels.integrations.patch_diffusers: {type(model).__name__} holds none of "
-                      f"{', '.join(c.__name__ for c in classes)}: nothing patched", RuntimeWarning, stacklevel=2)
     return patch
 
 

@@ -554,7 +554,7 @@ def test_torch_compile_fullgraph():
 def test_version_structure_and_models_without_blocks(monkeypatch):
     with pytest.warns(RuntimeWarning, match="nothing patched"):
         p = integrations.patch_diffusers(torch.nn.Linear(2, 2))
-    assert p.modules == 0 and p.layers == 0
+    assert p.modules == 0 and p.layers == 0 and not p.active  # nothing of diffusers' touched
     with pytest.raises(TypeError, match="nn.Module or None"):
         integrations.patch_diffusers("unet")
     fake_version(monkeypatch, "diffusers", "0.31.0")
