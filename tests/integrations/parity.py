@@ -86,6 +86,17 @@ def instance_and_class(build, patch_fn, make_input, step, steps: int = 5, **tole
     return by_instance, by_class
 
 
+def patched_copy(model, reference):
+    """A deep copy of the patched ``model`` (as a trainer copies it for its EMA), its weights and
+    those of ``reference`` (an unpatched copy of ``model``) scaled alike: the copy must run its own."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in (twin, reference):
+            for p in m.parameters():
+                p.mul_(1.5)
+    return twin
+
+
 def fake_version(monkeypatch, package: str, version: str) -> None:
     """importlib.metadata.version says ``version`` for ``package`` (every other package as installed)."""
     real = importlib.metadata.version

@@ -3,6 +3,7 @@ models of each factorised video family, built from configs (nothing is downloade
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import types
 
@@ -21,7 +22,7 @@ from pvkernels.integrations import PeerVersionError  # noqa: E402
 from pvkernels.integrations import diffusers as patching  # noqa: E402
 
 from ..utils import assert_close  # noqa: E402
-from .parity import fake_version, instance_and_class  # noqa: E402
+from .parity import fake_version, instance_and_class, patched_copy  # noqa: E402
 
 FRAMES, SIZE, BATCH = 5, 8, 2
 CROSS = "cross-attention (encoder_hidden_states)"
@@ -408,17 +409,32 @@ def test_a_deep_copy_of_a_patched_model():
     reference = copy.deepcopy(model)
     x = videos(16)(torch.Generator().manual_seed(0))
     with integrations.patch_diffusers(model) as p:
-        twin = copy.deepcopy(model)
-        with torch.no_grad():
-            for m in (twin, reference):
-                for t in m.parameters():
-                    t.mul_(1.5)
+        twin = patched_copy(model, reference)
         torch.manual_seed(3)
         got = latte_step(twin, x)[1]["out"]
         expect(p, 1, 4, 2)
         assert p.layers == 6 and "[pvkernels: diffusers]" in repr(twin)
     torch.manual_seed(3)
     assert_close(got, latte_step(reference, x)[1]["out"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_forward_set_on_the_instance_before_the_patch():
+    """A forward another library set on the block itself (accelerate's hooks set a partial) still
+    runs under the patch, and is the block's forward again after it."""
+    block = motion_module()
+    calls = []
+
+    def hooked(module, *args, **kwargs):
+        calls.append(module)
+        return type(module).forward(module, *args, **kwargs)
+    block.forward = hook = functools.partial(hooked, block)
+    x = torch.randn(6, 8, 3, 2)
+    expected = block(x, num_frames=2)
+    with integrations.patch_diffusers(block) as p:
+        got = block(x, num_frames=2)
+    assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert calls == [block, block] and p.stats == {"fast": 2, "fallback": {}}, p.stats
+    assert vars(block)["forward"] is hook
 
 
 def attn_processors(model):
