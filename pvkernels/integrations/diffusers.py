@@ -21,7 +21,8 @@ place. Any other processor found on a layer, and any processor set after the pat
 (``set_attn_processor``, ``set_default_attn_processor``, IP-adapter, xformers, fusing the projections
 after the patch) is left to diffusers and its calls are counted. diffusers re-creates processors from
 their class (``type(processor)()``, loading or unloading an IP adapter): ours then gives a processor
-of the same patch.
+of the same patch. A patched model pickles (``torch.save(model)``) as the unpatched one: diffusers'
+processors, and a counting hook of no patch.
 """
 from __future__ import annotations
 
@@ -165,7 +166,8 @@ class PvkernelsAttnProcessor:
     layer's processor, gives one of the same patch. The patch sets one instance of each on its
     layers (they hold no per-layer state, as AttnProcessor2_0 holds none); a deep copy of a patched
     model shares it, so the copy is patched by the same Patch. Once the patch is undone it is
-    ``original``, uncounted.
+    ``original``, uncounted. Pickled (``torch.save(model)``), it is ``original``: a patched model
+    saves as the unpatched one.
     """
 
     patch: "DiffusersPatch"
@@ -190,23 +192,39 @@ class PvkernelsAttnProcessor:
             patch.fallback(why)
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
+    def __copy__(self):
+        return self
+
     def __deepcopy__(self, memo):
         return self
+
+    def __reduce__(self):
+        return type(self.original), ()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({'active' if self.patch.active else 'undone'})"
 
 
-def _foreign_counter(patch: "DiffusersPatch"):
+class _ForeignCounter:
     """A forward pre-hook for a patched block's Attention: counts a call that another processor
-    (found there, or set after the patch) will compute. A plain function, so that a deep copy of
-    the model shares it instead of copying the Patch."""
-    def count(attn, args):
-        processor = attn.processor
-        if not patch.owns(processor) and patch.active:
-            patch.fallback(f"processor {type(processor).__name__} (not ours: set by the user or a loader, left "
-                           "to diffusers)")
-    return count
+    (found there, or set after the patch) will compute. A deep copy of the model shares it instead
+    of copying the Patch; pickled, it is one of no patch, which counts nothing (the model loads
+    unpatched)."""
+
+    def __init__(self, patch: Optional["DiffusersPatch"] = None):
+        self.patch = patch
+
+    def __call__(self, attn, args) -> None:
+        patch = self.patch
+        if patch is not None and patch.active and not patch.owns(attn.processor):
+            patch.fallback(f"processor {type(attn.processor).__name__} (not ours: set by the user or a loader, "
+                           "left to diffusers)")
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return _ForeignCounter, ()
 
 
 class DiffusersPatch(Patch):
@@ -226,7 +244,7 @@ class DiffusersPatch(Patch):
                          __doc__=f"{cls.__name__} on pvkernels' kernels (PvkernelsAttnProcessor).")
             self._ours[cls] = type(f"Pvkernels{cls.__name__}", (PvkernelsAttnProcessor,), attrs)()
         self.processor, self.fused_processor = self._ours[default_cls], self._ours[fused_cls]
-        self._count = _foreign_counter(self)
+        self._count = _ForeignCounter(self)
         self._layers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Attention -> (previous, hook)
 
     def owns(self, processor) -> bool:

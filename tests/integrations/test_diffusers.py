@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import io
 import types
 
 import pytest
@@ -416,6 +417,43 @@ def test_a_deep_copy_of_a_patched_model():
         assert p.layers == 6 and "[pvkernels: diffusers]" in repr(twin)
     torch.manual_seed(3)
     assert_close(got, latte_step(reference, x)[1]["out"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [motion_unet, fused(motion_unet)], ids=["separate", "fused"])
+def test_a_patched_model_saves_unpatched(build):
+    """``torch.save(model)`` of a patched model (pickle, as for whole-model checkpoints) writes the
+    unpatched model: diffusers' own processors (a user's stays), no counting; the patched model is
+    unchanged by it. A class-level patch pickles its models the same way."""
+    torch.manual_seed(0)
+    model = build()
+    x = videos(SIZE)(torch.Generator().manual_seed(0))
+    mine = ap.AttnProcessor()
+    model.down_blocks[0].motion_modules[0].transformer_blocks[0].attn1.set_processor(mine)
+    kinds = {name: type(q) for name, q in attn_processors(model).items()}
+
+    def reload(m):
+        buffer = io.BytesIO()
+        torch.save(m, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+    with integrations.patch_diffusers(model) as p:
+        saved = reload(model)
+        torch.manual_seed(3)
+        expected = motion_step(model, x)[1]["out"]
+        stats = copy.deepcopy(p.stats)
+        torch.manual_seed(3)
+        got = motion_step(saved, x)[1]["out"]
+        assert p.stats == stats and p.layers == 13
+        assert copy.copy(p.processor) is p.processor
+    assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert {name: type(q) for name, q in attn_processors(saved).items()} == kinds
+    with integrations.patch_diffusers() as by_class:
+        motion_step(model, x)
+        saved = reload(model)
+        assert by_class.stats["fast"] == 13 and by_class.layers == 13
+    assert {name: type(q) for name, q in attn_processors(saved).items()} == kinds
+    motion_step(saved, x)
+    assert by_class.stats["fast"] == 13
 
 
 def test_a_forward_set_on_the_instance_before_the_patch():
