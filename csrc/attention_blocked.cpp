@@ -123,15 +123,16 @@ void rows_dot_cols(const Product& p, int64_t n_rows, const OnStore& on_store = {
 
 // The keys j a row i of P sums over in rows_times_mat: kAll, j < N; kCausal (a causal P), j <= i
 // (j < min(row0 + i0 + R, N) for a block of R rows from i0); kCausalTransposed (P^T of a causal
-// P), j >= i (i0 <= j < N).
+// P, whose columns j are the queries from row0 on), j >= i (max(0, i0 - row0) <= j < N).
 enum class Mask { kAll, kCausal, kCausalTransposed };
 
 // O[i, :] = sum_j P(i, j) M[j, :] (M is Np x DC*kLanes) for rows i < n_rows, over the keys j of
-// `mask`. COLUMN: P is stored transposed (P(i, j) = P[j * Np + i], the four rows' entries
-// adjacent). row0: the index of row 0 in the whole matrix (a block of query rows).
+// `mask` (accumulate: O += that). COLUMN: P is stored transposed (P(i, j) = P[j * Np + i], the
+// four rows' entries adjacent). row0: where the block of P starts in the whole matrix (kCausal:
+// its first query row; kCausalTransposed: its first query column).
 template <int DC, bool COLUMN>
 void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_t n_rows, int64_t N, Mask mask,
-                    const float* row_scale, int64_t row0) {
+                    const float* row_scale, int64_t row0, bool accumulate) {
   constexpr int64_t Dp = DC * kLanes;
   // R rows x DB vector columns of O per block, all DC at once with 32 registers (8 rows for narrow
   // heads, 4 for wide ones); with 16, blocks of 2 columns (4 rows: 8 accumulators, 6 loads per 8
@@ -140,7 +141,7 @@ void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_
   constexpr int DB = kRegisters >= 32 ? DC : (DC % 2 == 0 ? 2 : 1);
   constexpr int R = kRegisters >= 32 ? (DC <= 2 ? 8 : 4) : (DB == 1 ? 8 : 4);
   for (int64_t i0 = 0; i0 < n_rows; i0 += R) {
-    const int64_t lo = mask == Mask::kCausalTransposed ? i0 : 0;
+    const int64_t lo = mask == Mask::kCausalTransposed ? std::max<int64_t>(0, i0 - row0) : 0;
     const int64_t hi = mask == Mask::kCausal ? std::min(row0 + i0 + R, N) : N;
     for (int dc0 = 0; dc0 < DC; dc0 += DB) {
       vfloat acc[R][DB] = {};
@@ -155,14 +156,17 @@ void rows_times_mat(const float* P, int64_t Np, const float* M, float* O, int64_
       }
       for (int r = 0; r < R; ++r) {
         const float f = row_scale != nullptr ? row_scale[i0 + r] : 1.0f;
-        for (int dc = 0; dc < DB; ++dc) store(O + (i0 + r) * Dp + (dc0 + dc) * kLanes, acc[r][dc] * f);
+        for (int dc = 0; dc < DB; ++dc) {
+          float* o = O + (i0 + r) * Dp + (dc0 + dc) * kLanes;
+          store(o, accumulate ? load(o) + acc[r][dc] * f : acc[r][dc] * f);
+        }
       }
     }
   }
 }
 
 using RowsTimesMat = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, Mask, const float*,
-                              int64_t);
+                              int64_t, bool);
 // rows_times_mat for a head dim of Dp floats (DC = 1 .. kMaxHeadDim / kLanes vectors)
 template <bool COLUMN, int... DC>
 RowsTimesMat rows_times_mat_pick(int64_t Dp, std::integer_sequence<int, DC...>) {
@@ -327,7 +331,7 @@ void forward_block(const Dims& d, const ForwardHead& h, ForwardScratch& s, int64
   for (int64_t c = c0 / kLanes; c < (c0 + qb) / kLanes; ++c) {
     softmax_over_keys(d, h, s, c0, c, colmax[c - c0 / kLanes], causal);
   }
-  pv(s.Pt, QB, h.V, h.O + c0 * d.Dp, qb, d.N, causal ? Mask::kCausal : Mask::kAll, s.rinv + c0, c0);
+  pv(s.Pt, QB, h.V, h.O + c0 * d.Dp, qb, d.N, causal ? Mask::kCausal : Mask::kAll, s.rinv + c0, c0, false);
 }
 
 // One head of the forward; Q: its staged queries.
@@ -343,6 +347,11 @@ void forward_head(const Dims& d, const ForwardHead& h, const float* Q, ForwardSc
 
 // ---- backward ---------------------------------------------------------------------------------
 
+// Queries per backward block: the block's P^T and dS^T (N keys x BQB each) stay in L2 up to N ~
+// 4096 (2 MB); whole (N x N) they left it from N ~ 512 on, and the backward at N = 1024-2048 ran
+// 0.55-0.83x SDPA's (benchmarks/README.md, "Long spatial sequences").
+constexpr int64_t BQB = 64;
+
 // A backward thread's fp32 workspace, as ForwardScratch.
 struct BackwardScratch {
   std::vector<float> buffer;
@@ -355,10 +364,10 @@ struct BackwardScratch {
   float* dVg;
   float* Qt;   // Dp x Np
   float* Gt;   // Dp x Np
-  float* Pt;   // Np x Np, [key][query]
-  float* dSt;  // Np x Np, dP^T then dS^T
+  float* Pt;   // Np x BQB, a block's probabilities, [key][query]
+  float* dSt;  // Np x BQB, its dP^T then dS^T
   BackwardScratch(int64_t G, int64_t per_head, int64_t Np)
-      : buffer(7 * G * per_head + 2 * per_head + 2 * Np * Np + kLanes, 0.0f),
+      : buffer(7 * G * per_head + 2 * per_head + 2 * Np * BQB + kLanes, 0.0f),
         Qg(aligned(buffer.data())),
         Kg(Qg + G * per_head),
         Vg(Kg + G * per_head),
@@ -369,7 +378,7 @@ struct BackwardScratch {
         Qt(dVg + G * per_head),
         Gt(Qt + per_head),
         Pt(Gt + per_head),
-        dSt(Pt + Np * Np) {}
+        dSt(Pt + Np * BQB) {}
   BackwardScratch(const BackwardScratch&) = delete;
   BackwardScratch& operator=(const BackwardScratch&) = delete;
 };
@@ -384,46 +393,57 @@ struct BackwardHead {
   int64_t lse_stride;
 };
 
-// The softmax's backward for the kLanes queries of chunk c, lane-wise: P^T recomputed from the
-// saved log-sum-exp over S^T, then dS^T = P^T * (dP^T - delta) over dP^T, summed into dbias^T.
-void softmax_backward(const Dims& d, const BackwardHead& h, BackwardScratch& s, int64_t c, bool causal) {
+// The softmax's backward for the kLanes queries of chunk c in the block of queries from c0,
+// lane-wise: P^T recomputed from the saved log-sum-exp over S^T, then dS^T = P^T * (dP^T - delta)
+// over dP^T, summed into dbias^T.
+void softmax_backward(const Dims& d, const BackwardHead& h, BackwardScratch& s, int64_t c0, int64_t c, bool causal) {
   const int64_t q0 = c * kLanes, Np = d.Np;
+  float* const Pt = s.Pt + q0 - c0;
+  float* const dSt = s.dSt + q0 - c0;
   const int64_t jmax = causal ? std::min(d.N, (c + 1) * kLanes) : d.N;
   const vint lanes = iota(q0);
   vfloat lse_c = {};
   for (int64_t i = q0; i < std::min(d.N, (c + 1) * kLanes); ++i) lse_c[i - q0] = h.lse[i * h.lse_stride];
   vfloat delta = {};
   for (int64_t j = 0; j < jmax; ++j) {
-    float* col = s.Pt + j * Np + q0;
+    float* col = Pt + j * BQB;
     vfloat x = load(col);
     if (h.bias != nullptr) x += load(h.bias + j * Np + q0);
     vfloat p = simd::exp(x - lse_c);
     if (causal) p = lanes >= static_cast<int32_t>(j) ? p : vfloat{};
     p = lanes < static_cast<int32_t>(d.N) ? p : vfloat{};  // padded queries
     store(col, p);
-    delta += p * load(s.dSt + j * Np + q0);
+    delta += p * load(dSt + j * BQB);
   }
   // delta_i = rowsum(P * dP) == dO_i . O_i, lane-wise
   for (int64_t j = 0; j < jmax; ++j) {
-    float* dcol = s.dSt + j * Np + q0;
-    const vfloat ds = load(s.Pt + j * Np + q0) * (load(dcol) - delta);
+    float* dcol = dSt + j * BQB;
+    const vfloat ds = load(Pt + j * BQB) * (load(dcol) - delta);
     store(dcol, ds);
     if (h.dbias != nullptr) store(h.dbias + j * Np + q0, load(h.dbias + j * Np + q0) + ds);
   }
 }
 
-// One head of the backward: S^T and dP^T whole (Np x Np), the softmax's backward, then dQ, dK, dV.
+// One head of the backward, in blocks of BQB queries: the block's S^T and dP^T (keys x queries),
+// the softmax's backward, its rows of dQ, and its terms of dK and dV.
 void backward_head(const Dims& d, const BackwardHead& h, BackwardScratch& s, bool causal, RowsTimesMat mm_col,
                    RowsTimesMat mm_row) {
   transpose_tiles(h.Q, d.Dp, s.Qt, d.Np, d.Np, d.Dp);
   transpose_tiles(h.G, d.Dp, s.Gt, d.Np, d.Np, d.Dp);
-  rows_dot_cols({h.K, d.Dp, s.Qt, d.Np, s.Pt, d.Np, d.Np, d.D, causal, 0}, d.N8);   // S^T
-  rows_dot_cols({h.V, d.Dp, s.Gt, d.Np, s.dSt, d.Np, d.Np, d.D, causal, 0}, d.N8);  // dP^T = V dO^T
-  for (int64_t c = 0; c < d.Np / kLanes; ++c) softmax_backward(d, h, s, c, causal);
+  std::fill_n(h.dK, d.Np * d.Dp, 0.0f);
+  std::fill_n(h.dV, d.Np * d.Dp, 0.0f);
   const Mask rows = causal ? Mask::kCausal : Mask::kAll, cols = causal ? Mask::kCausalTransposed : Mask::kAll;
-  mm_col(s.dSt, d.Np, h.K, h.dQ, d.N8, d.N, rows, nullptr, 0);  // dQ = dS K
-  mm_row(s.Pt, d.Np, h.G, h.dV, d.N8, d.N, cols, nullptr, 0);   // dV = P^T dO
-  mm_row(s.dSt, d.Np, h.Q, h.dK, d.N8, d.N, cols, nullptr, 0);  // dK = dS^T Q
+  for (int64_t c0 = 0; c0 < d.Np; c0 += BQB) {
+    const int64_t qb = std::min(BQB, d.Np - c0);
+    const int64_t keys = causal ? std::min(d.N8, (c0 + qb + 7) / 8 * 8) : d.N8;  // causal: keys <= queries
+    rows_dot_cols({h.K, d.Dp, s.Qt + c0, d.Np, s.Pt, BQB, qb, d.D, causal, c0 / kLanes}, keys);   // S^T
+    rows_dot_cols({h.V, d.Dp, s.Gt + c0, d.Np, s.dSt, BQB, qb, d.D, causal, c0 / kLanes}, keys);  // dP^T = V dO^T
+    for (int64_t c = c0 / kLanes; c < (c0 + qb) / kLanes; ++c) softmax_backward(d, h, s, c0, c, causal);
+    mm_col(s.dSt, BQB, h.K, h.dQ + c0 * d.Dp, qb, d.N, rows, nullptr, c0, false);  // dQ = dS K
+    // the block's queries past N (padding) have zero P and dS
+    mm_row(s.Pt, BQB, h.G + c0 * d.Dp, h.dV, keys, qb, cols, nullptr, c0, true);   // dV += P^T dO
+    mm_row(s.dSt, BQB, h.Q + c0 * d.Dp, h.dK, keys, qb, cols, nullptr, c0, true);  // dK += dS^T Q
+  }
 }
 
 }  // namespace

@@ -154,6 +154,13 @@ def test_long_sequence(backend, kind, shape):
     check_forward_backward(kind, backend, shape, with_bias=True)
 
 
+@pytest.mark.parametrize("kind, shape", [("spatial", (1, 1, 273, 2, 40)), ("temporal_causal", (1, 141, 1, 2, 24))])
+def test_cpp_backward_in_query_blocks(kind, shape):
+    # the blocked kernel's backward takes 64 queries a block (csrc/attention_blocked.cpp, BQB): five
+    # and three blocks, the last partial, N % 16 != 0; dK, dV (and dbias) summed over the blocks
+    check_forward_backward(kind, "cpp", shape, with_bias=True)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("path", ["oracle", "reference backend"])
 def test_oracle_and_reference_backend_pass_fp64_gradcheck(kind, path):
