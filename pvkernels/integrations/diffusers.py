@@ -117,7 +117,8 @@ def _reason(attn, hidden_states, encoder_hidden_states, attention_mask, args, kw
     if attn.scale != head_dim ** -0.5:
         return f"scale {attn.scale} != head_dim ** -0.5"
     # autocast casts fp32 to fp16/bf16 (both fused) and leaves fp64 (not fused): x's dtype decides
-    return unsupported(hidden_states, heads, head_dim, 0, None)
+    n = hidden_states.shape[1] if hidden_states.dim() == 3 else hidden_states.shape[2] * hidden_states.shape[3]
+    return unsupported(hidden_states, heads, head_dim, n, None)
 
 
 def _forward(attn, hidden_states: torch.Tensor, temb, fused: bool) -> torch.Tensor:

@@ -18,7 +18,7 @@ from diffusers.pipelines.free_noise_utils import AnimateDiffFreeNoiseMixin  # no
 from diffusers.models import attention_processor as ap  # noqa: E402
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D  # noqa: E402
 
-from pvkernels import integrations  # noqa: E402
+from pvkernels import _backend, integrations  # noqa: E402
 from pvkernels.integrations import PeerVersionError  # noqa: E402
 from pvkernels.integrations import diffusers as patching  # noqa: E402
 
@@ -400,6 +400,27 @@ def test_free_noise_after_a_models_patch():
     assert p.layers == 14 and p.stats == {"fast": 28, "fallback": {}}, p.stats
     p.unpatch()
     assert not any(m._forward_pre_hooks or "forward" in vars(m) for m in model.modules())
+
+
+def test_a_crossover_leaves_the_call_to_diffusers(monkeypatch):
+    """Where backend="auto" takes the reference because the fused kernel measured slower there
+    (pvkernels._backend.CROSSOVERS), diffusers' own SDPA runs the call, counted (the reference
+    would add permute copies); PVKERNELS_BACKEND=cpp asks for the kernel anyway."""
+    monkeypatch.setattr(_backend, "CROSSOVERS", _backend.CROSSOVERS + (("spatial_attention", "*", "*", ("n", ">", 32)),))
+    torch.manual_seed(0)
+    model = latte()
+    reference = copy.deepcopy(model)
+    x = videos(16)(torch.Generator().manual_seed(0))
+    slower = "spatial_attention over n = 64 in float32: the cpp kernel measured slower than SDPA there"
+    with integrations.patch_diffusers(model) as p:
+        torch.manual_seed(3)
+        got = latte_step(model, x)[1]["out"]
+        monkeypatch.setenv("PVKERNELS_BACKEND", "cpp")
+        latte_step(model, x)
+    fallback = {reason.split(" (")[0]: count for reason, count in p.stats["fallback"].items()}
+    assert p.stats["fast"] == 2 + 4 and fallback == {CROSS.split(" (")[0]: 4, slower: 2}, p.stats
+    torch.manual_seed(3)
+    assert_close(got, latte_step(reference, x)[1]["out"], rtol=1e-4, atol=1e-5)
 
 
 def test_a_deep_copy_of_a_patched_model():
