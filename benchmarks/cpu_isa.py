@@ -6,7 +6,8 @@ an AVX2 build): reference and cpp alternate round by round, so each ratio is sid
 
 ``--classes`` times the shape classes of the crossovers in pvkernels/_backend.py instead
 (attention forward and forward+backward per dtype and sequence length, VQ per codebook shape,
-pseudo videos per kind); ``--cpu-time`` measures one thread's CPU time, which other jobs on a
+pseudo videos per kind); ``--long-spatial`` fp32 spatial attention past L2 (n 256-4096, head dims
+40-128, forward and forward+backward: the blocked kernel's crossovers); ``--cpu-time`` measures one thread's CPU time, which other jobs on a
 shared machine disturb far less than wall time (use it for the crossovers' signs, not for tables).
 """
 from __future__ import annotations
@@ -91,6 +92,24 @@ def _class_cases():
         yield f"pseudo_video {name} T=8", reference, lambda p=p: pvkernels.pseudo_video(x, **p, seed=1, backend="cpp")
 
 
+def _long_spatial_cases():
+    for D in (40, 64, 72, 128):
+        for n in (256, 512, 1024, 2048, 4096):
+            qkv = torch.randn(1, max(1, 2048 // n), n, 3, 8, D)  # views of a packed projection
+            q, k, v = qkv.unbind(3)
+            g, leaf = torch.randn(*q.shape), qkv.clone().requires_grad_(True)
+
+            def grad(f, leaf=leaf, g=g):
+                with torch.enable_grad():
+                    return torch.autograd.grad(f(*leaf.unbind(3)), leaf, g)
+            shape = f"{max(1, 2048 // n)}x{n}x8x{D}"
+            yield (f"spatial fwd {shape} float32", lambda q=q, k=k, v=v: attention_reference(q, k, v, None, False, False),
+                   lambda q=q, k=k, v=v: pvkernels.spatial_attention(q, k, v, backend="cpp"))
+            yield (f"spatial fwd+bwd {shape} float32",
+                   lambda grad=grad: grad(lambda q, k, v: attention_reference(q, k, v, None, False, False)),
+                   lambda grad=grad: grad(lambda q, k, v: pvkernels.spatial_attention(q, k, v, backend="cpp")))
+
+
 _clock = time.perf_counter
 
 
@@ -105,6 +124,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--classes", action="store_true", help="the crossovers' shape classes")
+    parser.add_argument("--long-spatial", action="store_true", help="fp32 spatial attention, n 256-4096")
     parser.add_argument("--cpu-time", action="store_true", help="one thread, CPU time")
     args = parser.parse_args()
     if args.cpu_time:
@@ -119,7 +139,12 @@ def main() -> None:
     print(f"isa: {isa}  march: {march}  threads: {torch.get_num_threads()}")
     print(f"{'case':<48}{'reference ms':>13}{'cpp ms':>9}{'x ref':>8}")
     with torch.no_grad():
-        cases = _class_cases() if args.classes else (*_pseudo_video_cases(), *_vq_cases(), *_attention_cases())
+        if args.long_spatial:
+            cases = _long_spatial_cases()
+        elif args.classes:
+            cases = _class_cases()
+        else:
+            cases = (*_pseudo_video_cases(), *_vq_cases(), *_attention_cases())
         for case, reference, cpp in cases:
             reference(), cpp()  # warm-up
             ref_t, cpp_t = [], []
