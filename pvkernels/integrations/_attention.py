@@ -22,13 +22,9 @@ def _op(n: int, causal: bool) -> str:
     return "temporal_attention" if causal or n <= _TEMPORAL_UP_TO else "spatial_attention"
 
 
-def unsupported(x: torch.Tensor, heads: int, head_dim: int, n: int, bias: Optional[torch.Tensor],
-                causal: bool = False) -> Optional[str]:
+def unsupported(x: torch.Tensor, heads: int, head_dim: int, n: int, bias: Optional[torch.Tensor]) -> Optional[str]:
     """Why a (B, n, heads, head_dim) attention of input ``x`` (its dtype and device) with this bias
-    is not run on the fused kernels; among the reasons, a shape class where ``backend="auto"``
-    takes the reference because the fused kernel measured slower (``_backend.CROSSOVERS``: the
-    peer's own SDPA runs then, without the reference's permute copies), unless
-    ``PVKERNELS_BACKEND`` asks for a backend."""
+    is not run on the fused kernels."""
     if x.dtype not in FUSED_DTYPES:
         return f"dtype {x.dtype} (the fused attention takes float32/float16/bfloat16)"
     limit = fused_head_dim_limit(x.device)
@@ -36,6 +32,14 @@ def unsupported(x: torch.Tensor, heads: int, head_dim: int, n: int, bias: Option
         return f"dim_head {head_dim} > {limit}"
     if bias is not None and tuple(bias.shape) != (heads, n, n):
         return f"attention bias of shape {tuple(bias.shape)}, not (heads, n, n) = {(heads, n, n)}"
+    return None
+
+
+def slower_than_sdpa(x: torch.Tensor, n: int, causal: bool) -> Optional[str]:
+    """For a peer whose own attention is SDPA (diffusers): why its call should stay there, where
+    ``backend="auto"`` takes the reference because the fused kernel measured slower at this shape
+    class (``_backend.CROSSOVERS``; the reference would add permute copies to SDPA), unless
+    ``PVKERNELS_BACKEND`` asks for a backend. Peers that attend with einsums keep the reference."""
     op, fused = _op(n, causal), "triton" if x.device.type == "cuda" else "cpp"
     if requested_backend(op, "auto")[0] == "auto" and fused_slower(op, dtype=x.dtype, n=n)(fused):
         return (f"{op} over n = {n} in {str(x.dtype)[6:]}: the {fused} kernel measured slower than SDPA there "

@@ -60,7 +60,7 @@ def _reason(attn, a) -> Optional[str]:
     if x.dim() != 3:
         return f"input of {x.dim()} dims, not (batch, n, dim)"
     heads = attn.heads
-    return unsupported(x, heads, attn.to_q.out_features // heads, x.shape[1], a["attn_bias"], attn.causal)
+    return unsupported(x, heads, attn.to_q.out_features // heads, x.shape[1], a["attn_bias"])
 
 
 def _forward(attn, a) -> torch.Tensor:
