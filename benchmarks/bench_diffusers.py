@@ -16,9 +16,10 @@ forward (inference, no grad) and forward + backward. Three cases:
 
 Provider "reference" is diffusers' own code, unpatched; "patched" the same after the patch.
 Skipped without diffusers (``pip install -e ".[test]"`` installs it). On a shared machine,
-``python -m benchmarks.bench_diffusers [--cpu-time] [--rounds N] [--attention-only | --fused]`` times
-the providers of every case (``--attention-only``: the attention lines' cases alone; ``--fused``: the
-motion modules alone, their projections fused as ``fuse_qkv_projections()`` fuses them) in
+``python -m benchmarks.bench_diffusers [--cpu-time] [--rounds N] [--attention-only | --fused | --latte]``
+times the providers of every case (``--attention-only``: the attention lines' cases alone; ``--fused``:
+the motion modules alone, their projections fused as ``fuse_qkv_projections()`` fuses them;
+``--latte``: a Latte-1-wide layer pair and its spatial attention lines, 256 and 1024 tokens) in
 alternating rounds (``--cpu-time``: one thread's CPU time, which other jobs disturb far less) and
 prints the table of the README.
 """
@@ -112,18 +113,19 @@ def core_fn(provider: str):
 
 
 def core_call(provider: str, n_seq: int, frames: int, channels: int, mode: str, device: str = DEVICE,
-              dtype: torch.dtype = torch.float32):
-    """A call of the attention lines on fresh (n_seq, frames, channels) projections."""
+              dtype: torch.dtype = torch.float32, heads: int = HEADS):
+    """A call of the attention lines on fresh (n_seq, frames, channels) projections (``frames``: the
+    attended axis, tokens for a spatial call)."""
     fn = core_fn(provider)
     qkv = [torch.randn(n_seq, frames, channels, device=device, dtype=dtype, requires_grad=mode != "fwd")
            for _ in range(3)]
     if mode == "fwd":
         def call():
             with torch.no_grad():
-                return fn(*qkv, HEADS)
+                return fn(*qkv, heads)
         return call
     grad = torch.randn(n_seq, frames, channels, device=device, dtype=dtype)
-    return lambda: torch.autograd.grad(fn(*qkv, HEADS), qkv, grad)
+    return lambda: torch.autograd.grad(fn(*qkv, heads), qkv, grad)
 
 
 def attention_flops(n_seq: int, frames: int, channels: int, mode: str) -> float:
@@ -295,6 +297,28 @@ def bench_unet_step(benchmark, provider):
     harness._rows[-1].update(extra)
 
 
+# a Latte-1-wide layer pair ------------------------------------------------------------------
+
+LATTE_HEADS, LATTE_HEAD_DIM = 16, 72  # Latte-1: 1152 channels
+
+
+def latte_step(provider: str, side: int, device: str = DEVICE):
+    """A forward + backward of one Latte layer pair (a spatial block over (side / 2)^2 patches, a
+    temporal one over 16 frames) at Latte-1's width, random weights."""
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.LatteTransformer3DModel(
+        num_attention_heads=LATTE_HEADS, attention_head_dim=LATTE_HEAD_DIM, in_channels=4, out_channels=8,
+        num_layers=1, cross_attention_dim=LATTE_HEADS * LATTE_HEAD_DIM, sample_size=side, patch_size=2,
+        norm_type="ada_norm_single", caption_channels=64, video_length=FRAMES).to(device)
+    if provider == "patched":
+        integrations.patch_diffusers(model)
+    x = torch.randn(1, 4, FRAMES, side, side, device=device)
+    text, t = torch.randn(1, 7, 64, device=device), torch.tensor([10], device=device)
+    return lambda: model(x, timestep=t, encoder_hidden_states=text).sample.square().mean().backward()
+
+
 # alternating rounds -------------------------------------------------------------------------
 
 def _clocked(call, rounds: int, clock) -> list:
@@ -315,18 +339,28 @@ def _clocked(call, rounds: int, clock) -> list:
 MOVED = {"fwd": {"reference": 6, "patched": 4}, "fwd+bwd": {"reference": 6 + 2 + 8, "patched": 4 + 7}}
 
 
-def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False, fused: bool = False) -> None:
+def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False, fused: bool = False,
+                latte: bool = False) -> None:
     """Every case's two providers in alternating rounds: medians, the ratio's range over the
     rounds and the attention share (its lines timed alone, the same clock); a markdown table.
     attention_only: the attention lines alone, no module or UNet step; fused: the motion modules
-    alone, with fused projections (no attention share: the lines timed alone read separate ones)."""
+    alone, with fused projections (no attention share: the lines timed alone read separate ones);
+    latte: a Latte-1-wide layer pair forward + backward and its spatial attention lines."""
     if cpu_time:
         torch.set_num_threads(1)
     clock = time.thread_time if cpu_time else time.perf_counter
     both = ("reference", "patched")
     cases = []  # (name, {provider: call}, {provider: attention shapes} or None, mode)
     roofline = {}  # attention case -> bytes each provider must move
-    for level in levels("cpu"):
+    for side in ((8,) if QUICK else (32, 64)) if latte else ():
+        tokens, channels = (side // 2) ** 2, LATTE_HEADS * LATTE_HEAD_DIM
+        for mode in ("fwd", "fwd+bwd"):
+            cases.append((f"attention {mode}, Latte spatial, {tokens} tokens x {FRAMES} frames, {LATTE_HEADS} x "
+                          f"{LATTE_HEAD_DIM}", {p: core_call(p, FRAMES, tokens, channels, mode, "cpu", heads=LATTE_HEADS)
+                                                for p in both}, None, mode))
+        cases.append((f"Latte layer pair fwd+bwd, {side}x{side} latent ({tokens} tokens), {FRAMES} frames",
+                      {p: latte_step(p, side, "cpu") for p in both}, None, "fwd+bwd"))
+    for level in ([] if latte else levels("cpu")):
         C, side, B = level
         shape = {(B * side * side, FRAMES, C): 2}
         for mode in ("fwd", "fwd+bwd"):
@@ -344,7 +378,7 @@ def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False, fused
             if not attention_only:
                 cases.append((f"motion module {mode}, {_level_name(level)}",
                               {p: module_call(p, level, mode, "cpu")[0] for p in both}, {p: shape for p in both}, mode))
-    if not attention_only and not fused:
+    if not attention_only and not fused and not latte:
         steps = {p: unet_step(p, "cpu") for p in both}
         cases.append((f"UNetMotionModel {'-'.join(map(str, UNET_CHANNELS))} step, {UNET_SIDE}x{UNET_SIDE}",
                       {p: s[0] for p, s in steps.items()},
@@ -414,7 +448,9 @@ if __name__ == "__main__":
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--attention-only", action="store_true", help="the attention lines' cases alone")
     only.add_argument("--fused", action="store_true", help="the motion modules alone, their projections fused")
+    only.add_argument("--latte", action="store_true", help="a Latte-1-wide layer pair and its spatial attention")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    interleaved(cpu_time=args.cpu_time, rounds=args.rounds, attention_only=args.attention_only, fused=args.fused)
+    interleaved(cpu_time=args.cpu_time, rounds=args.rounds, attention_only=args.attention_only, fused=args.fused,
+                latte=args.latte)
