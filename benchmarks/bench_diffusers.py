@@ -383,7 +383,7 @@ def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False, fused
         cases.append((f"UNetMotionModel {'-'.join(map(str, UNET_CHANNELS))} step, {UNET_SIDE}x{UNET_SIDE}",
                       {p: s[0] for p, s in steps.items()},
                       {p: attention_shapes(s[2], s[0]) for p, s in steps.items()}, "fwd+bwd"))
-    print(f"{FRAMES} frames, {HEADS} heads, {'one thread, CPU time' if cpu_time else 'wall clock'}, "
+    print(f"{FRAMES} frames, {LATTE_HEADS if latte else HEADS} heads, {'one thread, CPU time' if cpu_time else 'wall clock'}, "
           f"{rounds} alternating rounds")
     print("| case | reference ms | patched ms | x | rounds' x range | attention share, ref -> patched |")
     print("|---|---:|---:|---:|---|---|")
