@@ -57,28 +57,33 @@ def _attention_cases():
            lambda: pvkernels.spatial_attention(q, k, v, backend="cpp"))
 
 
+def _attention_pair(qkv: torch.Tensor, temporal: bool, label: str, backward: bool):
+    """The reference and cpp cases of attention on q, k, v = qkv.unbind(3) (temporal: causal):
+    forward, and forward + backward into the packed qkv when ``backward``."""
+    q, k, v = qkv.unbind(3)
+    fn = pvkernels.temporal_attention if temporal else pvkernels.spatial_attention
+    kw = {"causal": True} if temporal else {}
+    yield (f"{label.format(mode='fwd')}", lambda: attention_reference(q, k, v, None, temporal, temporal),
+           lambda: fn(q, k, v, backend="cpp", **kw))
+    if backward:
+        g, leaf = torch.randn(*q.shape), qkv.clone().requires_grad_(True)
+
+        def grad(f):
+            with torch.enable_grad():
+                return torch.autograd.grad(f(*leaf.unbind(3)), leaf, g)
+        yield (f"{label.format(mode='fwd+bwd')}",
+               lambda: grad(lambda q, k, v: attention_reference(q, k, v, None, temporal, temporal)),
+               lambda: grad(lambda q, k, v: fn(q, k, v, backend="cpp", **kw)))
+
+
 def _class_cases():
     for kind in ("temporal", "spatial"):
         for n in ((8, 18, 32, 64) if kind == "temporal" else (8, 16, 64, 256)):
             shape = (4, n, 32, 8, 32) if kind == "temporal" else (4, 8, n, 8, 32)
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 qkv = torch.randn(*shape[:3], 3, *shape[3:], dtype=dtype)
-                q, k, v = qkv.unbind(3)
-                temporal = kind == "temporal"
-                fn = pvkernels.temporal_attention if temporal else pvkernels.spatial_attention
-                kw = {"causal": True} if temporal else {}
-                yield (f"{kind} fwd N={n} {str(dtype)[6:]}", lambda q=q, k=k, v=v, t=temporal:
-                       attention_reference(q, k, v, None, t, t), lambda q=q, k=k, v=v, fn=fn, kw=kw:
-                       fn(q, k, v, backend="cpp", **kw))
-                if dtype == torch.float32:
-                    g, leaf = torch.randn(*q.shape), qkv.clone().requires_grad_(True)
-
-                    def grad(f, leaf=leaf, g=g):
-                        with torch.enable_grad():
-                            return torch.autograd.grad(f(*leaf.unbind(3)), leaf, g)
-                    yield (f"{kind} fwd+bwd N={n} float32",
-                           lambda t=temporal, grad=grad: grad(lambda q, k, v: attention_reference(q, k, v, None, t, t)),
-                           lambda fn=fn, kw=kw, grad=grad: grad(lambda q, k, v: fn(q, k, v, backend="cpp", **kw)))
+                yield from _attention_pair(qkv, kind == "temporal", f"{kind} {{mode}} N={n} {str(dtype)[6:]}",
+                                           dtype == torch.float32)
     for K, D in ((1024, 64), (1024, 256), (8192, 64), (8192, 256)):
         z, e = torch.randn(4096, D), torch.randn(K, D)
         yield f"vq_lookup K={K} D={D}", lambda z=z, e=e: torch.cdist(z, e).argmin(1), \
@@ -96,18 +101,7 @@ def _long_spatial_cases():
     for D in (40, 64, 72, 128):
         for n in (256, 512, 1024, 2048, 4096):
             qkv = torch.randn(1, max(1, 2048 // n), n, 3, 8, D)  # views of a packed projection
-            q, k, v = qkv.unbind(3)
-            g, leaf = torch.randn(*q.shape), qkv.clone().requires_grad_(True)
-
-            def grad(f, leaf=leaf, g=g):
-                with torch.enable_grad():
-                    return torch.autograd.grad(f(*leaf.unbind(3)), leaf, g)
-            shape = f"{max(1, 2048 // n)}x{n}x8x{D}"
-            yield (f"spatial fwd {shape} float32", lambda q=q, k=k, v=v: attention_reference(q, k, v, None, False, False),
-                   lambda q=q, k=k, v=v: pvkernels.spatial_attention(q, k, v, backend="cpp"))
-            yield (f"spatial fwd+bwd {shape} float32",
-                   lambda grad=grad: grad(lambda q, k, v: attention_reference(q, k, v, None, False, False)),
-                   lambda grad=grad: grad(lambda q, k, v: pvkernels.spatial_attention(q, k, v, backend="cpp")))
+            yield from _attention_pair(qkv, False, f"spatial {{mode}} {max(1, 2048 // n)}x{n}x8x{D} float32", True)
 
 
 _clock = time.perf_counter
