@@ -44,11 +44,11 @@ constexpr int kNarrowVecs = 3, kNarrowRows = kRegisters >= 32 ? 8 : kOutRows;
 // once and N, D do not change within a call).
 constexpr int64_t kRow = kMaxHeadDim + kLanes;
 
-// The cache lines of N rows of a later head (row stride and D in elements of T), prefetched one at
-// a time from the kernels' inner loops: the rows of a head are short strided runs, which the
-// hardware prefetchers did not follow, and bursts of prefetches stalled the kernel instead. Into
-// L2 (prefetcht1), where the current head's lines stay in L1: on the Sapphire Rapids VM 1.00-1.07x
-// into L1 (benchmarks/README.md, "Ninth session"); 128 KB ahead instead of 32 was slower.
+// The cache lines of N rows (row stride and D in elements of T) that a later head reads, prefetched
+// one at a time from the kernels' inner loops (ahead_of: which rows): the rows of a head are short
+// strided runs, which the hardware prefetchers did not follow, and bursts of prefetches stalled the
+// kernel instead. Into L2 (prefetcht1), where the current head's lines stay in L1: on the Sapphire
+// Rapids VM 1.00-1.07x into L1 (benchmarks/README.md, "Ninth session").
 class LineStream {
  public:
   LineStream() = default;  // nothing to prefetch
@@ -312,13 +312,16 @@ struct Items {
 };
 Items items_of(const Sizes& z) { return {z.B * z.A, z.A, z.H, z.N, simd::round_up(z.N), z.D}; }
 
-// How far ahead the LineStreams prefetch: the rows of the head about this many operand bytes later
-// (in this item or the next ones; at least the next head: Dh 160 forward, 30 KB a head). Within L1
-// (48 KB on Zen 5 and Sapphire Rapids), the prefetched lines are still there when they are read.
-// Sapphire Rapids, one process, alternating calls, inputs from L3 (benchmarks/README.md, seventh
-// session): 32 KB 1.02-1.10x 128 KB at Dh 40-160 forward and forward + backward, with AVX2 1.03-1.08x,
-// no prefetching 0.75-0.97x; Zen 5 (us per item at Dh 160, 256 x 16 x 8 forward): two items ahead
-// (~480 KB) 20-24, 32 KB 17-19, 96-192 KB 15-22, and 32-512 KB even in the sixth session.
+// How far ahead the LineStreams prefetch. Where an item's rows are one run of N x H x D elements
+// (sn == H * D, sh == D: diffusers' projections viewed in place), head h prefetches the h-th of H
+// equal parts of the next item's run: sequential lines, one item (3-4 operands' runs) ahead, into
+// L2. Sapphire Rapids VM, one process, alternating calls with diffusers' SDPA between them
+// (benchmarks/README.md, "Fourteenth session"): 1.00-1.09x the strided scheme below forward at Dh
+// 40-160, 1.01-1.11x forward + backward. Otherwise the rows of the head about kAheadBytes of
+// operands later (in this item or the next ones; at least the next head: Dh 160 forward, 30 KB a
+// head): seventh session, 32 KB 1.02-1.10x 128 KB at Dh 40-160 forward and forward + backward, with
+// AVX2 1.03-1.08x, no prefetching 0.75-0.97x; Zen 5 (us per item at Dh 160, 256 x 16 x 8 forward):
+// the same head two items ahead (~480 KB) 20-24, 32 KB 17-19, 96-192 KB 15-22.
 constexpr int64_t kAheadBytes = 32 << 10;
 
 // heads per kAheadBytes of `operands` operands' rows of element size `bytes` (at least 1)
@@ -326,9 +329,14 @@ inline int64_t heads_ahead(int64_t operands, const Items& it, int64_t bytes) {
   return std::max<int64_t>(1, kAheadBytes / (operands * it.N * it.D * bytes));
 }
 
-// the LineStream over operand x's rows (view v) of the head `heads` after head h of item, if in [.., end)
+// the LineStream over operand x's lines that head h of item prefetches (above), none past end
 template <typename T>
 LineStream ahead_of(const T* x, const View& v, const Items& it, int64_t item, int64_t h, int64_t heads, int64_t end) {
+  if (v.sn == it.H * it.D && v.sh == it.D) {  // the item's rows one run
+    if (item + 1 >= end) return {};
+    const int64_t part = it.N * it.D;  // (N * H * D) / H
+    return LineStream(x + it.base(item + 1, v) + h * part, part, 1, part);
+  }
   const int64_t next = item * it.H + h + heads, ni = next / it.H;
   if (ni >= end) return {};
   return LineStream(x + it.base(ni, v) + next % it.H * v.sh, v.sn, it.N, it.D);
