@@ -313,15 +313,16 @@ struct Items {
 Items items_of(const Sizes& z) { return {z.B * z.A, z.A, z.H, z.N, simd::round_up(z.N), z.D}; }
 
 // How far ahead the LineStreams prefetch. Where an item's rows are one run of N x H x D elements
-// (sn == H * D, sh == D: diffusers' projections viewed in place), head h prefetches the h-th of H
-// equal parts of the next item's run: sequential lines, one item (3-4 operands' runs) ahead, into
-// L2. Sapphire Rapids VM, one process, alternating calls with diffusers' SDPA between them
-// (benchmarks/README.md, "Fourteenth session"): 1.00-1.09x the strided scheme below forward at Dh
-// 40-160, 1.01-1.11x forward + backward. Otherwise the rows of the head about kAheadBytes of
-// operands later (in this item or the next ones; at least the next head: Dh 160 forward, 30 KB a
-// head): seventh session, 32 KB 1.02-1.10x 128 KB at Dh 40-160 forward and forward + backward, with
-// AVX2 1.03-1.08x, no prefetching 0.75-0.97x; Zen 5 (us per item at Dh 160, 256 x 16 x 8 forward):
-// the same head two items ahead (~480 KB) 20-24, 32 KB 17-19, 96-192 KB 15-22.
+// (sn == H * D, sh == D: diffusers' projections viewed in place, short spatial sequences), head h
+// prefetches the h-th of H equal parts of the next item's run: sequential lines, one item (3-4
+// operands' runs) ahead, into L2. Sapphire Rapids VM, one process, alternating calls with diffusers'
+// SDPA between them (benchmarks/README.md, "Fourteenth session"), against the strided scheme below:
+// 1.00-1.15x forward and 1.01-1.17x forward + backward at Dh 40-160 (AVX2 1.00-1.10x, 1.05-1.09x).
+// Otherwise the rows of the head about kAheadBytes of operands later (in this item or the next
+// ones; at least the next head: Dh 160 forward, 30 KB a head): seventh session, 32 KB 1.02-1.10x
+// 128 KB at Dh 40-160 forward and forward + backward, with AVX2 1.03-1.08x, no prefetching
+// 0.75-0.97x; Zen 5 (us per item at Dh 160, 256 x 16 x 8 forward): the same head two items ahead
+// (~480 KB) 20-24, 32 KB 17-19, 96-192 KB 15-22.
 constexpr int64_t kAheadBytes = 32 << 10;
 
 // heads per kAheadBytes of `operands` operands' rows of element size `bytes` (at least 1)
