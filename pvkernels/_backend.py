@@ -215,7 +215,8 @@ def cpp_isa() -> Optional[str]:
 # The measured crossovers of the fused kernels: where they lose to the reference, "auto" takes the
 # reference. One row per rule: op, path (the cpp build's vector path, "*" for every cpp build, or
 # "cuda" for the triton kernels on a CUDA GPU), dtype ("*": any), and the shape class as (field,
-# comparison, bound) on the fields of the op's fused_slower call (None: every shape). The README
+# comparison, bound) on the fields of the op's fused_slower call, or a tuple of such conditions that
+# must all hold (None: every shape). The README
 # prints this table (crossover_table()) beside the measurements behind it; where no row matches,
 # the fused kernels were at least as fast as the reference. Measured with `python -m
 # benchmarks.cpu_isa --classes --cpu-time` (AVX2, plain), bench_attention.py (AVX-512, CUDA) and
@@ -224,8 +225,10 @@ CROSSOVERS = (
     ("spatial_attention", "avx512", "bfloat16", ("n", ">=", 256)),  # SDPA multiplies in bf16 on AMX
     # fp32 past L2 (Sapphire Rapids, 8 heads): fwd+bwd 0.81x SDPA at n 4096 Dh 40, 0.64x at Dh 128
     ("spatial_attention", "avx512", "float32", ("n", ">=", 4096)),
-    # AVX2 (the same CPU, -march=x86-64-v3, torch at ATEN_CPU_CAPABILITY=avx2): 0.84-1.01x from n 1024
+    # AVX2 (the same CPU, -march=x86-64-v3, torch at ATEN_CPU_CAPABILITY=avx2): 0.84-1.01x from n 1024,
+    # and at head dims up to 48 from n 256 (Dh 40 0.88-0.96x, Dh 48 0.93-0.96x; Dh 32 1.01-1.02x there)
     ("spatial_attention", "avx2", "float32", ("n", ">=", 1024)),
+    ("spatial_attention", "avx2", "float32", (("n", ">=", 256), ("head_dim", "<=", 48))),
     ("temporal_attention", "plain", "*", ("n", ">", 8)),
     ("spatial_attention", "plain", "*", ("n", ">", 8)),
     ("spatial_attention", "plain", "float32", None),
@@ -246,10 +249,14 @@ def _matches(row, op: str, path: Optional[str], dtype: Optional[torch.dtype], sh
         return False
     if row_dtype != "*" and (dtype is None or str(dtype).replace("torch.", "") != row_dtype):
         return False
+    return all(_COMPARE[comparison](shape_class[field], bound) for field, comparison, bound in _conditions(condition))
+
+
+def _conditions(condition) -> tuple:
+    """A CROSSOVERS row's shape class as a tuple of (field, comparison, bound): () for None."""
     if condition is None:
-        return True
-    field, comparison, bound = condition
-    return _COMPARE[comparison](shape_class[field], bound)
+        return ()
+    return (condition,) if isinstance(condition[0], str) else tuple(condition)
 
 
 def fused_slower(op: str, dtype: Optional[torch.dtype] = None, **shape_class) -> Callable[[str], bool]:
@@ -266,7 +273,7 @@ def crossover_table() -> str:
     lines = ["| op | fused path | dtype | auto takes the reference when |", "|---|---|---|---|"]
     names = {"*": "every cpp build", "cuda": "triton on CUDA"}
     for op, path, dtype, condition in CROSSOVERS:
-        shape = "always" if condition is None else " ".join(str(part) for part in condition)
+        shape = " and ".join(" ".join(map(str, c)) for c in _conditions(condition)) or "always"
         lines.append(f"| `{op}` | {names.get(path, 'cpp ' + path)} | {'any' if dtype == '*' else dtype} | {shape} |")
     return "\n".join(lines)
 

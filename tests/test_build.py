@@ -169,13 +169,34 @@ def test_auto_takes_the_reference_where_the_loaded_build_loses(monkeypatch):
 def test_triton_crossovers_veto_triton_only():
     # "cuda" rows are triton's on a GPU (spatial / temporal attention streamed past n 32); "*" rows
     # every cpp build's, never triton's
-    spatial = _backend.fused_slower("spatial_attention", torch.float32, n=33)
-    assert spatial("triton") and not _backend.fused_slower("spatial_attention", torch.float32, n=32)("triton")
-    assert _backend.fused_slower("temporal_attention", torch.bfloat16, n=64)("triton")
+    spatial = _backend.fused_slower("spatial_attention", torch.float32, n=33, head_dim=32)
+    assert spatial("triton")
+    assert not _backend.fused_slower("spatial_attention", torch.float32, n=32, head_dim=32)("triton")
+    assert _backend.fused_slower("temporal_attention", torch.bfloat16, n=64, head_dim=32)("triton")
     assert not _backend.fused_slower("lfq_entropy", d=8)("triton") and not spatial("reference")
     if _backend.cpp_available():
         assert _backend.fused_slower("lfq_entropy", d=8)("cpp")
         assert spatial("cpp") == (_backend.cpp_isa() == "plain")
+
+
+def test_a_crossover_of_several_conditions_needs_them_all(monkeypatch):
+    # spatial attention from n 256 at head dims up to 48 (the AVX2 row): n and the head dim of the call
+    import pvkernels
+    from pvkernels.ops import attention
+
+    isa, _ = _loaded_build()
+    monkeypatch.delenv("PVKERNELS_BACKEND", raising=False)
+    row = ("spatial_attention", isa["simd"], "float32", (("n", ">=", 20), ("head_dim", "<=", 8)))
+    monkeypatch.setattr(_backend, "CROSSOVERS", (row,))
+    assert "| n >= 20 and head_dim <= 8 |" in _backend.crossover_table()
+    calls = []
+    reference = attention.attention_reference
+    monkeypatch.setattr(attention, "attention_reference", lambda *a: calls.append(a[0].shape[2:]) or reference(*a))
+    for S, D in ((19, 8), (20, 8), (20, 12), (33, 4)):
+        q, k, v = (torch.randn(2, 3, S, 2, D) for _ in range(3))
+        out = pvkernels.spatial_attention(q, k, v)
+        torch.testing.assert_close(out, reference(q, k, v, None, False, False), rtol=1e-4, atol=1e-5)
+    assert calls == [(20, 2, 8), (33, 2, 4)]
 
 
 def test_crossovers_are_a_table_the_readme_prints():
@@ -183,6 +204,7 @@ def test_crossovers_are_a_table_the_readme_prints():
     for op, isa, dtype, condition in _backend.CROSSOVERS:
         assert op in ops and isa in ("avx512", "avx2", "plain", "*", "cuda"), (op, isa)
         assert dtype in ("*", "float32", "float16", "bfloat16")
-        assert condition is None or (len(condition) == 3 and condition[1] in _backend._COMPARE)
+        for c in _backend._conditions(condition):
+            assert len(c) == 3 and isinstance(c[0], str) and c[1] in _backend._COMPARE, condition
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert _backend.crossover_table() in readme, "README: print pvkernels._backend.crossover_table() as it is now"

@@ -35,15 +35,15 @@ def unsupported(x: torch.Tensor, heads: int, head_dim: int, n: int, bias: Option
     return None
 
 
-def slower_than_sdpa(x: torch.Tensor, n: int, causal: bool) -> Optional[str]:
+def slower_than_sdpa(x: torch.Tensor, n: int, head_dim: int, causal: bool) -> Optional[str]:
     """For a peer whose own attention is SDPA (diffusers): why its call should stay there, where
     ``backend="auto"`` takes the reference because the fused kernel measured slower at this shape
     class (``_backend.CROSSOVERS``; the reference would add permute copies to SDPA), unless
     ``PVKERNELS_BACKEND`` asks for a backend. Peers that attend with einsums keep the reference."""
     op, fused = _op(n, causal), "triton" if x.device.type == "cuda" else "cpp"
-    if requested_backend(op, "auto")[0] == "auto" and fused_slower(op, dtype=x.dtype, n=n)(fused):
-        return (f"{op} over n = {n} in {str(x.dtype)[6:]}: the {fused} kernel measured slower than SDPA there "
-                "(pvkernels._backend.CROSSOVERS)")
+    if requested_backend(op, "auto")[0] == "auto" and fused_slower(op, dtype=x.dtype, n=n, head_dim=head_dim)(fused):
+        return (f"{op} over n = {n}, head dim {head_dim}, in {str(x.dtype)[6:]}: the {fused} kernel measured slower "
+                "than SDPA there (pvkernels._backend.CROSSOVERS)")
     return None
 
 

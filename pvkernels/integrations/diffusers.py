@@ -118,7 +118,8 @@ def _reason(attn, hidden_states, encoder_hidden_states, attention_mask, args, kw
         return f"scale {attn.scale} != head_dim ** -0.5"
     # autocast casts fp32 to fp16/bf16 (both fused) and leaves fp64 (not fused): x's dtype decides
     n = hidden_states.shape[1] if hidden_states.dim() == 3 else hidden_states.shape[2] * hidden_states.shape[3]
-    return unsupported(hidden_states, heads, head_dim, n, None) or slower_than_sdpa(hidden_states, n, causal=False)
+    return (unsupported(hidden_states, heads, head_dim, n, None)
+            or slower_than_sdpa(hidden_states, n, head_dim, causal=False))
 
 
 def _forward(attn, hidden_states: torch.Tensor, temb, fused: bool) -> torch.Tensor:

@@ -753,7 +753,7 @@ def _attention(name, q, k, v, bias, temporal, causal, backend, qkv=None):
     def unsupported(fused: str) -> Optional[str]:
         return f"head dim Dh = {D} > {MAX_HEAD_DIM[fused]}" if D > MAX_HEAD_DIM[fused] else None
 
-    slower = fused_slower(name, dtype=q.dtype, n=q.shape[1 if temporal else 2])
+    slower = fused_slower(name, dtype=q.dtype, n=q.shape[1 if temporal else 2], head_dim=D)
     chosen = resolve_backend(name, backend, q.device, q.dtype, unsupported=unsupported, slower=slower)
     if chosen == "reference":
         return attention_reference(q, k, v, bias, temporal, causal)
