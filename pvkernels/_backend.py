@@ -216,11 +216,10 @@ def cpp_isa() -> Optional[str]:
 # reference. One row per rule: op, path (the cpp build's vector path, "*" for every cpp build, or
 # "cuda" for the triton kernels on a CUDA GPU), dtype ("*": any), and the shape class as (field,
 # comparison, bound) on the fields of the op's fused_slower call, or a tuple of such conditions that
-# must all hold (None: every shape). The README
-# prints this table (crossover_table()) beside the measurements behind it; where no row matches,
-# the fused kernels were at least as fast as the reference. Measured with `python -m
-# benchmarks.cpu_isa --classes --cpu-time` (AVX2, plain), bench_attention.py (AVX-512, CUDA) and
-# bench_lfq.py.
+# must all hold (None: every shape). The README prints this table (crossover_table()) beside the
+# measurements behind it; where no row matches, the fused kernels were at least as fast as the
+# reference. Measured with `python -m benchmarks.cpu_isa --classes --cpu-time` (AVX2, plain),
+# bench_attention.py (AVX-512, CUDA) and bench_lfq.py.
 CROSSOVERS = (
     ("spatial_attention", "avx512", "bfloat16", ("n", ">=", 256)),  # SDPA multiplies in bf16 on AMX
     # fp32 past L2 (Sapphire Rapids, 8 heads): fwd+bwd 0.81x SDPA at n 4096 Dh 40, 0.64x at Dh 128

@@ -406,7 +406,8 @@ def test_a_crossover_leaves_the_call_to_diffusers(monkeypatch):
     """Where backend="auto" takes the reference because the fused kernel measured slower there
     (pvkernels._backend.CROSSOVERS), diffusers' own SDPA runs the call, counted (the reference
     would add permute copies); PVKERNELS_BACKEND=cpp asks for the kernel anyway."""
-    monkeypatch.setattr(_backend, "CROSSOVERS", _backend.CROSSOVERS + (("spatial_attention", "*", "*", ("n", ">", 32)),))
+    row = ("spatial_attention", "*", "*", (("n", ">", 32), ("head_dim", ">=", 4)))  # Latte's: 2 heads of 4
+    monkeypatch.setattr(_backend, "CROSSOVERS", _backend.CROSSOVERS + (row,))
     torch.manual_seed(0)
     model = latte()
     reference = copy.deepcopy(model)
