@@ -355,9 +355,9 @@ def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False, fused
     for side in ((8,) if QUICK else (32, 64)) if latte else ():
         tokens, channels = (side // 2) ** 2, LATTE_HEADS * LATTE_HEAD_DIM
         for mode in ("fwd", "fwd+bwd"):
-            cases.append((f"attention {mode}, Latte spatial, {tokens} tokens x {FRAMES} frames, {LATTE_HEADS} x "
-                          f"{LATTE_HEAD_DIM}", {p: core_call(p, FRAMES, tokens, channels, mode, "cpu", heads=LATTE_HEADS)
-                                                for p in both}, None, mode))
+            name = f"attention {mode}, Latte spatial, {tokens} tokens x {FRAMES} frames, {LATTE_HEADS} x {LATTE_HEAD_DIM}"
+            calls = {p: core_call(p, FRAMES, tokens, channels, mode, "cpu", heads=LATTE_HEADS) for p in both}
+            cases.append((name, calls, None, mode))
         cases.append((f"Latte layer pair fwd+bwd, {side}x{side} latent ({tokens} tokens), {FRAMES} frames",
                       {p: latte_step(p, side, "cpu") for p in both}, None, "fwd+bwd"))
     for level in ([] if latte else levels("cpu")):
@@ -383,8 +383,8 @@ def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False, fused
         cases.append((f"UNetMotionModel {'-'.join(map(str, UNET_CHANNELS))} step, {UNET_SIDE}x{UNET_SIDE}",
                       {p: s[0] for p, s in steps.items()},
                       {p: attention_shapes(s[2], s[0]) for p, s in steps.items()}, "fwd+bwd"))
-    print(f"{FRAMES} frames, {LATTE_HEADS if latte else HEADS} heads, {'one thread, CPU time' if cpu_time else 'wall clock'}, "
-          f"{rounds} alternating rounds")
+    clock_name = "one thread, CPU time" if cpu_time else "wall clock"
+    print(f"{FRAMES} frames, {LATTE_HEADS if latte else HEADS} heads, {clock_name}, {rounds} alternating rounds")
     print("| case | reference ms | patched ms | x | rounds' x range | attention share, ref -> patched |")
     print("|---|---:|---:|---:|---|---|")
     measured = {}
