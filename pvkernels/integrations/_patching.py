@@ -164,6 +164,28 @@ class Patch:
             functools.update_wrapper(replacement, getattr(type(owner), attr))
             replacement.__pvkernels_patch__ = self
             self._set(owner, attr, types.MethodType(replacement, owner))
+            if isinstance(owner, nn.Module) and attr != "_replicate_for_data_parallel":
+                self._rebind_in_replicas(owner)
+
+    def _rebind_in_replicas(self, owner: nn.Module) -> None:
+        """nn.DataParallel's replicas (``_replicate_for_data_parallel``) start from a shallow copy of
+        the module's __dict__, where our methods are bound to the module itself: a replica would run
+        the source's weights (on the source's device). The module's replication rebinds them to the
+        replica (installed once per module and patch)."""
+        if getattr(vars(owner).get("_replicate_for_data_parallel"), "__pvkernels_patch__", None) is self:
+            return
+
+        def make(original):
+            def replicate(module):
+                replica = original(module)
+                store = vars(replica)
+                for name, value in list(store.items()):
+                    if (isinstance(value, types.MethodType) and value.__self__ is module
+                            and getattr(value, "__pvkernels_patch__", None) is not None):
+                        store[name] = types.MethodType(value.__func__, replica)
+                return replica
+            return replicate
+        self.replace(owner, "_replicate_for_data_parallel", make)
 
     def mark(self, owner) -> None:
         """Makes ``print(model)`` say that ``owner`` (class or instance) is patched."""

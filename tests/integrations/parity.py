@@ -97,6 +97,24 @@ def patched_copy(model, reference):
     return twin
 
 
+def replica(model, reference, monkeypatch):
+    """What nn.DataParallel runs on a second device, here on the CPU: torch's own replicate() of
+    ``model``, its broadcast a copy; the replica's weights and those of ``reference`` (an
+    unpatched copy of ``model``) scaled alike: the replica must run its own."""
+    replicate = importlib.import_module("torch.nn.parallel.replicate")
+    monkeypatch.setattr(replicate, "_broadcast_coalesced_reshape",
+                        lambda tensors, devices, detach=False: [[t.detach().clone() for t in tensors] for _ in devices])
+    twin = replicate.replicate(model, [0])[0]
+    with torch.no_grad():
+        for source, copied in zip(model.modules(), twin.modules()):
+            for name, p in source._parameters.items():
+                if p is not None:
+                    vars(copied)[name].mul_(1.5)  # a replica's parameters are plain attributes
+        for p in reference.parameters():
+            p.mul_(1.5)
+    return twin
+
+
 def fake_version(monkeypatch, package: str, version: str) -> None:
     """importlib.metadata.version says ``version`` for ``package`` (every other package as installed)."""
     real = importlib.metadata.version

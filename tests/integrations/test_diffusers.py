@@ -23,7 +23,7 @@ from pvkernels.integrations import PeerVersionError  # noqa: E402
 from pvkernels.integrations import diffusers as patching  # noqa: E402
 
 from ..utils import assert_close  # noqa: E402
-from .parity import fake_version, instance_and_class, patched_copy  # noqa: E402
+from .parity import fake_version, instance_and_class, patched_copy, replica  # noqa: E402
 
 FRAMES, SIZE, BATCH = 5, 8, 2
 CROSS = "cross-attention (encoder_hidden_states)"
@@ -437,6 +437,25 @@ def test_a_deep_copy_of_a_patched_model():
         got = latte_step(twin, x)[1]["out"]
         expect(p, 1, 4, 2)
         assert p.layers == 6 and "[pvkernels: diffusers]" in repr(twin)
+    torch.manual_seed(3)
+    assert_close(got, latte_step(reference, x)[1]["out"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_data_parallel_replica_of_a_patched_model(monkeypatch):
+    """nn.DataParallel's replica of a patched model (torch's replicate) runs its own weights, on
+    the kernels and in the fallback, counted by the same patch; the model's own layers after it."""
+    torch.manual_seed(0)
+    model = latte()
+    reference = copy.deepcopy(model)
+    x = videos(16)(torch.Generator().manual_seed(0))
+    with integrations.patch_diffusers(model) as p:
+        twin = replica(model, reference, monkeypatch)
+        torch.manual_seed(3)
+        got = latte_step(twin, x)[1]["out"]
+        expect(p, 1, 4, 2)
+        latte_step(model, x)
+        expect(p, 2, 4, 2)
+    assert all("_replicate_for_data_parallel" not in vars(m) for m in model.modules())
     torch.manual_seed(3)
     assert_close(got, latte_step(reference, x)[1]["out"], rtol=1e-4, atol=1e-5)
 

@@ -13,7 +13,7 @@ from pvkernels import integrations  # noqa: E402
 from pvkernels.integrations import PeerVersionError  # noqa: E402
 
 from ..utils import assert_close  # noqa: E402
-from .parity import fake_version, instance_and_class, patched_copy  # noqa: E402
+from .parity import fake_version, instance_and_class, patched_copy, replica  # noqa: E402
 
 FRAMES, SIZE = 5, 8
 
@@ -112,6 +112,21 @@ def test_a_deep_copy_of_a_patched_model_runs_its_own_weights():
         twin = patched_copy(model, reference)
         got = twin(x, t, focus_present_mask=mask)
         assert p.stats["fast"] == 2 and p.stats["fallback"], p.stats
+    assert_close(got, reference(x, t, focus_present_mask=mask), rtol=1e-4, atol=1e-5)
+
+
+def test_a_data_parallel_replica_of_a_patched_model_runs_its_own_weights(monkeypatch):
+    """nn.DataParallel's replica of a patched model (torch's replicate) computes with its own
+    weights, on the kernels and in the fallback; the patch leaves no replication hook behind."""
+    torch.manual_seed(0)
+    model = unet()
+    reference = copy.deepcopy(model)
+    x, t, mask = videos(torch.Generator().manual_seed(0)), torch.tensor([3, 41]), torch.tensor([True, False])
+    with integrations.patch_video_diffusion(model) as p:
+        twin = replica(model, reference, monkeypatch)
+        got = twin(x, t, focus_present_mask=mask)
+        assert p.stats["fast"] == 2 and p.stats["fallback"], p.stats
+    assert all("_replicate_for_data_parallel" not in vars(m) for m in model.modules())
     assert_close(got, reference(x, t, focus_present_mask=mask), rtol=1e-4, atol=1e-5)
 
 
