@@ -443,7 +443,7 @@ def test_a_deep_copy_of_a_patched_model():
 
 def test_a_data_parallel_replica_of_a_patched_model(monkeypatch):
     """nn.DataParallel's replica of a patched model (torch's replicate) runs its own weights, on
-    the kernels and in the fallback, counted by the same patch; the model's own layers after it."""
+    the kernels and in the fallback, counted by the same patch, as the model itself does after it."""
     torch.manual_seed(0)
     model = latte()
     reference = copy.deepcopy(model)
