@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
 from ._attention import attend, slower_than_sdpa, unsupported
 from ._patching import Patch, attention_problems, check_peer, import_peer, missing, signature_problems
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 DISTRIBUTION = "diffusers"
 # 0.32.2 (the first with diffusers.models.controlnets) and 0.42.1 in .ci/run; every minor release between
@@ -286,7 +289,19 @@ class DiffusersPatch(Patch):
         return bool(self._undo) or len(self._layers) > 0
 
 
-def patch_diffusers(model: Optional[torch.nn.Module] = None, *, strict: bool = False) -> DiffusersPatch:
+def _components(model) -> list:
+    """The modules ``model`` stands for: itself, or a diffusers pipeline's nn.Module components."""
+    if isinstance(model, torch.nn.Module):
+        return [model]
+    pipeline = import_peer("diffusers.pipelines.pipeline_utils", DISTRIBUTION).DiffusionPipeline
+    if not isinstance(model, pipeline):
+        raise TypeError("pvkernels.integrations: model must be an nn.Module, a diffusers pipeline (DiffusionPipeline) "
+                        f"or None, got {type(model).__name__}")
+    return [c for c in model.components.values() if isinstance(c, torch.nn.Module)]
+
+
+def patch_diffusers(model: Optional[Union[torch.nn.Module, "DiffusionPipeline"]] = None, *,
+                    strict: bool = False) -> DiffusersPatch:
     """Puts pvkernels' attention into diffusers' factorised video models: the self-attention of
     AnimateDiff's motion modules, ModelScope's UNet3D temporal transformers, SVD's temporal blocks
     and Latte's spatial and temporal blocks, as an attention processor (``Attention.set_processor``).
@@ -294,8 +309,9 @@ def patch_diffusers(model: Optional[torch.nn.Module] = None, *, strict: bool = F
     Args:
         model: a module (a ``UNetMotionModel``, ``UNet3DConditionModel``,
             ``UNetSpatioTemporalConditionModel``, ``LatteTransformer3DModel``, a pipeline's
-            ``unet`` / ``transformer``, or one of the blocks): the blocks inside it now are
-            patched, and on each forward give ours to the layers new to them. None patches the
+            ``unet`` / ``transformer``, or one of the blocks) or a pipeline (``DiffusionPipeline``:
+            its module components, e.g. ``AnimateDiffPipeline``'s unet): the blocks inside it now
+            are patched, and on each forward give ours to the layers new to them. None patches the
             block classes: every instance, existing or built later, gets our processor on each
             forward for the layers it holds then, until ``unpatch()``.
         strict: raise a ValueError naming the reason instead of falling back.
@@ -315,13 +331,15 @@ def patch_diffusers(model: Optional[torch.nn.Module] = None, *, strict: bool = F
         >>> p.stats  # 11 motion modules x 2 self-attentions
         {'fast': 22, 'fallback': {}}
     """
-    if model is not None and not isinstance(model, torch.nn.Module):
-        raise TypeError(f"pvkernels.integrations: model must be an nn.Module or None, got {type(model).__name__}")
+    components = None if model is None else _components(model)
     mod, blocks, models = _peer()
     _check(mod, blocks, models)
     patch = DiffusersPatch(strict, mod.Attention, mod.AttnProcessor2_0, mod.FusedAttnProcessor2_0)
     classes = tuple(getattr(owner, name) for owner, name in blocks)
-    owners = classes if model is None else [m for m in model.modules() if isinstance(m, classes)]
+    if model is None:
+        owners = classes
+    else:  # each block once, where two components share it
+        owners = list(dict.fromkeys(m for c in components for m in c.modules() if isinstance(m, classes)))
     if not owners:
         warnings.warn(f"pvkernels.integrations.patch_diffusers: {type(model).__name__} holds none of "
                       f"{', '.join(c.__name__ for c in classes)}: nothing patched", RuntimeWarning, stacklevel=2)

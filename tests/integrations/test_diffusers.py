@@ -520,6 +520,42 @@ def attn_processors(model):
     return {name: m.processor for name, m in model.named_modules() if isinstance(m, ap.Attention)}
 
 
+class Pipeline(diffusers.DiffusionPipeline):
+    """A pipeline of two video models and a scheduler (AnimateDiff's or Latte's pipelines also need
+    transformers' text encoders, which the test environment lacks)."""
+
+    def __init__(self, unet, transformer, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler)
+
+
+def test_a_pipeline():
+    """``patch_diffusers(pipe)``: the blocks of every nn.Module component, as one model's patch."""
+    torch.manual_seed(0)
+    pipe = Pipeline(motion_unet(), latte(), diffusers.DDIMScheduler())
+    reference = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.transformer)
+    gen = torch.Generator().manual_seed(0)
+    x, x_latte = videos(SIZE)(gen), videos(16)(gen)
+
+    def run(unet, transformer):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return motion_step(unet, x)[1]["out"], latte_step(transformer, x_latte)[1]["out"]
+    expected = run(*reference)
+    with integrations.patch("diffusers", pipe) as p:
+        assert p.modules == 7 + 1 and "[pvkernels: diffusers]" in repr(pipe.unet) + repr(pipe.transformer)
+        got = run(pipe.unet, pipe.transformer)
+    expect(p, 1, 14 + 4, 2)
+    for g, e in zip(got, expected):
+        assert_close(g, e, rtol=1e-4, atol=1e-5)
+    assert "pvkernels" not in repr(pipe.unet) + repr(pipe.transformer)
+    assert not any(m._forward_pre_hooks for m in pipe.unet.modules())
+
+    with pytest.warns(RuntimeWarning, match="Pipeline holds none of"):
+        p = integrations.patch_diffusers(Pipeline(None, None, diffusers.DDIMScheduler()))
+    assert p.modules == 0 and not p.active
+
+
 def test_unpatch_print_and_class_level():
     torch.manual_seed(0)
     model = latte()
@@ -650,7 +686,7 @@ def test_version_structure_and_models_without_blocks(monkeypatch):
     with pytest.warns(RuntimeWarning, match="nothing patched"):
         p = integrations.patch_diffusers(torch.nn.Linear(2, 2))
     assert p.modules == 0 and p.layers == 0 and not p.active  # nothing of diffusers' touched
-    with pytest.raises(TypeError, match="nn.Module or None"):
+    with pytest.raises(TypeError, match="model must be an nn.Module, a diffusers pipeline"):
         integrations.patch_diffusers("unet")
     fake_version(monkeypatch, "diffusers", "0.31.0")
     with pytest.raises(PeerVersionError, match="diffusers 0.31.0 is outside the tested versions"):
