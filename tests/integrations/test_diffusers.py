@@ -168,6 +168,24 @@ def test_training_parity(family):
         expect(p, 3, fast, cross)
 
 
+@pytest.mark.parametrize("family", ["animatediff", "latte"])
+def test_gradient_checkpointing(family):
+    """Training parity with diffusers' gradient checkpointing on (``enable_gradient_checkpointing()``:
+    the blocks run again in the backward, on the kernels too)."""
+    build, size, step, fast, cross = FAMILIES[family]
+
+    def checkpointed():
+        model = build()
+        model.enable_gradient_checkpointing()
+        return model
+    by_instance, by_class = instance_and_class(checkpointed, integrations.patch_diffusers, videos(size), step, steps=2)
+    for p in (by_instance, by_class):
+        assert set(p.stats["fallback"]) == ({CROSS} if cross else set()), p.stats
+        # more calls than the 2 steps' forwards where the blocks ran again in the backward (Latte's;
+        # UNetMotionModel's motion modules in diffusers 0.42.1, not in 0.32.2)
+        assert p.stats["fast"] > 2 * fast if family == "latte" else p.stats["fast"] >= 2 * fast, p.stats
+
+
 # the processor against AttnProcessor2_0, option by option ----------------------------------
 
 def motion_module(attn=None):
