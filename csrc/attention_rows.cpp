@@ -48,7 +48,11 @@ constexpr int64_t kRow = kMaxHeadDim + kLanes;
 // one at a time from the kernels' inner loops (ahead_of: which rows): the rows of a head are short
 // strided runs, which the hardware prefetchers did not follow, and bursts of prefetches stalled the
 // kernel instead. Into L2 (prefetcht1), where the current head's lines stay in L1: on the Sapphire
-// Rapids VM 1.00-1.07x into L1 (benchmarks/README.md, "Ninth session").
+// Rapids VM 1.00-1.07x into L1 (benchmarks/README.md, "Ninth session"). The kernels take a stream
+// by const reference and copy it into a local: passed by value, the 40 bytes just stored field by
+// field were copied with a 32-byte load, a store-forwarding stall at every call (perf: 18% of the
+// forward's own samples outside its callees, on one instruction; benchmarks/README.md,
+// "Seventeenth session"). Every other line prefetched, for the hardware to fetch the rest: 0.74x.
 class LineStream {
  public:
   LineStream() = default;  // nothing to prefetch
@@ -86,7 +90,8 @@ void stage(const T* x, int64_t stride, int64_t N, int64_t D, float* dst) {
 // stride (the operand itself, not staged): kLanes x kLanes transposes; ahead: a line per row read
 template <typename T>
 void transpose_rows(const T* x, int64_t stride, int64_t N, int64_t NP, int64_t D, float scale, float* dst,
-                    LineStream ahead) {
+                    const LineStream& ahead_in) {
+  LineStream ahead = ahead_in;  // (LineStream: a local copy)
   vfloat r[kLanes];
   for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
     for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
@@ -109,7 +114,9 @@ void transpose_rows(const T* x, int64_t stride, int64_t N, int64_t NP, int64_t D
 
 // St[j][i] = sum_d A[j][d] Bt[d][i] for j < N, all NP lanes i (A staged): kKeys rows of A at a
 // time, their elements broadcast.
-void broadcast_scores(const float* A, const float* Bt, int64_t N, int64_t NP, int64_t D, float* St, LineStream ahead) {
+void broadcast_scores(const float* A, const float* Bt, int64_t N, int64_t NP, int64_t D, float* St,
+                      const LineStream& ahead_in) {
+  LineStream ahead = ahead_in;
   for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
     for (int64_t j0 = 0; j0 < N; j0 += kKeys) {
       const float* a = A + j0 * kRow;
@@ -147,7 +154,8 @@ struct Rows {
 constexpr int kDotQueries = kLanes / 2;
 constexpr bool kPrefetchPerBlock = kLanes == 8;
 void dot_scores(Rows A, Rows B, int64_t N, int64_t NP, int64_t D, float scale, const float* zero, float* St,
-                LineStream ahead_a, LineStream ahead_b) {
+                const LineStream& ahead_a_in, const LineStream& ahead_b_in) {
+  LineStream ahead_a = ahead_a_in, ahead_b = ahead_b_in;
   // per block: the streams' lines over the blocks that compute (a block of padded queries alone is skipped)
   const int64_t blocks = (N + 1) / 2 * ((N + kDotQueries - 1) / kDotQueries);
   auto share = [&](const LineStream& s) { return kPrefetchPerBlock ? (s.lines() + blocks - 1) / blocks : 0; };
@@ -202,8 +210,8 @@ inline bool dot_products(int64_t N, int64_t D) { return kLanes == 8 || (N <= 24 
 // [D][NP] in Bs), zero: a zero row. Returns A's fp32 rows (for the products that read them again).
 template <typename T>
 Rows head_scores(const T* a, int64_t as, const T* b, int64_t bs, int64_t N, int64_t NP, int64_t D, float scale,
-                 float* As, float* Bs, const float* zero, float* St, bool dots, LineStream ahead_a,
-                 LineStream ahead_b) {
+                 float* As, float* Bs, const float* zero, float* St, bool dots, const LineStream& ahead_a,
+                 const LineStream& ahead_b) {
   if (dots) {
     // fp32 rows of whole vectors: the operand itself where it is fp32 and D whole vectors, else staged
     auto f32 = [&](const T* x, int64_t stride, float* scratch) -> Rows {
@@ -230,14 +238,15 @@ Rows head_scores(const T* a, int64_t as, const T* b, int64_t bs, int64_t N, int6
 struct Weights {
   const float* W;
   int64_t wr, wc;
+  const float* rs = nullptr;  // per-row factors (times scale: the forward's 1 / softmax sums), or none
   float w(int64_t r, int64_t c) const { return W[r * wr + c * wc]; }
 };
 enum class Skip { none, lower, upper };
 
 // rows r0 .. r0 + nr (nr <= RB) of V vectors from d0, the last `tail` lanes wide
 template <int V, int RB, typename TM, typename T>
-void product_block(Weights W, const TM* M, int64_t ms, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi, int64_t d0,
-                   int tail, float scale, T* out, int64_t os, bool stream, LineStream& ahead) {
+void product_block(const Weights& W, const TM* M, int64_t ms, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi,
+                   int64_t d0, int tail, float scale, T* out, int64_t os, bool stream, LineStream& ahead) {
   vfloat acc[RB][V] = {};
   for (int64_t c = c_lo; c < c_hi; ++c) {
     ahead.next();
@@ -256,12 +265,13 @@ void product_block(Weights W, const TM* M, int64_t ms, int64_t r0, int64_t nr, i
   for (int r = 0; r < RB; ++r) {
     if (r >= nr) break;
     T* o = out + (r0 + r) * os + d0;
+    const vfloat s = W.rs != nullptr ? splat(W.rs[r0 + r] * scale) : splat(scale);
 #pragma GCC unroll 16
     for (int v = 0; v < V; ++v) {
       if (v + 1 < V || tail == kLanes) {
-        simd::store_from_f32(o + v * kLanes, acc[r][v] * scale, stream);
+        simd::store_from_f32(o + v * kLanes, acc[r][v] * s, stream);
       } else {
-        simd::store_from_f32_partial(o + v * kLanes, acc[r][v] * scale, tail);
+        simd::store_from_f32_partial(o + v * kLanes, acc[r][v] * s, tail);
       }
     }
   }
@@ -269,8 +279,8 @@ void product_block(Weights W, const TM* M, int64_t ms, int64_t r0, int64_t nr, i
 
 // product_block<V, RB> for the nv (<= V) vectors left of a row
 template <int V, int RB, typename TM, typename T>
-void product_vecs(int64_t nv, Weights W, const TM* M, int64_t ms, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi,
-                  int64_t d0, int tail, float scale, T* out, int64_t os, bool stream, LineStream& ahead) {
+void product_vecs(int64_t nv, const Weights& W, const TM* M, int64_t ms, int64_t r0, int64_t nr, int64_t c_lo,
+                  int64_t c_hi, int64_t d0, int tail, float scale, T* out, int64_t os, bool stream, LineStream& ahead) {
   if constexpr (V > 1) {
     if (nv < V)
       return product_vecs<V - 1, RB>(nv, W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
@@ -279,8 +289,9 @@ void product_vecs(int64_t nv, Weights W, const TM* M, int64_t ms, int64_t r0, in
 }
 
 template <typename TM, typename T>
-void product(Weights W, const TM* M, int64_t ms, int64_t R, int64_t C, int64_t D, Skip skip, float scale, T* out,
-             int64_t os, bool stream, LineStream ahead = {}) {
+void product(const Weights& W, const TM* M, int64_t ms, int64_t R, int64_t C, int64_t D, Skip skip, float scale, T* out,
+             int64_t os, bool stream, const LineStream& ahead_in = {}) {
+  LineStream ahead = ahead_in;
   const int64_t vecs = (D + kLanes - 1) / kLanes;
   const int last = static_cast<int>(D - (vecs - 1) * kLanes);  // lanes of the last vector
   // the row's vectors in blocks of at most kOutVecs, as even as they go (10 = 5 + 5, 8 = 4 + 4)
@@ -331,8 +342,10 @@ inline int64_t heads_ahead(int64_t operands, const Items& it, int64_t bytes) {
 }
 
 // the LineStream over operand x's lines that head h of item prefetches (above), none past end
+// (inlined: a call returned it through memory, which the stall above then read)
 template <typename T>
-LineStream ahead_of(const T* x, const View& v, const Items& it, int64_t item, int64_t h, int64_t heads, int64_t end) {
+__attribute__((always_inline)) inline LineStream ahead_of(const T* x, const View& v, const Items& it, int64_t item,
+                                                          int64_t h, int64_t heads, int64_t end) {
   if (v.sn == it.H * it.D && v.sh == it.D) {  // the item's rows one run
     if (item + 1 >= end) return {};
     const int64_t part = it.N * it.D;  // (N * H * D) / H
@@ -346,7 +359,11 @@ LineStream ahead_of(const T* x, const View& v, const Items& it, int64_t item, in
 // An item's output rows (N rows of H heads x D, at x + n * sn + h * sh), written by the products
 // straight into the output, or, where a head's D elements are not whole cache lines of a streamed
 // output (two heads share a line, which streaming stores would write in parts), assembled in an fp32
-// scratch ([N][H * D]) and written out as whole rows by done().
+// scratch ([N][H * D]) and written out as whole rows (rows, done). The kernels keep two scratches and
+// write an item's rows out a share after each head of the next item, not in one burst at its end
+// (20 KB of streaming stores an output at 320 channels, which held the fill buffers the next
+// item's prefetches need): 320 channels from memory 1.03-1.05x forward, fp32; in bench_diffusers
+// 1.07x forward + backward (benchmarks/README.md, "Seventeenth session").
 template <typename T>
 struct ItemRows {
   T* x;
@@ -364,9 +381,11 @@ struct ItemRows {
       fn(scratch + h * D, HD, false);
     }
   }
-  void done() const {
+  void done() const { rows(0, N); }
+  // the scratch's rows n0 .. n1 written out
+  void rows(int64_t n0, int64_t n1) const {
     if (scratch != nullptr)
-      for (int64_t n = 0; n < N; ++n) simd::from_f32(scratch + n * HD, HD, x + n * sn, 1.0f, stream);
+      for (int64_t n = n0; n < n1; ++n) simd::from_f32(scratch + n * HD, HD, x + n * sn, 1.0f, stream);
   }
 };
 
@@ -386,16 +405,21 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const bool direct = ItemRows<T>::direct(D, stream), dots = dot_products(N, D);
   const int64_t ahead = heads_ahead(3, it, sizeof(T));  // q, k, v
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> ws(3 * NP * kRow + NP * NP + (direct ? 0 : N * H * D) + kLanes, 0.0f);
+    std::vector<float> ws(3 * NP * kRow + NP * NP + NP + (direct ? 0 : 2 * N * H * D) + kLanes, 0.0f);
     float* Ks = aligned(ws.data());  // head_scores' scratch
     float* Qs = Ks + NP * kRow;
     const float* zero = Qs + NP * kRow;
     float* Pt = Qs + 2 * NP * kRow;  // [NP keys][NP queries]: scores, then probabilities (zero past N)
-    float* O = direct ? nullptr : Pt + NP * NP;  // [N][H * D]: the item's output rows where not direct
+    // [2][N][H * D]: the output rows of this item and of the one before, where not direct
+    float* O = direct ? nullptr : Pt + NP * NP;
+    float* rinv = Pt + NP * NP + (direct ? 0 : 2 * N * H * D);  // [NP]: 1 / the softmax sums (the products')
+    ItemRows<T> before{};  // the item before's rows, written out a share after each head (ItemRows)
     for (int64_t item = begin; item < end; ++item) {
       const int64_t qb = it.base(item, qv), kb = it.base(item, kv), vb = it.base(item, vv), lb = it.base(item, lv);
-      const ItemRows<T> to_out{op + it.base(item, ov), ov.sh, ov.sn, O, N, H * D, stream};
+      const ItemRows<T> to_out{op + it.base(item, ov), ov.sh, ov.sn, direct ? nullptr : O + (item & 1) * N * H * D,
+                               N, H * D, stream};
       for (int64_t h = 0; h < H; ++h) {
+        if (item > begin) before.rows(h * N / H, (h + 1) * N / H);
         const T* q_h = qp + qb + h * qv.sh;
         const T* k_h = kp + kb + h * kv.sh;
         const T* v_h = vp + vb + h * vv.sh;
@@ -431,19 +455,19 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           for (j = 0; j + 4 <= N; j += 4) l0 += prob(j), l1 += prob(j + 1), l2 += prob(j + 2), l3 += prob(j + 3);
           for (; j < N; ++j) l0 += prob(j);
           const vfloat l = (l0 + l1) + (l2 + l3);
-          const vfloat rinv = softmax_rinv(m, l);
-          for (j = 0; j < N; ++j) store(Pt + j * NP + i0, load(Pt + j * NP + i0) * rinv);
+          store(rinv + i0, softmax_rinv(m, l));
           const vfloat lse_i = softmax_lse(m, l);
           for (int64_t i = i0; i < std::min(N, i0 + kLanes); ++i) lp[lb + h * lv.sh + i * lv.sn] = lse_i[i - i0];
         }
         // O[i] = sum_j P^T[j][i] V[j]
         to_out.head(h, D, [&](auto* x, int64_t sn, bool s) {
-          product({Pt, 1, NP}, v_h, vv.sn, N, N, D, causal ? Skip::lower : Skip::none, 1.0f, x, sn, s,
+          product({Pt, 1, NP, rinv}, v_h, vv.sn, N, N, D, causal ? Skip::lower : Skip::none, 1.0f, x, sn, s,
                   later(vp, vv));
         });
       }
-      to_out.done();
+      before = to_out;
     }
+    if (end > begin) before.done();
     simd::stream_fence();
   });
 }
@@ -462,7 +486,7 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const int64_t ahead = heads_ahead(4, it, sizeof(T));  // q, k, v, dO
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * H * N * NP : nullptr;
-    std::vector<float> ws(5 * NP * kRow + 2 * NP * NP + (direct ? 0 : 3 * N * HD) + kLanes, 0.0f);
+    std::vector<float> ws(5 * NP * kRow + 2 * NP * NP + (direct ? 0 : 6 * N * HD) + kLanes, 0.0f);
     float* Ks = aligned(ws.data());  // head_scores' scratch
     float* Qs = Ks + NP * kRow;
     float* Vs = Qs + NP * kRow;
@@ -470,16 +494,19 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
     const float* zero = Gs + NP * kRow;
     float* Pt = Gs + 2 * NP * kRow;  // [NP][NP] probabilities
     float* dSt = Pt + NP * NP;    // [NP][NP] dP^T, then dS^T
-    float* dQ = direct ? nullptr : dSt + NP * NP;  // [N][H * D] each: the item's gradient rows where not direct
-    float* dK = direct ? nullptr : dQ + N * HD;
-    float* dV = direct ? nullptr : dK + N * HD;
+    // [2][3][N][H * D]: dQ, dK, dV rows of this item and of the one before, where not direct
+    float* dG = direct ? nullptr : dSt + NP * NP;
+    ItemRows<T> before[3] = {};  // the item before's rows, written out a share after each head (rows_forward)
     for (int64_t item = begin; item < end; ++item) {
       const int64_t gb = it.base(item, gv), qb = it.base(item, qv), kb = it.base(item, kv), vb = it.base(item, vv);
       const int64_t lb = it.base(item, lv);
-      const ItemRows<T> to_dq{dqp + it.base(item, dqv), dqv.sh, dqv.sn, dQ, N, HD, stream};
-      const ItemRows<T> to_dk{dkp + it.base(item, dkv), dkv.sh, dkv.sn, dK, N, HD, stream};
-      const ItemRows<T> to_dv{dvp + it.base(item, dvv), dvv.sh, dvv.sn, dV, N, HD, stream};
+      auto scratch = [&](int g) { return direct ? nullptr : dG + ((item & 1) * 3 + g) * N * HD; };
+      const ItemRows<T> to_dq{dqp + it.base(item, dqv), dqv.sh, dqv.sn, scratch(0), N, HD, stream};
+      const ItemRows<T> to_dk{dkp + it.base(item, dkv), dkv.sh, dkv.sn, scratch(1), N, HD, stream};
+      const ItemRows<T> to_dv{dvp + it.base(item, dvv), dvv.sh, dvv.sn, scratch(2), N, HD, stream};
       for (int64_t h = 0; h < H; ++h) {
+        if (item > begin)
+          for (const ItemRows<T>& b : before) b.rows(h * N / H, (h + 1) * N / H);
         const T* q_h = qp + qb + h * qv.sh;
         const T* k_h = kp + kb + h * kv.sh;
         const T* v_h = vp + vb + h * vv.sh;
@@ -522,8 +549,10 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
           product({Pt, NP, 1}, g_h, gv.sn, N, N, D, upper, 1.0f, x, sn, s);
         });
       }
-      to_dq.done(), to_dk.done(), to_dv.done();
+      before[0] = to_dq, before[1] = to_dk, before[2] = to_dv;
     }
+    if (end > begin)
+      for (const ItemRows<T>& b : before) b.done();
     simd::stream_fence();
   });
 }

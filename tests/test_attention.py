@@ -373,11 +373,14 @@ def test_cpp_output_cache_setting(setting, cached):
         assert int(run.stdout.split()[-1]) == cached  # 10 MB: one of the three 6 MiB buffers
 
 
+@pytest.mark.parametrize("n", [37, 421])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpp_diffusers_layout(dtype):
+def test_cpp_diffusers_layout(dtype, n):
     # diffusers' motion modules: three (batch * pixels, frames, heads * head_dim) projections, seen
-    # as (B, T, 1, H, Dh) views, more items than a thread's prefetch distance
-    n, T, H, D = 37, 16, 8, 40
+    # as (B, T, 1, H, Dh) views, more items than a thread's prefetch distance; 421 items: outputs
+    # past 4 MB, streamed, where two heads share a line at Dh 40: assembled in a scratch and written
+    # out a share of the rows after each head of the next item (csrc/attention_rows.cpp)
+    T, H, D = 16, 8, 40
     q, k, v = (torch.randn(n, T, H * D, dtype=dtype, requires_grad=True) for _ in range(3))
     view = lambda x: x.view(n, T, 1, H, D)  # noqa: E731
     out = pvkernels.temporal_attention(view(q), view(k), view(v), causal=False, backend="cpp")
