@@ -49,10 +49,11 @@ constexpr int64_t kRow = kMaxHeadDim + kLanes;
 // strided runs, which the hardware prefetchers did not follow, and bursts of prefetches stalled the
 // kernel instead. Into L2 (prefetcht1), where the current head's lines stay in L1: on the Sapphire
 // Rapids VM 1.00-1.07x into L1 (benchmarks/README.md, "Ninth session"). The kernels take a stream
-// by const reference and copy it into a local: passed by value, the 40 bytes just stored field by
-// field were copied with a 32-byte load, a store-forwarding stall at every call (perf: 18% of the
-// forward's own samples outside its callees, on one instruction; benchmarks/README.md,
-// "Seventeenth session"). Every other line prefetched, for the hardware to fetch the rest: 0.74x.
+// (and the products their Weights) by const reference and copy it into a local where they use it:
+// passed by value, the 40 bytes ahead_of had just stored field by field were copied with 32-byte
+// loads, a store-forwarding stall at every call (perf: 18% of the forward's samples outside its
+// callees on one instruction; benchmarks/README.md, "Seventeenth session"). Every other line
+// prefetched, for the hardware prefetchers to fetch the rest: 0.74x.
 class LineStream {
  public:
   LineStream() = default;  // nothing to prefetch
@@ -245,8 +246,9 @@ enum class Skip { none, lower, upper };
 
 // rows r0 .. r0 + nr (nr <= RB) of V vectors from d0, the last `tail` lanes wide
 template <int V, int RB, typename TM, typename T>
-void product_block(const Weights& W, const TM* M, int64_t ms, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi,
+void product_block(const Weights& W_in, const TM* M, int64_t ms, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi,
                    int64_t d0, int tail, float scale, T* out, int64_t os, bool stream, LineStream& ahead) {
+  const Weights W = W_in;  // a local (ahead's stores in the loop would make a reference's fields be read again)
   vfloat acc[RB][V] = {};
   for (int64_t c = c_lo; c < c_hi; ++c) {
     ahead.next();
@@ -342,10 +344,8 @@ inline int64_t heads_ahead(int64_t operands, const Items& it, int64_t bytes) {
 }
 
 // the LineStream over operand x's lines that head h of item prefetches (above), none past end
-// (inlined: a call returned it through memory, which the stall above then read)
 template <typename T>
-__attribute__((always_inline)) inline LineStream ahead_of(const T* x, const View& v, const Items& it, int64_t item,
-                                                          int64_t h, int64_t heads, int64_t end) {
+LineStream ahead_of(const T* x, const View& v, const Items& it, int64_t item, int64_t h, int64_t heads, int64_t end) {
   if (v.sn == it.H * it.D && v.sh == it.D) {  // the item's rows one run
     if (item + 1 >= end) return {};
     const int64_t part = it.N * it.D;  // (N * H * D) / H
@@ -505,7 +505,7 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
       const ItemRows<T> to_dk{dkp + it.base(item, dkv), dkv.sh, dkv.sn, scratch(1), N, HD, stream};
       const ItemRows<T> to_dv{dvp + it.base(item, dvv), dvv.sh, dvv.sn, scratch(2), N, HD, stream};
       for (int64_t h = 0; h < H; ++h) {
-        if (item > begin)
+        if (!direct && item > begin)
           for (const ItemRows<T>& b : before) b.rows(h * N / H, (h + 1) * N / H);
         const T* q_h = qp + qb + h * qv.sh;
         const T* k_h = kp + kb + h * kv.sh;
@@ -551,7 +551,7 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
       }
       before[0] = to_dq, before[1] = to_dk, before[2] = to_dv;
     }
-    if (end > begin)
+    if (!direct && end > begin)
       for (const ItemRows<T>& b : before) b.done();
     simd::stream_fence();
   });
