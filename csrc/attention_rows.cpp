@@ -419,7 +419,7 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const ItemRows<T> to_out{op + it.base(item, ov), ov.sh, ov.sn, direct ? nullptr : O + (item & 1) * N * H * D,
                                N, H * D, stream};
       for (int64_t h = 0; h < H; ++h) {
-        if (item > begin) before.rows(h * N / H, (h + 1) * N / H);
+        if (!direct && item > begin) before.rows(h * N / H, (h + 1) * N / H);
         const T* q_h = qp + qb + h * qv.sh;
         const T* k_h = kp + kb + h * kv.sh;
         const T* v_h = vp + vb + h * vv.sh;
@@ -467,7 +467,7 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       }
       before = to_out;
     }
-    if (end > begin) before.done();
+    if (!direct && end > begin) before.done();
     simd::stream_fence();
   });
 }
