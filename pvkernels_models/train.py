@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import shutil
@@ -674,13 +675,18 @@ def main(argv=None) -> int:
             print(f"pvkernels-train: error: {exc}", file=sys.stderr)
             return 2
         trainer.train()
-        result = trainer.evaluate()
+        result, rank = trainer.evaluate(), trainer.rank
         if dist.is_initialized():
-            dist.barrier()  # no rank tears its gloo pairs down while another still uses them
+            # the DDP modules hold the process group: freed now, not at interpreter exit after it is
+            # destroyed (gloo's threads then, once in a few dozen runs: "terminate called without an
+            # active exception"); and no rank tears its gloo pairs down while another still uses them
+            del trainer
+            gc.collect()
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if trainer.rank == 0:
+    if rank == 0:
         print(json.dumps(result))
     return 0
 
