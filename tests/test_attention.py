@@ -395,12 +395,14 @@ def test_cpp_diffusers_layout(dtype, n):
 
 
 @pytest.mark.parametrize("kind, shape", [("temporal_causal", (2, 5, 1001, 4, 32)), ("temporal_causal", (2, 9, 1001, 4, 32)),
-                                         ("temporal_full", (2, 9, 701, 4, 40)), ("spatial", (4, 16, 150, 4, 32))])
+                                         ("temporal_full", (2, 9, 701, 4, 40)), ("temporal_causal", (2, 12, 600, 4, 40)),
+                                         ("spatial", (4, 16, 150, 4, 32))])
 def test_cpp_large_outputs(kind, shape):
     # outputs past 4 MB are written with streaming stores, by the lanes kernel (T = 5; its last
-    # 16-sequence unit is partial here: 2 * 1001 * 4 sequences), the rows kernel (T = 9 on
+    # 16-sequence unit is partial here: 2 * 1001 * 4 sequences), the rows kernel (T = 9 and 12 on
     # AVX-512 builds: a head's rows whole cache lines at Dh 32, written by the products; at Dh 40
-    # two heads share lines, assembled in a scratch first) and the blocked one
+    # two heads share lines, assembled in a scratch first and written out a share of the rows after
+    # each head of the next item) and the blocked one
     check_forward_backward(kind, "cpp", shape, with_bias=True)
 
 
