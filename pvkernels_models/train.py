@@ -677,9 +677,9 @@ def main(argv=None) -> int:
         trainer.train()
         result, rank = trainer.evaluate(), trainer.rank
         if dist.is_initialized():
-            # the DDP modules hold the process group: freed now, not at interpreter exit after it is
-            # destroyed (gloo's threads then, once in a few dozen runs: "terminate called without an
-            # active exception"); and no rank tears its gloo pairs down while another still uses them
+            # the DDP modules hold the process group: freed now, not after it is destroyed (the likely
+            # cause of a rank's rare "terminate called without an active exception" at exit, gloo's
+            # threads torn down late); and no rank tears its gloo pairs down while another uses them
             del trainer
             gc.collect()
             dist.barrier()
