@@ -81,6 +81,40 @@ class LineStream {
   int64_t rows_ = 0;
 };
 
+// The next item's part of q's, k's and v's runs (each item's rows one run: diffusers' layout), a line
+// of each at every step; the forward at Dh < 48 and n <= 24 (the broadcast scores) gives each of a
+// head's three stages (Q's transposes, the scores, the products) a third of its part (ahead_thirds)
+// in place of one operand's part each. Sapphire Rapids VM, 320 channels from memory (4096 items,
+// fp32): 1.10-1.13x forward; Dh 32 1.12x, 8 frames 1.05x; in L2 and L3 unchanged; a line a step in
+// turn (q's, k's, v's) 1.05x; at Dh 80-160 (the dot-product scores) 0.78-0.92x, at 32 frames
+// 0.93-1.0x (benchmarks/README.md, "Eighteenth session").
+class TriStream {
+ public:
+  TriStream() = default;  // nothing to prefetch
+  TriStream(const void* a, const void* b, const void* c, int64_t lines)
+      : a_(line_of(a)), b_(line_of(b)), c_(line_of(c)), left_(3 * lines) {}
+  void next() {
+    if (left_ <= 0) return;
+    left_ -= 3;  // (counted in prefetches: the same count in steps measured 0.96x, by its code alone)
+    __builtin_prefetch(reinterpret_cast<const void*>(a_), 0, 2);  // prefetcht1, as LineStream
+    __builtin_prefetch(reinterpret_cast<const void*>(b_), 0, 2);
+    __builtin_prefetch(reinterpret_cast<const void*>(c_), 0, 2);
+    a_ += 64, b_ += 64, c_ += 64;
+  }
+  void rest() {
+    while (left_ > 0) next();
+  }
+  void next(int64_t n) {
+    for (; n > 0 && left_ > 0; --n) next();
+  }
+  int64_t lines() const { return left_ / 3; }  // steps left
+
+ private:
+  static uintptr_t line_of(const void* p) { return reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63}; }
+  uintptr_t a_ = 0, b_ = 0, c_ = 0;
+  int64_t left_ = 0;  // prefetches left
+};
+
 // x's N rows, staged into dst in fp32
 template <typename T>
 void stage(const T* x, int64_t stride, int64_t N, int64_t D, float* dst) {
@@ -89,10 +123,10 @@ void stage(const T* x, int64_t stride, int64_t N, int64_t D, float* dst) {
 
 // dst[d][i] = scale * X[i][d] for d < D and all NP lanes i (zero for i >= N), X's rows at x + i *
 // stride (the operand itself, not staged): kLanes x kLanes transposes; ahead: a line per row read
-template <typename T>
+template <typename T, typename S>
 void transpose_rows(const T* x, int64_t stride, int64_t N, int64_t NP, int64_t D, float scale, float* dst,
-                    const LineStream& ahead_in) {
-  LineStream ahead = ahead_in;  // (LineStream: a local copy)
+                    const S& ahead_in) {
+  S ahead = ahead_in;  // (LineStream: a local copy)
   vfloat r[kLanes];
   for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
     for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
@@ -115,9 +149,10 @@ void transpose_rows(const T* x, int64_t stride, int64_t N, int64_t NP, int64_t D
 
 // St[j][i] = sum_d A[j][d] Bt[d][i] for j < N, all NP lanes i (A staged): kKeys rows of A at a
 // time, their elements broadcast.
+template <typename S>
 void broadcast_scores(const float* A, const float* Bt, int64_t N, int64_t NP, int64_t D, float* St,
-                      const LineStream& ahead_in) {
-  LineStream ahead = ahead_in;
+                      const S& ahead_in) {
+  S ahead = ahead_in;
   for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
     for (int64_t j0 = 0; j0 < N; j0 += kKeys) {
       const float* a = A + j0 * kRow;
@@ -154,12 +189,13 @@ struct Rows {
 // AVX-512 one 0.94-1.04x (benchmarks/README.md, "Eleventh session").
 constexpr int kDotQueries = kLanes / 2;
 constexpr bool kPrefetchPerBlock = kLanes == 8;
+template <typename S>
 void dot_scores(Rows A, Rows B, int64_t N, int64_t NP, int64_t D, float scale, const float* zero, float* St,
-                const LineStream& ahead_a_in, const LineStream& ahead_b_in) {
-  LineStream ahead_a = ahead_a_in, ahead_b = ahead_b_in;
+                const S& ahead_a_in, const S& ahead_b_in) {
+  S ahead_a = ahead_a_in, ahead_b = ahead_b_in;
   // per block: the streams' lines over the blocks that compute (a block of padded queries alone is skipped)
   const int64_t blocks = (N + 1) / 2 * ((N + kDotQueries - 1) / kDotQueries);
-  auto share = [&](const LineStream& s) { return kPrefetchPerBlock ? (s.lines() + blocks - 1) / blocks : 0; };
+  auto share = [&](const S& s) { return kPrefetchPerBlock ? (s.lines() + blocks - 1) / blocks : 0; };
   const int64_t share_a = share(ahead_a), share_b = share(ahead_b);
   for (int64_t j0 = 0; j0 < N; j0 += 2) {
     const float* a0 = A.row(j0);
@@ -209,10 +245,9 @@ inline bool dot_products(int64_t N, int64_t D) { return kLanes == 8 || (N <= 24 
 // measured 0.86-0.94x) or as broadcasts of A's staged elements against B transposed
 // (broadcast_scores): dots = dot_products(N, D). Scratch: As, Bs NP x kRow each (B transposed:
 // [D][NP] in Bs), zero: a zero row. Returns A's fp32 rows (for the products that read them again).
-template <typename T>
+template <typename T, typename S>
 Rows head_scores(const T* a, int64_t as, const T* b, int64_t bs, int64_t N, int64_t NP, int64_t D, float scale,
-                 float* As, float* Bs, const float* zero, float* St, bool dots, const LineStream& ahead_a,
-                 const LineStream& ahead_b) {
+                 float* As, float* Bs, const float* zero, float* St, bool dots, const S& ahead_a, const S& ahead_b) {
   if (dots) {
     // fp32 rows of whole vectors: the operand itself where it is fp32 and D whole vectors, else staged
     auto f32 = [&](const T* x, int64_t stride, float* scratch) -> Rows {
@@ -245,9 +280,9 @@ struct Weights {
 enum class Skip { none, lower, upper };
 
 // rows r0 .. r0 + nr (nr <= RB) of V vectors from d0, the last `tail` lanes wide
-template <int V, int RB, typename TM, typename T>
+template <int V, int RB, typename TM, typename T, typename S>
 void product_block(const Weights& W_in, const TM* M, int64_t ms, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi,
-                   int64_t d0, int tail, float scale, T* out, int64_t os, bool stream, LineStream& ahead) {
+                   int64_t d0, int tail, float scale, T* out, int64_t os, bool stream, S& ahead) {
   const Weights W = W_in;  // a local (ahead's stores in the loop would make a reference's fields be read again)
   vfloat acc[RB][V] = {};
   for (int64_t c = c_lo; c < c_hi; ++c) {
@@ -280,9 +315,9 @@ void product_block(const Weights& W_in, const TM* M, int64_t ms, int64_t r0, int
 }
 
 // product_block<V, RB> for the nv (<= V) vectors left of a row
-template <int V, int RB, typename TM, typename T>
+template <int V, int RB, typename TM, typename T, typename S>
 void product_vecs(int64_t nv, const Weights& W, const TM* M, int64_t ms, int64_t r0, int64_t nr, int64_t c_lo,
-                  int64_t c_hi, int64_t d0, int tail, float scale, T* out, int64_t os, bool stream, LineStream& ahead) {
+                  int64_t c_hi, int64_t d0, int tail, float scale, T* out, int64_t os, bool stream, S& ahead) {
   if constexpr (V > 1) {
     if (nv < V)
       return product_vecs<V - 1, RB>(nv, W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
@@ -290,10 +325,10 @@ void product_vecs(int64_t nv, const Weights& W, const TM* M, int64_t ms, int64_t
   product_block<V, RB>(W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
 }
 
-template <typename TM, typename T>
+template <typename TM, typename T, typename S = LineStream>
 void product(const Weights& W, const TM* M, int64_t ms, int64_t R, int64_t C, int64_t D, Skip skip, float scale, T* out,
-             int64_t os, bool stream, const LineStream& ahead_in = {}) {
-  LineStream ahead = ahead_in;
+             int64_t os, bool stream, const S& ahead_in = {}) {
+  S ahead = ahead_in;
   const int64_t vecs = (D + kLanes - 1) / kLanes;
   const int last = static_cast<int>(D - (vecs - 1) * kLanes);  // lanes of the last vector
   // the row's vectors in blocks of at most kOutVecs, as even as they go (10 = 5 + 5, 8 = 4 + 4)
@@ -356,6 +391,17 @@ LineStream ahead_of(const T* x, const View& v, const Items& it, int64_t item, in
   return LineStream(x + it.base(ni, v) + next % it.H * v.sh, v.sn, it.N, it.D);
 }
 
+// the third t (0, 1, 2) of the next item's part h of q's, k's and v's runs (each item's rows one run)
+template <typename T>
+TriStream ahead_third(const T* q, const T* k, const T* v, const View& qv, const View& kv, const View& vv,
+                      const Items& it, int64_t item, int64_t h, int t, int64_t end) {
+  if (item + 1 >= end) return {};
+  const int64_t part = it.N * it.D, lo = part * t / 3, hi = part * (t + 1) / 3;
+  auto at = [&](const T* x, const View& w) { return x + it.base(item + 1, w) + h * part + lo; };
+  const uintptr_t first = reinterpret_cast<uintptr_t>(at(q, qv)), last = first + (hi - lo) * sizeof(T) - 1;
+  return TriStream(at(q, qv), at(k, kv), at(v, vv), static_cast<int64_t>((last >> 6) - (first >> 6) + 1));
+}
+
 // An item's output rows (N rows of H heads x D, at x + n * sn + h * sh), written by the products
 // straight into the output, or, where a head's D elements are not whole cache lines of a streamed
 // output (two heads share a line, which streaming stores would write in parts), assembled in an fp32
@@ -404,6 +450,9 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const bool stream = streamed(out);
   const bool direct = ItemRows<T>::direct(D, stream), dots = dot_products(N, D);
   const int64_t ahead = heads_ahead(3, it, sizeof(T));  // q, k, v
+  auto one_run = [&](const View& w) { return w.sn == H * D && w.sh == D; };
+  // the next item's q, k and v in thirds of each head's part (TriStream)
+  const bool thirds = !dots && N <= 24 && D < 48 && one_run(qv) && one_run(kv) && one_run(vv);
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> ws(3 * NP * kRow + NP * NP + NP + (direct ? 0 : 2 * N * H * D) + kLanes, 0.0f);
     float* Ks = aligned(ws.data());  // head_scores' scratch
@@ -425,7 +474,12 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const T* v_h = vp + vb + h * vv.sh;
         // a later head's rows: K's and Q's prefetched from the scores, V's from the products
         auto later = [&](const T* x, const View& v) { return ahead_of(x, v, it, item, h, ahead, end); };
-        head_scores(k_h, kv.sn, q_h, qv.sn, N, NP, D, scale, Ks, Qs, zero, Pt, dots, later(kp, kv), later(qp, qv));
+        auto third = [&](int t) { return ahead_third(qp, kp, vp, qv, kv, vv, it, item, h, t, end); };
+        if (thirds) {  // Q's transposes, then the scores
+          head_scores(k_h, kv.sn, q_h, qv.sn, N, NP, D, scale, Ks, Qs, zero, Pt, dots, third(1), third(0));
+        } else {
+          head_scores(k_h, kv.sn, q_h, qv.sn, N, NP, D, scale, Ks, Qs, zero, Pt, dots, later(kp, kv), later(qp, qv));
+        }
         const float* bias_h = bias != nullptr ? bias + h * N * NP : nullptr;
         for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
           // the maximum and the sum over keys in 4 partial chains each (a quarter as long)
@@ -461,8 +515,13 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         }
         // O[i] = sum_j P^T[j][i] V[j]
         to_out.head(h, D, [&](auto* x, int64_t sn, bool s) {
-          product({Pt, 1, NP, rinv}, v_h, vv.sn, N, N, D, causal ? Skip::lower : Skip::none, 1.0f, x, sn, s,
-                  later(vp, vv));
+          const Weights W{Pt, 1, NP, rinv};
+          const Skip skip = causal ? Skip::lower : Skip::none;
+          if (thirds) {
+            product(W, v_h, vv.sn, N, N, D, skip, 1.0f, x, sn, s, third(2));
+          } else {
+            product(W, v_h, vv.sn, N, N, D, skip, 1.0f, x, sn, s, later(vp, vv));
+          }
         });
       }
       before = to_out;
