@@ -13,6 +13,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -81,25 +82,28 @@ class LineStream {
   int64_t rows_ = 0;
 };
 
-// The next item's part of q's, k's and v's runs (each item's rows one run: diffusers' layout), a line
-// of each at every step; the forward at Dh < 48 and n <= 24 (the broadcast scores) gives each of a
-// head's three stages (Q's transposes, the scores, the products) a third of its part (ahead_thirds)
-// in place of one operand's part each. Sapphire Rapids VM, 320 channels from memory (4096 items,
-// fp32): 1.10-1.13x forward; Dh 32 1.12x, 8 frames 1.05x; in L2 and L3 unchanged; a line a step in
-// turn (q's, k's, v's) 1.05x; at Dh 80-160 (the dot-product scores) 0.78-0.92x, at 32 frames
-// 0.93-1.0x (benchmarks/README.md, "Eighteenth session").
-class TriStream {
+// The next item's part of K operands' runs (each item's rows one run: diffusers' layout), a line of
+// each at every step. Where the scores are broadcasts (Dh < 48, n <= 24), each of a head's stages
+// that steps a stream (forward: Q's transposes, the scores, the products; backward: Q's and dO's
+// transposes, the scores of K and of V) prefetches its share of every operand's part (ahead_share)
+// in place of one operand's whole part. Sapphire Rapids VM, 320 channels from memory (4096 items,
+// fp32), forward: 1.08-1.11x (bench_diffusers 1.10x); Dh 32 1.14x, 8 frames 1.05x, bf16 1.0x; in
+// L2 and L3 unchanged; a line a step in turn (q's, k's, v's) 1.05x; at Dh 80-160 (dot-product
+// scores) 0.78-0.92x, at 32 frames 0.93-1.0x (benchmarks/README.md, "Eighteenth session").
+template <int K>
+class RunStreams {
  public:
-  TriStream() = default;  // nothing to prefetch
-  TriStream(const void* a, const void* b, const void* c, int64_t lines)
-      : a_(line_of(a)), b_(line_of(b)), c_(line_of(c)), left_(3 * lines) {}
+  RunStreams() = default;  // nothing to prefetch
+  RunStreams(const std::array<const void*, K>& runs, int64_t lines) : left_(K * lines) {
+    for (int k = 0; k < K; ++k) p_[k] = reinterpret_cast<uintptr_t>(runs[k]) & ~uintptr_t{63};
+  }
   void next() {
     if (left_ <= 0) return;
-    left_ -= 3;  // (counted in prefetches: the same count in steps measured 0.96x, by its code alone)
-    __builtin_prefetch(reinterpret_cast<const void*>(a_), 0, 2);  // prefetcht1, as LineStream
-    __builtin_prefetch(reinterpret_cast<const void*>(b_), 0, 2);
-    __builtin_prefetch(reinterpret_cast<const void*>(c_), 0, 2);
-    a_ += 64, b_ += 64, c_ += 64;
+    left_ -= K;  // (counted in prefetches: the same count in steps measured 0.96x, by its code alone)
+    for (int k = 0; k < K; ++k) {
+      __builtin_prefetch(reinterpret_cast<const void*>(p_[k]), 0, 2);  // prefetcht1, as LineStream
+      p_[k] += 64;
+    }
   }
   void rest() {
     while (left_ > 0) next();
@@ -107,11 +111,10 @@ class TriStream {
   void next(int64_t n) {
     for (; n > 0 && left_ > 0; --n) next();
   }
-  int64_t lines() const { return left_ / 3; }  // steps left
+  int64_t lines() const { return left_ / K; }  // steps left
 
  private:
-  static uintptr_t line_of(const void* p) { return reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63}; }
-  uintptr_t a_ = 0, b_ = 0, c_ = 0;
+  uintptr_t p_[K] = {};
   int64_t left_ = 0;  // prefetches left
 };
 
@@ -391,15 +394,16 @@ LineStream ahead_of(const T* x, const View& v, const Items& it, int64_t item, in
   return LineStream(x + it.base(ni, v) + next % it.H * v.sh, v.sn, it.N, it.D);
 }
 
-// the third t (0, 1, 2) of the next item's part h of q's, k's and v's runs (each item's rows one run)
-template <typename T>
-TriStream ahead_third(const T* q, const T* k, const T* v, const View& qv, const View& kv, const View& vv,
-                      const Items& it, int64_t item, int64_t h, int t, int64_t end) {
+// share t of `shares` of the next item's part h of the operands' runs (each item's rows one run)
+template <typename T, int K>
+RunStreams<K> ahead_share(const std::array<const T*, K>& x, const std::array<View, K>& v, const Items& it,
+                          int64_t item, int64_t h, int t, int shares, int64_t end) {
   if (item + 1 >= end) return {};
-  const int64_t part = it.N * it.D, lo = part * t / 3, hi = part * (t + 1) / 3;
-  auto at = [&](const T* x, const View& w) { return x + it.base(item + 1, w) + h * part + lo; };
-  const uintptr_t first = reinterpret_cast<uintptr_t>(at(q, qv)), last = first + (hi - lo) * sizeof(T) - 1;
-  return TriStream(at(q, qv), at(k, kv), at(v, vv), static_cast<int64_t>((last >> 6) - (first >> 6) + 1));
+  const int64_t part = it.N * it.D, lo = part * t / shares, hi = part * (t + 1) / shares;
+  std::array<const void*, K> runs;
+  for (int k = 0; k < K; ++k) runs[k] = x[k] + it.base(item + 1, v[k]) + h * part + lo;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(runs[0]), last = first + (hi - lo) * sizeof(T) - 1;
+  return RunStreams<K>(runs, static_cast<int64_t>((last >> 6) - (first >> 6) + 1));
 }
 
 // An item's output rows (N rows of H heads x D, at x + n * sn + h * sh), written by the products
@@ -451,7 +455,7 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const bool direct = ItemRows<T>::direct(D, stream), dots = dot_products(N, D);
   const int64_t ahead = heads_ahead(3, it, sizeof(T));  // q, k, v
   auto one_run = [&](const View& w) { return w.sn == H * D && w.sh == D; };
-  // the next item's q, k and v in thirds of each head's part (TriStream)
+  // the next item's q, k and v in thirds of each head's part (RunStreams)
   const bool thirds = !dots && N <= 24 && D < 48 && one_run(qv) && one_run(kv) && one_run(vv);
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> ws(3 * NP * kRow + NP * NP + NP + (direct ? 0 : 2 * N * H * D) + kLanes, 0.0f);
@@ -474,7 +478,7 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const T* v_h = vp + vb + h * vv.sh;
         // a later head's rows: K's and Q's prefetched from the scores, V's from the products
         auto later = [&](const T* x, const View& v) { return ahead_of(x, v, it, item, h, ahead, end); };
-        auto third = [&](int t) { return ahead_third(qp, kp, vp, qv, kv, vv, it, item, h, t, end); };
+        auto third = [&](int t) { return ahead_share<T, 3>({qp, kp, vp}, {qv, kv, vv}, it, item, h, t, 3, end); };
         if (thirds) {  // Q's transposes, then the scores
           head_scores(k_h, kv.sn, q_h, qv.sn, N, NP, D, scale, Ks, Qs, zero, Pt, dots, third(1), third(0));
         } else {
@@ -543,6 +547,9 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const int64_t N = it.N, NP = it.NP, D = it.D, H = it.H, HD = H * D;
   const bool stream = streamed(dq), direct = ItemRows<T>::direct(D, stream), dots = dot_products(N, D);
   const int64_t ahead = heads_ahead(4, it, sizeof(T));  // q, k, v, dO
+  auto one_run = [&](const View& w) { return w.sn == H * D && w.sh == D; };
+  // the next item's q, k, v and dO in quarters of each head's part (RunStreams)
+  const bool quarters = !dots && N <= 24 && D < 48 && one_run(qv) && one_run(kv) && one_run(vv) && one_run(gv);
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * H * N * NP : nullptr;
     std::vector<float> ws(5 * NP * kRow + 2 * NP * NP + (direct ? 0 : 6 * N * HD) + kLanes, 0.0f);
@@ -571,10 +578,19 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         const T* v_h = vp + vb + h * vv.sh;
         const T* g_h = gp + gb + h * gv.sh;
         auto later = [&](const T* x, const View& v) { return ahead_of(x, v, it, item, h, ahead, end); };
-        const Rows K = head_scores(k_h, kv.sn, q_h, qv.sn, N, NP, D, scale, Ks, Qs, zero, Pt, dots, later(kp, kv),
-                                   later(qp, qv));
-        head_scores(v_h, vv.sn, g_h, gv.sn, N, NP, D, 1.0f, Vs, Gs, zero, dSt, dots, later(vp, vv),  // dP^T
-                    later(gp, gv));
+        auto quarter = [&](int t) {
+          return ahead_share<T, 4>({qp, kp, vp, gp}, {qv, kv, vv, gv}, it, item, h, t, 4, end);
+        };
+        Rows K{};
+        if (quarters) {  // Q's transposes, K's scores, dO's transposes, V's scores
+          K = head_scores(k_h, kv.sn, q_h, qv.sn, N, NP, D, scale, Ks, Qs, zero, Pt, dots, quarter(1), quarter(0));
+          head_scores(v_h, vv.sn, g_h, gv.sn, N, NP, D, 1.0f, Vs, Gs, zero, dSt, dots, quarter(3), quarter(2));
+        } else {
+          K = head_scores(k_h, kv.sn, q_h, qv.sn, N, NP, D, scale, Ks, Qs, zero, Pt, dots, later(kp, kv),
+                          later(qp, qv));
+          head_scores(v_h, vv.sn, g_h, gv.sn, N, NP, D, 1.0f, Vs, Gs, zero, dSt, dots, later(vp, vv),  // dP^T
+                      later(gp, gv));
+        }
         const float* bias_h = bias != nullptr ? bias + h * N * NP : nullptr;
         float* dbias_h = dbias_t != nullptr ? dbias_t + h * N * NP : nullptr;
         for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
