@@ -87,9 +87,11 @@ class LineStream {
 // that steps a stream (forward: Q's transposes, the scores, the products; backward: Q's and dO's
 // transposes, the scores of K and of V) prefetches its share of every operand's part (ahead_share)
 // in place of one operand's whole part. Sapphire Rapids VM, 320 channels from memory (4096 items,
-// fp32), forward: 1.08-1.11x (bench_diffusers 1.10x); Dh 32 1.14x, 8 frames 1.05x, bf16 1.0x; in
-// L2 and L3 unchanged; a line a step in turn (q's, k's, v's) 1.05x; at Dh 80-160 (dot-product
-// scores) 0.78-0.92x, at 32 frames 0.93-1.0x (benchmarks/README.md, "Eighteenth session").
+// fp32), forward: 1.07-1.11x (bench_diffusers 1.10x); Dh 32 1.12-1.17x, 8 frames 1.03-1.09x, bf16
+// 0.97-1.02x; in L2 and L3 unchanged; forward + backward 1.02-1.05x more (bench_diffusers); a line a
+// step in turn (q's, k's, v's) 1.05x; at Dh 80-160 (dot-product scores) 0.70-0.96x, from memory too,
+// at 32 frames 0.90-1.0x; AVX2 (dot-product scores at every Dh) 1.0-1.03x, not taken
+// (benchmarks/README.md, "Eighteenth session").
 template <int K>
 class RunStreams {
  public:
@@ -366,8 +368,9 @@ Items items_of(const Sizes& z) { return {z.B * z.A, z.A, z.H, z.N, simd::round_u
 // How far ahead the LineStreams prefetch. Where an item's rows are one run of N x H x D elements
 // (sn == H * D, sh == D: diffusers' projections viewed in place, short spatial sequences), head h
 // prefetches the h-th of H equal parts of the next item's run: sequential lines, one item (3-4
-// operands' runs) ahead, into L2. Sapphire Rapids VM, one process, alternating calls with diffusers'
-// SDPA between them (benchmarks/README.md, "Fourteenth session"), against the strided scheme below:
+// operands' runs) ahead, into L2 (at Dh < 48 every operand's part a share a stage: RunStreams).
+// Sapphire Rapids VM, one process, alternating calls with diffusers' SDPA between them
+// (benchmarks/README.md, "Fourteenth session"), against the strided scheme below:
 // 1.00-1.15x forward and 1.01-1.17x forward + backward at Dh 40-160 (AVX2 1.00-1.10x, 1.05-1.09x).
 // Otherwise the rows of the head about kAheadBytes of operands later (in this item or the next
 // ones; at least the next head: Dh 160 forward, 30 KB a head): seventh session, 32 KB 1.02-1.10x
