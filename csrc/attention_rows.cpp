@@ -384,10 +384,13 @@ inline int64_t heads_ahead(int64_t operands, const Items& it, int64_t bytes) {
   return std::max<int64_t>(1, kAheadBytes / (operands * it.N * it.D * bytes));
 }
 
+// whether an operand's item rows are one run of N x H x D elements (above)
+inline bool one_run(const View& v, const Items& it) { return v.sn == it.H * it.D && v.sh == it.D; }
+
 // the LineStream over operand x's lines that head h of item prefetches (above), none past end
 template <typename T>
 LineStream ahead_of(const T* x, const View& v, const Items& it, int64_t item, int64_t h, int64_t heads, int64_t end) {
-  if (v.sn == it.H * it.D && v.sh == it.D) {  // the item's rows one run
+  if (one_run(v, it)) {
     if (item + 1 >= end) return {};
     const int64_t part = it.N * it.D;  // (N * H * D) / H
     return LineStream(x + it.base(item + 1, v) + h * part, part, 1, part);
@@ -457,9 +460,8 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const bool stream = streamed(out);
   const bool direct = ItemRows<T>::direct(D, stream), dots = dot_products(N, D);
   const int64_t ahead = heads_ahead(3, it, sizeof(T));  // q, k, v
-  auto one_run = [&](const View& w) { return w.sn == H * D && w.sh == D; };
   // the next item's q, k and v in thirds of each head's part (RunStreams)
-  const bool thirds = !dots && N <= 24 && D < 48 && one_run(qv) && one_run(kv) && one_run(vv);
+  const bool thirds = !dots && N <= 24 && D < 48 && one_run(qv, it) && one_run(kv, it) && one_run(vv, it);
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> ws(3 * NP * kRow + NP * NP + NP + (direct ? 0 : 2 * N * H * D) + kLanes, 0.0f);
     float* Ks = aligned(ws.data());  // head_scores' scratch
@@ -550,9 +552,9 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   const int64_t N = it.N, NP = it.NP, D = it.D, H = it.H, HD = H * D;
   const bool stream = streamed(dq), direct = ItemRows<T>::direct(D, stream), dots = dot_products(N, D);
   const int64_t ahead = heads_ahead(4, it, sizeof(T));  // q, k, v, dO
-  auto one_run = [&](const View& w) { return w.sn == H * D && w.sh == D; };
   // the next item's q, k, v and dO in quarters of each head's part (RunStreams)
-  const bool quarters = !dots && N <= 24 && D < 48 && one_run(qv) && one_run(kv) && one_run(vv) && one_run(gv);
+  const bool quarters =
+      !dots && N <= 24 && D < 48 && one_run(qv, it) && one_run(kv, it) && one_run(vv, it) && one_run(gv, it);
   at::parallel_for(0, it.count, 1, [&](int64_t begin, int64_t end) {
     float* dbias_t = dbias_acc != nullptr ? dbias_acc + at::get_thread_num() * H * N * NP : nullptr;
     std::vector<float> ws(5 * NP * kRow + 2 * NP * NP + (direct ? 0 : 6 * N * HD) + kLanes, 0.0f);
