@@ -88,7 +88,7 @@ class LineStream {
 // transposes, the scores of K and of V) prefetches its share of every operand's part (ahead_share)
 // in place of one operand's whole part. Sapphire Rapids VM, 320 channels from memory (4096 items,
 // fp32), forward: 1.07-1.11x (bench_diffusers 1.10x); Dh 32 1.12-1.17x, 8 frames 1.03-1.09x, bf16
-// 0.97-1.02x; in L2 and L3 unchanged; forward + backward 1.02-1.05x more (bench_diffusers); a line a
+// 0.97-1.02x; in L2 and L3 unchanged; forward + backward 1.00-1.05x more (bench_diffusers); a line a
 // step in turn (q's, k's, v's) 1.05x; at Dh 80-160 (dot-product scores) 0.70-0.96x, from memory too,
 // at 32 frames 0.90-1.0x; AVX2 (dot-product scores at every Dh) 1.0-1.03x, not taken
 // (benchmarks/README.md, "Eighteenth session").
