@@ -127,11 +127,11 @@ void stage(const T* x, int64_t stride, int64_t N, int64_t D, float* dst) {
 }
 
 // dst[d][i] = scale * X[i][d] for d < D and all NP lanes i (zero for i >= N), X's rows at x + i *
-// stride (the operand itself, not staged): kLanes x kLanes transposes; ahead: a line per row read
+// stride (the operand itself, not staged): kLanes x kLanes transposes; ahead: a step per row read
 template <typename T, typename S>
 void transpose_rows(const T* x, int64_t stride, int64_t N, int64_t NP, int64_t D, float scale, float* dst,
                     const S& ahead_in) {
-  S ahead = ahead_in;  // (LineStream: a local copy)
+  S ahead = ahead_in;  // (a local copy: LineStream)
   vfloat r[kLanes];
   for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
     for (int64_t d0 = 0; d0 < D; d0 += kLanes) {
@@ -185,7 +185,7 @@ struct Rows {
 // St[j][i] = scale * A[j] . B[i] for j < N and all NP lanes i (zero for i >= N; B's rows past N
 // read as `zero`): dot products along the rows, D a whole number of vectors (zero past the
 // operand's D), kLanes / 2 queries x 2 keys at a time, each block's kLanes sums reduced into one
-// vector (simd::sum_each); ahead_*: with AVX-512 a line each per step, with AVX2 their share of
+// vector (simd::sum_each); ahead_*: with AVX-512 a step each per step, with AVX2 their share of
 // the lines per block, before its steps. An AVX2 step is half an AVX-512 one, and the streams'
 // bookkeeping in every step cost more than their prefetches saved where the inputs sit in L3 (8x8
 // level, Dh 160: 0.94-0.96x no prefetching at all; the bookkeeping without its prefetches
@@ -481,7 +481,8 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const T* q_h = qp + qb + h * qv.sh;
         const T* k_h = kp + kb + h * kv.sh;
         const T* v_h = vp + vb + h * vv.sh;
-        // a later head's rows: K's and Q's prefetched from the scores, V's from the products
+        // a later head's rows: K's and Q's prefetched from the scores, V's from the products (thirds:
+        // a third of each operand's from Q's transposes, the scores and the products)
         auto later = [&](const T* x, const View& v) { return ahead_of(x, v, it, item, h, ahead, end); };
         auto third = [&](int t) { return ahead_share<T, 3>({qp, kp, vp}, {qv, kv, vv}, it, item, h, t, 3, end); };
         if (thirds) {  // Q's transposes, then the scores
