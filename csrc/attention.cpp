@@ -34,7 +34,7 @@ namespace pvkernels {
 
 namespace {
 
-// The cache of output buffers (attention.h, empty_output): whole 2 MiB pages by size class, kept
+// The cache of output buffers (attention.h, empty_output): by size class (size_class), kept
 // when their tensor is freed for the next output of that class, up to limit() bytes in all. Never
 // destroyed: a tensor freed during the process's exit still returns its buffer to it.
 class OutputCache {
@@ -68,9 +68,11 @@ class OutputCache {
       }
     }
     void* p = nullptr;
-    TORCH_CHECK(posix_memalign(&p, kPage, bytes) == 0, "pvkernels: out of memory allocating ", bytes, " bytes");
+    const bool huge = bytes >= kPage;
+    TORCH_CHECK(posix_memalign(&p, huge ? kPage : kSmallPage, bytes) == 0, "pvkernels: out of memory allocating ",
+                bytes, " bytes");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(p, bytes, MADV_HUGEPAGE);  // a hint: errors ignored
+    if (huge) madvise(p, bytes, MADV_HUGEPAGE);  // a hint: errors ignored
 #endif
     return p;
   }
@@ -96,7 +98,12 @@ class OutputCache {
     for (auto& entry : buffers) std::free(entry.second);
     return bytes;
   }
-  static constexpr size_t kPage = 2 << 20;
+  static constexpr size_t kPage = 2 << 20, kSmallPage = 4 << 10;
+  // the size class of `bytes`: whole 2 MiB pages from kPage on, whole 4 KiB pages below
+  static size_t size_class(size_t bytes) {
+    const size_t page = bytes >= kPage ? kPage : kSmallPage;
+    return (bytes + page - 1) / page * page;
+  }
   static constexpr size_t kDefaultMB = 1024;
 
  private:
@@ -111,7 +118,7 @@ at::Tensor attention::empty_output(at::IntArrayRef sizes, const at::TensorOption
   const auto contiguous = options.memory_format(at::MemoryFormat::Contiguous);
   const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
   if (bytes < kCachedBytes || OutputCache::limit() == 0) return at::empty(sizes, contiguous);
-  const size_t size = (static_cast<size_t>(bytes) + OutputCache::kPage - 1) / OutputCache::kPage * OutputCache::kPage;
+  const size_t size = OutputCache::size_class(static_cast<size_t>(bytes));
   void* p = OutputCache::instance().take(size);
   return at::from_blob(p, sizes, [size](void* q) { OutputCache::instance().give(q, size); }, contiguous);
 }
@@ -213,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpp(const at::Tensor& q, const 
                                                      bool causal) {
   check_inputs(q, k, v, bias, temporal);
   at::Tensor out = attention::empty_output(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(at::kFloat));
+  at::Tensor lse = attention::empty_output({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
   const Family family = family_of(q, temporal, {q, k, v});
   const at::Tensor bias32 = family.bias(bias);

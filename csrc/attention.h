@@ -79,18 +79,21 @@ constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kStreamBytes = 4 << 20;
 inline bool streamed(const at::Tensor& out) { return out.numel() * out.element_size() >= kStreamBytes; }
 
-// A new output tensor: below kCachedBytes PyTorch's own (at::empty); from there on a buffer of
-// whole 2 MiB pages from a cache of them (attention.cpp, OutputCache), which keeps a freed
-// output's buffer for the next output of its size, up to PVKERNELS_CPU_OUTPUT_CACHE_MB in all
-// (default 1024; 0: at::empty every time), emptied by pvkernels.empty_cache(); new buffers marked
-// for transparent huge pages (madvise(MADV_HUGEPAGE), as PyTorch's allocator does under
-// THP_MEM_ALLOC_ENABLE=1). Fresh memory is faulted in on every call otherwise (glibc maps outputs
-// past 32 MB anew and trims its heap below that between calls), which costs more than the
-// kernels' arithmetic: one thread faults 84 MB in ~38 ms on 4 KiB pages, ~6 ms on 2 MiB pages,
-// and on a VM whose free memory is handed back to the host (virtio free page reporting, this
-// project's CI machines) huge pages come from that memory: 0.3-1.3 s for a 320-channel forward +
-// backward's 156 pages in a third of the calls (benchmarks/README.md, "Output buffers").
-constexpr int64_t kCachedBytes = 4 << 20;
+// A new output tensor: below kCachedBytes PyTorch's own (at::empty); from there on a buffer from a
+// cache of them (attention.cpp, OutputCache: whole 2 MiB pages from 2 MiB on, whole 4 KiB pages
+// below), which keeps a freed output's buffer for the next output of its size, up to
+// PVKERNELS_CPU_OUTPUT_CACHE_MB in all (default 1024; 0: at::empty every time), emptied by
+// pvkernels.empty_cache(); new buffers from 2 MiB on marked for transparent huge pages
+// (madvise(MADV_HUGEPAGE), as PyTorch's allocator does under THP_MEM_ALLOC_ENABLE=1). Fresh memory
+// is faulted in on every call otherwise (glibc maps outputs past 32 MB anew and trims its heap
+// between calls), which costs more than the kernels' arithmetic: one thread faults 84 MB in ~38 ms
+// on 4 KiB pages, ~6 ms on 2 MiB pages, and on a VM whose free memory is handed back to the host
+// (virtio free page reporting, this project's CI machines) huge pages come from that memory:
+// 0.3-1.3 s for a 320-channel forward + backward's 156 pages in a third of the calls
+// (benchmarks/README.md, "Output buffers"). Outputs of 1.3-3.9 MB (small latents: 16-64 items at
+// 1280 channels, 64-196 at 320) faulted in 60-440 pages a forward + backward called in a loop,
+// 1.07-1.58x its time, before they were cached too ("Nineteenth session"); below 64 KiB none did.
+constexpr int64_t kCachedBytes = 64 << 10;
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // The softmax of kLanes queries, lane-wise, from their scores' max m and sum l of exp(score -

@@ -197,8 +197,8 @@ def load_cpp(verbose: bool = False) -> bool:
 def empty_cache() -> int:
     """Frees the C++ backend's cached output buffers; returns how many bytes that was.
 
-    The cpp kernels' outputs from 4 MB on (attention's out, dq, dk, dv) take their buffers from a
-    cache that keeps a freed output's buffer for the next output of its size (up to
+    The cpp kernels' outputs from 64 KiB on (attention's out, dq, dk, dv, lse) take their buffers
+    from a cache that keeps a freed output's buffer for the next output of its size (up to
     ``PVKERNELS_CPU_OUTPUT_CACHE_MB``, default 1024; 0 turns it off): fresh memory would be
     faulted in on every call. 0 when the C++ backend is not loaded.
     """
