@@ -4,12 +4,14 @@
 // in for the compute, and the next item's lines prefetched (one per line read, or in bursts). ORDER
 // sets the order of the reads within an item: 0 as they lie; 1 head by head as the rows kernel reads
 // diffusers' layout (8 heads x 16 rows x C / 8 floats; at 320 channels 160-byte pieces 1280 bytes
-// apart); 2 a sequential copy of the item into a scratch first, then order 1 on the scratch.
-// AVX-512 only.
+// apart); 2 a sequential copy of the item into a scratch first, then order 1 on the scratch; 3 the
+// three runs side by side in address order, a line of each a step (F rounds a step, not a line:
+// F 4 is the 1280-channel kernel's 40,960 FMAs an item). AVX-512 only.
 //
 //   g++ -O2 -march=native -o /tmp/read_pattern benchmarks/read_pattern.cpp
 //   ORDER=1 /tmp/read_pattern ITEMS F PREFETCH   # e.g. 4096 (336 MB: from memory) or 8 (in L2)
 //   CHANNELS=1280 ORDER=1 /tmp/read_pattern 64 0 1   # the 8x8 level's 21 MB (in L3), no compute
+//   CHANNELS=1280 ORDER=3 /tmp/read_pattern 2048 4 0   # the fastest order found, the kernel's FMAs
 //
 // PREFETCH: 0 none, 1 prefetcht1 a line per line read (the next item), 2 prefetcht0, 3 prefetcht1
 // two items ahead, 4 prefetcht2, 5/6/7 prefetcht1 in bursts of 40/120/10 lines. Prints the median
@@ -24,15 +26,15 @@
 
 int main(int argc, char** argv) {
   if (argc != 4) {
-    std::fprintf(stderr, "usage: [ORDER=0|1|2] [CHANNELS=320] %s ITEMS F PREFETCH\n", argv[0]);
+    std::fprintf(stderr, "usage: [ORDER=0|1|2|3] [CHANNELS=320] %s ITEMS F PREFETCH\n", argv[0]);
     return 2;
   }
   const long n = std::atol(argv[1]);
   const int F = std::atoi(argv[2]), mode = std::atoi(argv[3]);
   const int order = std::getenv("ORDER") ? std::atoi(std::getenv("ORDER")) : 0;
   const long C = std::getenv("CHANNELS") ? std::atol(std::getenv("CHANNELS")) : 320, Dh = C / 8;
-  if (n < 1 || F < 0 || mode < 0 || mode > 7 || order < 0 || order > 2 || C % 8 != 0 || Dh < 16) {
-    std::fprintf(stderr, "ITEMS >= 1, F >= 0, PREFETCH 0-7, ORDER 0-2, CHANNELS a multiple of 8 from 128\n");
+  if (n < 1 || F < 0 || mode < 0 || mode > 7 || order < 0 || order > 3 || C % 8 != 0 || Dh < 16) {
+    std::fprintf(stderr, "ITEMS >= 1, F >= 0, PREFETCH 0-7, ORDER 0-3, CHANNELS a multiple of 8 from 128\n");
     return 2;
   }
   const long R = 16 * C * 4, L = R / 64;  // bytes, lines of a run (L == C: Dh lines a head)
@@ -73,7 +75,22 @@ int main(int argc, char** argv) {
         for (int o = 0; o < 3; ++o)
           for (long l = 0; l < L; ++l)
             _mm512_store_ps(scratch + (o * L + l) * 16, _mm512_load_ps(in[o] + it * R / 4 + l * 16));
-      for (int o = 0; o < 3; ++o) {
+      if (order == 3) {  // q, k, v side by side: a line of each a step
+        const float *x0 = in[0] + it * R / 4, *x1 = in[1] + it * R / 4, *x2 = in[2] + it * R / 4;
+        for (long l = 0; l < L; ++l) {
+          if (prefetch)  // any PREFETCH but 0: prefetcht1 a line per line read
+            for (int b = 0; b < 3; ++b) _mm_prefetch(next_line(), _MM_HINT_T1);
+          d0 = _mm512_or_ps(d0, _mm512_load_ps(x0 + l * 16));
+          d0 = _mm512_or_ps(d0, _mm512_load_ps(x1 + l * 16));
+          d0 = _mm512_or_ps(d0, _mm512_load_ps(x2 + l * 16));
+          for (int f = 0; f < F; ++f) {
+            c0 = _mm512_fmadd_ps(c0, m, m), c1 = _mm512_fmadd_ps(c1, m, m), c2 = _mm512_fmadd_ps(c2, m, m);
+            c3 = _mm512_fmadd_ps(c3, m, m), c4 = _mm512_fmadd_ps(c4, m, m), c5 = _mm512_fmadd_ps(c5, m, m);
+            c6 = _mm512_fmadd_ps(c6, m, m), c7 = _mm512_fmadd_ps(c7, m, m);
+          }
+        }
+      }
+      for (int o = 0; o < 3 && order != 3; ++o) {
         const float* x = order == 2 ? scratch + o * L * 16 : in[o] + it * R / 4;
         for (long l = 0; l < L; ++l) {
           const __m512 v = _mm512_loadu_ps(x + start[l]);
