@@ -175,6 +175,11 @@ void broadcast_scores(const float* A, const float* Bt, int64_t N, int64_t NP, in
   ahead.rest();
 }
 
+// A stream that prefetches nothing (the products' blocks where their prefetches are issued per block)
+struct NoStream {
+  void next() {}
+};
+
 // Rows of fp32 elements, `stride` apart.
 struct Rows {
   const float* p;
@@ -284,8 +289,8 @@ struct Weights {
 };
 enum class Skip { none, lower, upper };
 
-// rows r0 .. r0 + nr (nr <= RB) of V vectors from d0, the last `tail` lanes wide
-template <int V, int RB, typename TM, typename T, typename S>
+// rows r0 .. r0 + nr (nr <= RB) of V vectors from d0, the last `tail` lanes wide (Full: kLanes)
+template <int V, int RB, bool Full, typename TM, typename T, typename S>
 void product_block(const Weights& W_in, const TM* M, int64_t ms, int64_t r0, int64_t nr, int64_t c_lo, int64_t c_hi,
                    int64_t d0, int tail, float scale, T* out, int64_t os, bool stream, S& ahead) {
   const Weights W = W_in;  // a local (ahead's stores in the loop would make a reference's fields be read again)
@@ -295,7 +300,7 @@ void product_block(const Weights& W_in, const TM* M, int64_t ms, int64_t r0, int
     vfloat x[V];
     for (int v = 0; v < V; ++v) {
       const TM* m = M + c * ms + d0 + v * kLanes;
-      x[v] = v + 1 < V || tail == kLanes ? simd::load_f32(m) : simd::load_f32_partial(m, tail);
+      x[v] = v + 1 < V || Full ? simd::load_f32(m) : simd::load_f32_partial(m, tail);
       simd::keep_in_register(x[v]);
     }
     for (int r = 0; r < RB; ++r) {
@@ -310,7 +315,7 @@ void product_block(const Weights& W_in, const TM* M, int64_t ms, int64_t r0, int
     const vfloat s = W.rs != nullptr ? splat(W.rs[r0 + r] * scale) : splat(scale);
 #pragma GCC unroll 16
     for (int v = 0; v < V; ++v) {
-      if (v + 1 < V || tail == kLanes) {
+      if (v + 1 < V || Full) {
         simd::store_from_f32(o + v * kLanes, acc[r][v] * s, stream);
       } else {
         simd::store_from_f32_partial(o + v * kLanes, acc[r][v] * s, tail);
@@ -319,7 +324,7 @@ void product_block(const Weights& W_in, const TM* M, int64_t ms, int64_t r0, int
   }
 }
 
-// product_block<V, RB> for the nv (<= V) vectors left of a row
+// product_block<V, RB, tail == kLanes> for the nv (<= V) vectors left of a row
 template <int V, int RB, typename TM, typename T, typename S>
 void product_vecs(int64_t nv, const Weights& W, const TM* M, int64_t ms, int64_t r0, int64_t nr, int64_t c_lo,
                   int64_t c_hi, int64_t d0, int tail, float scale, T* out, int64_t os, bool stream, S& ahead) {
@@ -327,7 +332,11 @@ void product_vecs(int64_t nv, const Weights& W, const TM* M, int64_t ms, int64_t
     if (nv < V)
       return product_vecs<V - 1, RB>(nv, W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
   }
-  product_block<V, RB>(W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
+  if (tail == kLanes) {
+    product_block<V, RB, true>(W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
+  } else {
+    product_block<V, RB, false>(W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
+  }
 }
 
 template <typename TM, typename T, typename S = LineStream>
@@ -340,6 +349,18 @@ void product(const Weights& W, const TM* M, int64_t ms, int64_t R, int64_t C, in
   const int64_t blocks = (vecs + kOutVecs - 1) / kOutVecs, per = (vecs + blocks - 1) / blocks;
   const bool narrow = per <= kNarrowVecs;
   const int64_t rows = narrow ? kNarrowRows : kOutRows;
+  // With AVX2 a block's share of the stream's lines before the block, whose steps prefetch nothing
+  // (as dot_scores): with the blocks' whole last vectors a template argument (product_vecs: no
+  // check of the tail in every step), the AVX2 build's forward measured 1.02-1.05x at 320 channels,
+  // 1.08-1.11x at 640 and 1280 in bench_diffusers, forward + backward 1.0-1.06x; the AVX-512 build
+  // (a line a step) unchanged (benchmarks/README.md, "Nineteenth session").
+  const int64_t nblocks = (R + rows - 1) / rows * blocks;
+  const int64_t share = kPrefetchPerBlock ? (ahead.lines() + nblocks - 1) / nblocks : 0;
+  NoStream none;
+  auto& step = *[&] {
+    if constexpr (kPrefetchPerBlock) return &none;
+    else return &ahead;
+  }();
   for (int64_t r0 = 0; r0 < R; r0 += rows) {
     const int64_t nr = std::min<int64_t>(rows, R - r0);
     const int64_t c_lo = skip == Skip::upper ? r0 : 0;
@@ -347,11 +368,12 @@ void product(const Weights& W, const TM* M, int64_t ms, int64_t R, int64_t C, in
     for (int64_t v0 = 0; v0 < vecs; v0 += per) {
       const int64_t nv = std::min<int64_t>(per, vecs - v0), d0 = v0 * kLanes;
       const int tail = v0 + nv == vecs ? last : kLanes;
+      if constexpr (kPrefetchPerBlock) ahead.next(share);
       if (narrow) {
         product_vecs<kNarrowVecs, kNarrowRows>(nv, W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream,
-                                               ahead);
+                                               step);
       } else {
-        product_vecs<kOutVecs, kOutRows>(nv, W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, ahead);
+        product_vecs<kOutVecs, kOutRows>(nv, W, M, ms, r0, nr, c_lo, c_hi, d0, tail, scale, out, os, stream, step);
       }
     }
   }
