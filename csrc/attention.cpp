@@ -8,7 +8,7 @@
 //   per vector lane: no padded scores, a lane-wise softmax;
 // - longer ones (attention_blocked.cpp): a (b, a) item's heads staged in fp32, scores kept
 //   transposed in blocks of 32 queries that stay in L1.
-// All backwards recompute P from the saved log-sum-exp. Outputs from 4 MB on reuse cached buffers
+// All backwards recompute P from the saved log-sum-exp. Outputs from 64 KiB on reuse cached buffers
 // (OutputCache).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

@@ -474,7 +474,7 @@ def test_cpp_large_outputs_on_huge_pages():
 
 @pytest.mark.skipif(_thp_mode() != "madvise", reason=f"transparent huge pages: {_thp_mode()}, not madvise")
 def test_cpp_heap_sized_outputs_marked_for_huge_pages():
-    # new buffers from 4 MB up to glibc's 32 MB threshold come from its heap: marked for 2 MiB pages
+    # new buffers from 2 MiB up to glibc's 32 MB threshold come from its heap: marked for 2 MiB pages
     # too (a 256 x 16 x 8 x 160 forward + backward after a trim, before the output cache: 66-69 ms
     # on 4 KiB pages, 25-27 ms marked). Already faulted-in pages stay 4 KiB, so the mark (the
     # mapping's THPeligible) is what is checked; the buffers are whole 2 MiB pages
