@@ -425,15 +425,16 @@ def interleaved(cpu_time: bool, rounds: int, attention_only: bool = False, fused
     bw, gemm = harness.copy_bandwidth("cpu"), harness.gemm_rate(torch.float32, "cpu")
     print(f"\nroofline: one thread's copy bandwidth of memory {bw / 1e9:.1f} GB/s (bytes read + written), its fp32 "
           f"matmul {gemm / 1e9:.0f} GFLOP/s; MB: the tensors each path reads and writes once (MOVED); the patched "
-          "floor: the larger of its bytes at the copy bandwidth of a working set that size (the cache that holds "
-          "it; its outputs reuse cached buffers: no page faults) and its flops at the matmul rate; x ceiling: "
-          "diffusers' time over that floor")
+          "floor: the larger of its bytes at the copy bandwidth of a working set that size, copied after diffusers' "
+          "bytes as the rounds run it after diffusers' call (the caches hold what that call left; its outputs "
+          "reuse cached buffers: no page faults), and its flops at the matmul rate; x ceiling: diffusers' time over "
+          "that floor")
     print("| case | MB diffusers | MB patched | x if both ran at copy bandwidth | copy GB/s at that size | GFLOP "
           "| patched floor ms, bytes / flops | x ceiling | patched, % of the floor's speed |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (moved, flops) in roofline.items():
         ref, fast = measured[name]
-        rate = harness.copy_bandwidth("cpu", working_set=moved["patched"])
+        rate = harness.copy_bandwidth("cpu", working_set=moved["patched"], after=moved["reference"])
         floors = moved["patched"] / rate, flops / gemm
         floor = max(floors)
         print(f"| {name} | {moved['reference'] / 1e6:.0f} | {moved['patched'] / 1e6:.0f} "

@@ -22,6 +22,7 @@ change only on purpose: ``PVKERNELS_BENCH_SAVE_REFERENCE=1`` (never for a quick 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -58,19 +59,25 @@ def case_key(*parts, device: str = DEVICE) -> str:
     return "/".join(str(p) for p in parts) + f"/{device}"
 
 
-def copy_bandwidth(device: str = DEVICE, working_set: int | None = None) -> float:
+def copy_bandwidth(device: str = DEVICE, working_set: int | None = None, after: int = 0) -> float:
     """Measured copy bandwidth (bytes read + written per second) of the device, once per session
     and size: of memory (256 MB copied: a 512 MB working set, quick 128 MB), or of a copy of
     ``working_set`` bytes (source and destination, at most the memory copy's): the rate of data that
-    size in whatever cache holds it."""
+    size in whatever cache holds it. ``after``: bytes of other tensors copied before each timed copy
+    (what the ops between two calls of a kernel move), so that it finds in the caches only what they
+    left there; 0: the copy again and again, as a hot loop finds it."""
     size = (128 if QUICK else 512) * 2**20
     if working_set is not None:
         size = max(min(size, working_set), 2**16)
-    key = (device, size)
+    key = (device, size, after)
     if key not in _bandwidth:
         src = torch.rand(size // 8, device=device)
         dst = torch.empty_like(src)
-        _bandwidth[key] = 2 * src.numel() * 4 / _best_time(lambda: dst.copy_(src), device)
+        between = None
+        if after > 0:
+            other = torch.rand(max(after // 8, 1), device=device)
+            between = functools.partial(torch.empty_like(other).copy_, other)
+        _bandwidth[key] = 2 * src.numel() * 4 / _best_time(lambda: dst.copy_(src), device, before=between)
     return _bandwidth[key]
 
 
@@ -97,11 +104,15 @@ class tf32_off:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
 
 
-def _best_time(fn, device: str, repeats: int = 5) -> float:
+def _best_time(fn, device: str, repeats: int = 5, before=None) -> float:
+    """The least seconds of ``repeats`` timed calls of fn (``before()`` untimed before each)."""
     fn()
     sync(device)
     best = float("inf")
     for _ in range(repeats):
+        if before is not None:
+            before()
+            sync(device)
         start = time.perf_counter()
         fn()
         sync(device)

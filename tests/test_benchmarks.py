@@ -142,6 +142,31 @@ def test_harness_timing_and_the_in_context_preamble():
     assert in_call >= 32 and in_preamble == 0, out
 
 
+
+def test_copy_bandwidth_after_other_bytes(monkeypatch):
+    # _best_time runs `before` untimed before every timed call (the first, a warm-up, has none)
+    events = []
+
+    def before():
+        events.append("before")
+        time.sleep(0.05)
+
+    assert harness._best_time(lambda: events.append("call"), "cpu", repeats=3, before=before) < 0.05
+    assert events == ["call"] + ["before", "call"] * 3
+    # the roofline's copy after diffusers' bytes: a key of its own, and before every timed copy a
+    # copy of other tensors that reads and writes `after` bytes in all
+    befores = []
+
+    def best_time(fn, device, repeats=5, before=None):
+        befores.append(before)
+        return 1.0
+
+    monkeypatch.setattr(harness, "_best_time", best_time)
+    monkeypatch.setattr(harness, "_bandwidth", {})
+    assert harness.copy_bandwidth("cpu", working_set=2**20, after=2**22) == 2**20
+    assert harness.copy_bandwidth("cpu", working_set=2**20) == 2**20
+    assert befores[1] is None and befores[0].args[0].numel() * 4 * 2 == 2**22
+
 def test_harness_times_cuda_calls_by_events(monkeypatch):
     # on CUDA a call is timed by events recorded around it on the stream, with one synchronisation
     # before and one after all the calls (none per call: the launching overlaps the work queued
