@@ -142,7 +142,6 @@ def test_harness_timing_and_the_in_context_preamble():
     assert in_call >= 32 and in_preamble == 0, out
 
 
-
 def test_copy_bandwidth_after_other_bytes(monkeypatch):
     # _best_time runs `before` untimed before every timed call (the first, a warm-up, has none)
     events = []
@@ -166,6 +165,7 @@ def test_copy_bandwidth_after_other_bytes(monkeypatch):
     assert harness.copy_bandwidth("cpu", working_set=2**20, after=2**22) == 2**20
     assert harness.copy_bandwidth("cpu", working_set=2**20) == 2**20
     assert befores[1] is None and befores[0].args[0].numel() * 4 * 2 == 2**22
+
 
 def test_harness_times_cuda_calls_by_events(monkeypatch):
     # on CUDA a call is timed by events recorded around it on the stream, with one synchronisation
