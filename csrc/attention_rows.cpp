@@ -357,9 +357,9 @@ void product(const Weights& W, const TM* M, int64_t ms, int64_t R, int64_t C, in
   const int64_t nblocks = (R + rows - 1) / rows * blocks;
   const int64_t share = kPrefetchPerBlock ? (ahead.lines() + nblocks - 1) / nblocks : 0;
   NoStream none;
-  auto& step = *[&] {
-    if constexpr (kPrefetchPerBlock) return &none;
-    else return &ahead;
+  auto& step = [&]() -> auto& {
+    if constexpr (kPrefetchPerBlock) return none;
+    else return ahead;
   }();
   for (int64_t r0 = 0; r0 < R; r0 += rows) {
     const int64_t nr = std::min<int64_t>(rows, R - r0);
