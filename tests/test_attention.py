@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import pvkernels
+from pvkernels.ops.attention import MAX_HEAD_DIM
 
 from .utils import assert_close, attention_math, dev, tolerance
 
@@ -315,11 +316,10 @@ def random_layout(shape, layout, device):
 def test_random_cases_match_fp64_oracle(backend, cases):
     rng = random.Random(int(os.environ.get("PVKERNELS_TEST_SEED", "0")))
     device = dev(backend)
-    max_d = 256 if backend == "cpp" else 128
     for _ in range(cases):
         kind = rng.choice(KINDS)
         N = rng.choice([1, 3, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 48, 65])
-        D = rng.choice([d for d in (3, 8, 16, 17, 31, 40, 47, 48, 64, 72, 100, 128, 129, 160, 255, 256) if d <= max_d])
+        D = rng.choice([d for d in (3, 8, 16, 17, 31, 40, 47, 48, 64, 72, 100, 128, 129, 160, 255, 256) if d <= MAX_HEAD_DIM[backend]])
         B, A, H = rng.randint(1, 2), rng.randint(1, 4), rng.randint(1, 3)
         shape = (B, N, A, H, D) if kind != "spatial" else (B, A, N, H, D)
         layout = rng.choice(["packed", "heads", "permuted", "sliced"])
@@ -642,7 +642,7 @@ def test_head_dim_limits():
         pvkernels.temporal_attention(q, q, q, backend="cpp")
     # "auto" falls back to the reference (documented), with the right answer
     assert_close(pvkernels.temporal_attention(q, q, q), oracle("temporal_causal", q, q, q), torch.float32)
-    from pvkernels.ops.attention import MAX_HEAD_DIM, fused_head_dim_limit
+    from pvkernels.ops.attention import fused_head_dim_limit
     assert MAX_HEAD_DIM == {"cpp": 256, "triton": 128}
     assert fused_head_dim_limit(torch.device("cpu")) == 256 and fused_head_dim_limit(torch.device("cuda")) == 128
 
