@@ -334,8 +334,9 @@ GOOD = schedules.linear_blur(3, 1.0)
      TypeError, "noise must be floating"),
     (lambda x: pvkernels.pseudo_video(x, blur_sigma=[1.0, 0.0], order="second"), ValueError, "order"),
     (lambda x: pvkernels.pseudo_video(x, **GOOD, backend="gpu"), ValueError, "backend must be one of"),
-    (lambda x: pvkernels.pseudo_video(x, **GOOD, seed=-1), ValueError, "seed"),
-    (lambda x: pvkernels.pseudo_video(x, **GOOD, seed=1.5), ValueError, "seed"),
+    (lambda x: pvkernels.pseudo_video(x, **GOOD, seed=-1), ValueError, "seed must be an int .* got -1$"),
+    (lambda x: pvkernels.pseudo_video(x, **GOOD, seed=1.5), ValueError, "seed must be an int .* got 1.5$"),
+    (lambda x: pvkernels.pseudo_video(x, **GOOD, seed=True), ValueError, "got True$"),
     (lambda x: pvkernels.pseudo_video(x, **GOOD, truncate=0.0), ValueError, "truncate"),
     (lambda x: pvkernels.pseudo_video(x.double(), **GOOD, backend="cpp"), TypeError, "float64"),
 ])

@@ -385,11 +385,12 @@ def _check_args(x, blur_sigma, noise_std, signal_scale, order, seed, noise, trun
         seed = int(torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64))  # follows torch.manual_seed
     else:
         try:
-            seed = operator.index(seed) if not isinstance(seed, bool) else -1  # numpy ints are fine
+            index = operator.index(seed) if not isinstance(seed, bool) else -1  # numpy ints are fine
         except TypeError:
-            seed = -1
-        if not 0 <= seed < _SEED_LIMIT:
+            index = -1
+        if not 0 <= index < _SEED_LIMIT:
             raise ValueError(f"pseudo_video: seed must be an int in [0, 2**63) or None, got {seed!r}")
+        seed = index
     return sigma, std, scale, seed, float(truncate)
 
 
