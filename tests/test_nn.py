@@ -23,6 +23,20 @@ def test_attention_modules_say_what_they_expected_and_got(make, x, error, messag
     assert str(exc.value).startswith(f"{type(module).__name__}: {message}"), str(exc.value)
 
 
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: SpatialAttention(10, 3), ValueError, "SpatialAttention: dim (10) must be a positive multiple of heads (3)"),
+    (lambda: TemporalAttention(8, 0), ValueError, "TemporalAttention: dim (8) must be a positive multiple of heads (0)"),
+    (lambda: SpaceTimeBlock(-8, 2), ValueError, "SpaceTimeBlock: dim (-8) must be a positive multiple of heads (2)"),
+    (lambda: SpatialAttention(8, 2.0), TypeError, "SpatialAttention: heads must be an int, got 2.0"),
+    (lambda: TemporalAttention(True, 1), TypeError, "TemporalAttention: dim must be an int, got True"),
+    (lambda: SpaceTimeBlock(8, 2, mlp_ratio=0), ValueError, "SpaceTimeBlock: mlp_ratio must be a positive finite number, got 0"),
+], ids=["not-a-multiple", "no-heads", "negative", "float-heads", "bool-dim", "no-mlp"])
+def test_attention_modules_check_their_widths(make, error, message):
+    with pytest.raises(error) as exc:
+        make()
+    assert str(exc.value) == message
+
+
 def test_attention_modules_still_take_good_input():
     x = torch.randn(2, 3, 5, 64)
     for make in ATTENTION:

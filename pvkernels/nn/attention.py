@@ -7,6 +7,7 @@ back packed).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -14,9 +15,13 @@ import torch
 from ..ops.attention import packed_attention
 
 
-def _check_dims(dim: int, heads: int) -> int:
-    if heads < 1 or dim % heads:
-        raise ValueError(f"dim ({dim}) must be a positive multiple of heads ({heads})")
+def _check_dims(module: str, dim: int, heads: int) -> int:
+    """The attention modules' width check: dim a positive multiple of heads (ints); returns the head dim."""
+    for name, value in (("dim", dim), ("heads", heads)):
+        if isinstance(value, bool) or not hasattr(value, "__index__"):  # ints and numpy ints pass
+            raise TypeError(f"{module}: {name} must be an int, got {value!r}")
+    if dim < 1 or heads < 1 or dim % heads:
+        raise ValueError(f"{module}: dim ({dim}) must be a positive multiple of heads ({heads})")
     return dim // heads
 
 
@@ -48,7 +53,7 @@ class SpatialAttention(torch.nn.Module):
 
     def __init__(self, dim: int, heads: int, backend: str = "auto"):
         super().__init__()
-        self.dim, self.heads, self.head_dim = dim, heads, _check_dims(dim, heads)
+        self.dim, self.heads, self.head_dim = dim, heads, _check_dims(type(self).__name__, dim, heads)
         self.backend = backend
         self.qkv = torch.nn.Linear(dim, 3 * dim)
         self.proj = torch.nn.Linear(dim, dim)
@@ -133,6 +138,9 @@ class SpaceTimeBlock(torch.nn.Module):
     def __init__(self, dim: int, heads: int, causal_time: bool = True, mlp_ratio: float = 4,
                  rel_pos: Optional[str] = "t5", backend: str = "auto"):
         super().__init__()
+        _check_dims(type(self).__name__, dim, heads)
+        if not (isinstance(mlp_ratio, numbers.Real) and 0 < mlp_ratio < math.inf):
+            raise ValueError(f"{type(self).__name__}: mlp_ratio must be a positive finite number, got {mlp_ratio!r}")
         hidden = int(math.ceil(dim * mlp_ratio))
         self.dim = dim
         self.norm_space = torch.nn.LayerNorm(dim)
