@@ -383,14 +383,10 @@ def _check_args(x, blur_sigma, noise_std, signal_scale, order, seed, noise, trun
             raise ValueError(f"pseudo_video: noise is on {noise.device} but x is on {x.device}")
     if seed is None:
         seed = int(torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64))  # follows torch.manual_seed
+    elif isinstance(seed, bool) or not hasattr(seed, "__index__") or not 0 <= operator.index(seed) < _SEED_LIMIT:
+        raise ValueError(f"pseudo_video: seed must be an int in [0, 2**63) or None, got {seed!r}")
     else:
-        try:
-            index = operator.index(seed) if not isinstance(seed, bool) else -1  # numpy ints are fine
-        except TypeError:
-            index = -1
-        if not 0 <= index < _SEED_LIMIT:
-            raise ValueError(f"pseudo_video: seed must be an int in [0, 2**63) or None, got {seed!r}")
-        seed = index
+        seed = operator.index(seed)  # numpy ints are fine
     return sigma, std, scale, seed, float(truncate)
 
 
