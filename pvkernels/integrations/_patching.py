@@ -15,12 +15,15 @@ import inspect
 import os
 import types
 import warnings
+import weakref
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
 
 MARK = "pvkernels"
+# every patch that has replaced something (its records are found from another's unpatch)
+_INSTALLED: "weakref.WeakSet[Patch]" = weakref.WeakSet()
 
 
 class PeerVersionError(RuntimeError):
@@ -132,21 +135,29 @@ class Patch:
     # installing ----------------------------------------------------------------------------
 
     def _set(self, owner, attr: str, value) -> None:
-        """Sets ``owner.attr`` (a class, or an instance's __dict__) and records how to undo it."""
+        """Sets ``owner.attr`` (a class, or an instance's __dict__) and records how to undo it:
+        [owner, attr, whether it was set there, what was, what we set]."""
         store = owner.__dict__ if isinstance(owner, type) else vars(owner)
-        had = attr in store
-        self._undo.append((owner, attr, had, store.get(attr)))
+        self._undo.append([owner, attr, attr in store, store.get(attr), value])
+        _INSTALLED.add(self)
         if isinstance(owner, type):
             setattr(owner, attr, value)
         else:
             store[attr] = value
+
+    def _while_active(self, patched: Callable, original: Callable) -> Callable:
+        """``patched``, or ``original`` once this patch is undone: where a later patch wrapped this
+        one's replacement and this one was undone first, or in a copy of a patched module."""
+        def replacement(module, *args, **kwargs):
+            return (patched if self.active else original)(module, *args, **kwargs)
+        return replacement
 
     def replace(self, owner, attr: str, make: Callable[[Callable], Callable]) -> None:
         """Replaces method ``attr`` of ``owner`` (a class, or one nn.Module instance) by
         ``make(original)``, where ``original(module, *args, **kwargs)`` calls what was there."""
         if isinstance(owner, type):
             original = getattr(owner, attr)
-            replacement = make(original)
+            replacement = self._while_active(make(original), original)
             functools.update_wrapper(replacement, original)
             replacement.__pvkernels_patch__ = self
             self._set(owner, attr, replacement)
@@ -160,7 +171,7 @@ class Patch:
                 func = previous.__func__
             else:  # some other callable set on the instance: called as it is
                 func = lambda module, *args, **kwargs: previous(*args, **kwargs)  # noqa: E731
-            replacement = make(func)
+            replacement = self._while_active(make(func), func)
             functools.update_wrapper(replacement, getattr(type(owner), attr))
             replacement.__pvkernels_patch__ = self
             self._set(owner, attr, types.MethodType(replacement, owner))
@@ -200,9 +211,19 @@ class Patch:
         self.modules += 1
 
     def unpatch(self) -> None:
-        """Restores every replaced method exactly (in reverse order of replacement)."""
+        """Restores every replaced method exactly (in reverse order of replacement). Where another
+        patch replaced the same method since (two patches undone in the order they were made), that
+        patch's record now restores what this one found, and this one's replacement, which the other
+        still calls, calls straight through."""
         while self._undo:
-            owner, attr, had, previous = self._undo.pop()
+            owner, attr, had, previous, value = self._undo.pop()
+            store = owner.__dict__ if isinstance(owner, type) else vars(owner)
+            if store.get(attr) is not value:
+                later = [r for p in list(_INSTALLED) if p is not self for r in p._undo
+                         if r[0] is owner and r[1] == attr and r[3] is value]
+                if later:
+                    later[0][2:4] = had, previous
+                    continue
             if isinstance(owner, type):
                 if had:
                     setattr(owner, attr, previous)

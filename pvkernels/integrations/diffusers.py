@@ -212,18 +212,23 @@ class PvkernelsAttnProcessor:
 
 class _ForeignCounter:
     """A forward pre-hook for a patched block's Attention: counts a call that another processor
-    (found there, or set after the patch) will compute. A deep copy of the model shares it instead
-    of copying the Patch; pickled, it is one of no patch, which counts nothing (the model loads
-    unpatched)."""
+    (found there, or set after the patch) will compute, unless it is the processor of another active
+    ``patch_diffusers``, which counts the call itself (two patches at once: neither counts the
+    other's calls as fallbacks, nor raises under ``strict``). A deep copy of the model shares it
+    instead of copying the Patch; pickled, it is one of no patch, which counts nothing (the model
+    loads unpatched)."""
 
     def __init__(self, patch: Optional["DiffusersPatch"] = None):
         self.patch = patch
 
     def __call__(self, attn, args) -> None:
-        patch = self.patch
-        if patch is not None and patch.active and not patch.owns(attn.processor):
-            patch.fallback(f"processor {type(attn.processor).__name__} (not ours: set by the user or a loader, "
-                           "left to diffusers)")
+        patch, processor = self.patch, attn.processor
+        if patch is None or not patch.active or patch.owns(processor):
+            return
+        if isinstance(processor, PvkernelsAttnProcessor) and processor.patch.active:
+            return  # that patch counts the call
+        patch.fallback(f"processor {type(processor).__name__} (not ours: set by the user or a loader, "
+                       "left to diffusers)")
 
     def __deepcopy__(self, memo):
         return self
