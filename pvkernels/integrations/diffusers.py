@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 
 from ._attention import attend, slower_than_sdpa, unsupported
-from ._patching import Patch, attention_problems, check_peer, import_peer, missing, signature_problems
+from ._patching import _INSTALLED, Patch, attention_problems, check_peer, import_peer, missing, signature_problems
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -242,7 +242,8 @@ class DiffusersPatch(Patch):
     ``Attention`` of the block whose processor is ``AttnProcessor2_0`` (``processor``) or
     ``FusedAttnProcessor2_0`` (``fused_processor``) and a counting hook on every one; ``unpatch()``
     removes the hooks and gives each layer whose processor is still one of ours the very processor
-    object it had (a processor set after the patch is kept)."""
+    object it had (a processor set after the patch is kept), or hands the layer to another active
+    patch that found ours there."""
 
     def __init__(self, strict: bool, attention_cls: type, default_cls: type, fused_cls: type):
         super().__init__("diffusers", strict)
@@ -285,9 +286,21 @@ class DiffusersPatch(Patch):
         for attn, (previous, hook) in list(self._layers.items()):
             hook.remove()
             if self.owns(attn.processor):
-                attn.set_processor(previous)
+                attn.set_processor(self._heir(attn, previous))
         self._layers = weakref.WeakKeyDictionary()
         super().unpatch()
+
+    def _heir(self, attn, previous):
+        """What a layer of ours goes back to: ``previous``, or where another active patch found our
+        processor on it (two patches at once), that patch's in place of ``previous``, which it then
+        records as the layer's own."""
+        for other in list(_INSTALLED):
+            if isinstance(other, DiffusersPatch) and other is not self and other.active and attn in other._layers:
+                found, hook = other._layers[attn]
+                if found is attn.processor:
+                    other._layers[attn] = (previous, hook)
+                    return other._ours.get(type(previous), previous)
+        return previous
 
     @property
     def active(self) -> bool:

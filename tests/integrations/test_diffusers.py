@@ -302,8 +302,8 @@ def test_processors_set_by_the_user_are_left_and_counted():
 @pytest.mark.parametrize("undo", ["last first", "first first"])
 def test_two_patches_at_once(first, second, undo):
     # e.g. a library patching inside a user's patch: every call runs on the kernels, counted once, by the
-    # patch whose processor the layer holds, the other's strict never raises, and either order of
-    # unpatching gives diffusers' processors back
+    # patch whose processor the layer holds, the other's strict never raises; the patch left after one is
+    # undone keeps the layers on the kernels, and either order gives diffusers' processors back
     torch.manual_seed(0)
     model = motion_unet()
     reference = copy.deepcopy(model)
@@ -311,20 +311,31 @@ def test_two_patches_at_once(first, second, undo):
     torch.manual_seed(1)
     expected = motion_step(reference, x)[1]["out"]
     patches = [integrations.patch_diffusers(None if how == "class" else model, strict=True) for how in (first, second)]
+    try:
+        check_two_patches(model, x, expected, patches, undo)
+    finally:  # no class left patched for the next test
+        for p in patches:
+            p.unpatch()
+    assert all(type(proc) is ap.AttnProcessor2_0 for proc in attn_processors(model).values())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    torch.manual_seed(1)
+    assert_close(motion_step(model, x)[1]["out"], expected, rtol=1e-4, atol=1e-5)
+    assert sum(p.stats["fast"] for p in patches) == 2 * FAMILIES["animatediff"][3]
+    assert "pvkernels" not in repr(model) + repr(motion_unet())  # the classes are diffusers' own again
+
+
+def check_two_patches(model, x, expected, patches, undo):
     torch.manual_seed(1)
     got = motion_step(model, x)[1]["out"]
     assert_close(got, expected, rtol=1e-4, atol=1e-5)
     calls = FAMILIES["animatediff"][3]
     assert sum(p.stats["fast"] for p in patches) == calls, [p.stats for p in patches]
     assert all(p.stats["fallback"] == {} for p in patches), [p.stats for p in patches]
-    for p in (patches[::-1] if undo == "last first" else patches):
-        p.unpatch()
-    assert all(type(proc) is ap.AttnProcessor2_0 for proc in attn_processors(model).values())
-    assert not any(m._forward_pre_hooks for m in model.modules())
+    gone, stays = patches[::-1] if undo == "last first" else patches
+    gone.unpatch()
     torch.manual_seed(1)
     assert_close(motion_step(model, x)[1]["out"], expected, rtol=1e-4, atol=1e-5)
-    assert sum(p.stats["fast"] for p in patches) == calls
-    assert "pvkernels" not in repr(model) + repr(motion_unet())  # the classes are diffusers' own again
+    assert stays.stats == {"fast": 2 * calls - gone.stats["fast"], "fallback": {}}, stays.stats  # still ours
 
 
 def ip_adapter_state_dict(model, clip_dim: int = 6) -> dict:
