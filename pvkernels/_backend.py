@@ -296,6 +296,11 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def is_int(x) -> bool:
+    """Whether ``x`` is an integer argument: an int or a numpy int (``__index__``), not a bool."""
+    return not isinstance(x, bool) and hasattr(x, "__index__")
+
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 

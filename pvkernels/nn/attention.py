@@ -12,13 +12,14 @@ from typing import Optional
 
 import torch
 
+from .._backend import is_int
 from ..ops.attention import packed_attention
 
 
 def _check_dims(module: str, dim: int, heads: int) -> int:
     """The attention modules' width check: dim a positive multiple of heads (ints); returns the head dim."""
     for name, value in (("dim", dim), ("heads", heads)):
-        if isinstance(value, bool) or not hasattr(value, "__index__"):  # ints and numpy ints pass
+        if not is_int(value):
             raise TypeError(f"{module}: {name} must be an int, got {value!r}")
     if dim < 1 or heads < 1 or dim % heads:
         raise ValueError(f"{module}: dim ({dim}) must be a positive multiple of heads ({heads})")

@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_float, fused_slower, resolve_backend, triton, triton_interpret
+from .._backend import check_float, fused_slower, is_int, resolve_backend, triton, triton_interpret
 from ._library import define_op
 from ._triton import Launch, cdiv, run
 from .rng import philox_normal_reference
@@ -383,7 +383,7 @@ def _check_args(x, blur_sigma, noise_std, signal_scale, order, seed, noise, trun
             raise ValueError(f"pseudo_video: noise is on {noise.device} but x is on {x.device}")
     if seed is None:
         seed = int(torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64))  # follows torch.manual_seed
-    elif isinstance(seed, bool) or not hasattr(seed, "__index__") or not 0 <= operator.index(seed) < _SEED_LIMIT:
+    elif not is_int(seed) or not 0 <= operator.index(seed) < _SEED_LIMIT:
         raise ValueError(f"pseudo_video: seed must be an int in [0, 2**63) or None, got {seed!r}")
     else:
         seed = operator.index(seed)  # numpy ints are fine

@@ -15,7 +15,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .._backend import check_float, fused_slower, resolve_backend, triton, triton_interpret
+from .._backend import check_float, fused_slower, is_int, resolve_backend, triton, triton_interpret
 from ._library import define_op
 from ._triton import Launch, cdiv, run
 
@@ -349,7 +349,7 @@ def _check_args(z, codebook, metric, k=1):
         raise ValueError(f"vq_lookup: z is on {z.device} but the codebook is on {codebook.device}")
     if metric not in METRICS:
         raise ValueError(f"vq_lookup: metric must be one of {METRICS}, got {metric!r}")
-    if isinstance(k, bool) or not hasattr(k, "__index__"):
+    if not is_int(k):
         raise TypeError(f"vq_lookup: k must be an int, got {type(k).__name__} {k!r}")
     k = operator.index(k)
     if not 1 <= k <= K:
