@@ -189,31 +189,34 @@ struct Rows {
 
 // St[j][i] = scale * A[j] . B[i] for j < N and all NP lanes i (zero for i >= N; B's rows past N
 // read as `zero`): dot products along the rows, D a whole number of vectors (zero past the
-// operand's D), kLanes / 2 queries x 2 keys at a time, each block's kLanes sums reduced into one
-// vector (simd::sum_each); ahead_*: with AVX-512 a step each per step, with AVX2 their share of
+// operand's D), kDotQueries queries x kDotKeys keys at a time, each block's kLanes sums reduced
+// into one vector (simd::sum_each); with AVX-512 4 x 4 (8 loads a step for its 16 FMAs, against 10
+// for 8 queries x 2 keys: Sapphire Rapids VM, 64 items from L3, 1280 channels 1.03-1.07x forward
+// and 1.02-1.10x forward + backward, 640 channels 1.02-1.08x and 0.96-1.07x; benchmarks/README.md,
+// "Twenty-second session"); ahead_*: with AVX-512 a step each per step, with AVX2 their share of
 // the lines per block, before its steps. An AVX2 step is half an AVX-512 one, and the streams'
 // bookkeeping in every step cost more than their prefetches saved where the inputs sit in L3 (8x8
 // level, Dh 160: 0.94-0.96x no prefetching at all; the bookkeeping without its prefetches
 // 0.90-0.93x). Per block, the AVX2 build measured 1.05-1.11x forward at 8x8 and 16x16, 0.99-1.11x at
 // 640 channels, 0.98-1.03x at 320 (forward + backward 1.04-1.16x, 1.01-1.04x, 0.99-1.01x), the
 // AVX-512 one 0.94-1.04x (benchmarks/README.md, "Eleventh session").
-constexpr int kDotQueries = kLanes / 2;
+constexpr int kDotKeys = kLanes == 16 ? 4 : 2, kDotQueries = kLanes / kDotKeys;
 constexpr bool kPrefetchPerBlock = kLanes == 8;
 template <typename S>
 void dot_scores(Rows A, Rows B, int64_t N, int64_t NP, int64_t D, float scale, const float* zero, float* St,
                 const S& ahead_a_in, const S& ahead_b_in) {
   S ahead_a = ahead_a_in, ahead_b = ahead_b_in;
   // per block: the streams' lines over the blocks that compute (a block of padded queries alone is skipped)
-  const int64_t blocks = (N + 1) / 2 * ((N + kDotQueries - 1) / kDotQueries);
+  const int64_t blocks = (N + kDotKeys - 1) / kDotKeys * ((N + kDotQueries - 1) / kDotQueries);
   auto share = [&](const S& s) { return kPrefetchPerBlock ? (s.lines() + blocks - 1) / blocks : 0; };
   const int64_t share_a = share(ahead_a), share_b = share(ahead_b);
-  for (int64_t j0 = 0; j0 < N; j0 += 2) {
-    const float* a0 = A.row(j0);
-    const float* a1 = j0 + 1 < N ? A.row(j0 + 1) : zero;
+  for (int64_t j0 = 0; j0 < N; j0 += kDotKeys) {
+    const int keys = static_cast<int>(std::min<int64_t>(kDotKeys, N - j0));
+    const float* a[kDotKeys];
+    for (int t = 0; t < kDotKeys; ++t) a[t] = t < keys ? A.row(j0 + t) : zero;
     for (int64_t i0 = 0; i0 < NP; i0 += kDotQueries) {
       if (i0 >= N) {  // a block of padded queries alone
-        std::fill_n(St + j0 * NP + i0, kDotQueries, 0.0f);
-        if (j0 + 1 < N) std::fill_n(St + (j0 + 1) * NP + i0, kDotQueries, 0.0f);
+        for (int t = 0; t < keys; ++t) std::fill_n(St + (j0 + t) * NP + i0, kDotQueries, 0.0f);
         continue;
       }
       const float* b[kDotQueries];
@@ -222,18 +225,19 @@ void dot_scores(Rows A, Rows B, int64_t N, int64_t NP, int64_t D, float scale, c
       if constexpr (kPrefetchPerBlock) ahead_a.next(share_a), ahead_b.next(share_b);
       for (int64_t d = 0; d < D; d += kLanes) {
         if constexpr (!kPrefetchPerBlock) ahead_a.next(), ahead_b.next();
-        const vfloat x0 = load(a0 + d), x1 = load(a1 + d);
+        vfloat x[kDotKeys];
+#pragma GCC unroll 4
+        for (int t = 0; t < kDotKeys; ++t) x[t] = load(a[t] + d);
+#pragma GCC unroll 8
         for (int q = 0; q < kDotQueries; ++q) {
           vfloat y = load(b[q] + d);
-          simd::keep_in_register(y);  // loaded once for both keys (not twice as a memory operand)
-          acc[q] += x0 * y;
-          acc[kDotQueries + q] += x1 * y;
+          simd::keep_in_register(y);  // loaded once for every key (not again as a memory operand)
+#pragma GCC unroll 4
+          for (int t = 0; t < kDotKeys; ++t) acc[t * kDotQueries + q] += x[t] * y;
         }
       }
-      float sums[kLanes];
-      store(sums, simd::sum_each(acc) * scale);
-      std::copy_n(sums, kDotQueries, St + j0 * NP + i0);
-      if (j0 + 1 < N) std::copy_n(sums + kDotQueries, kDotQueries, St + (j0 + 1) * NP + i0);
+      const vfloat sums = simd::sum_each(acc) * scale;
+      for (int t = 0; t < keys; ++t) simd::store_lanes(St + (j0 + t) * NP + i0, sums, t * kDotQueries, kDotQueries);
     }
   }
   ahead_a.rest(), ahead_b.rest();

@@ -91,6 +91,18 @@ inline vfloat load_partial(const float* p, int n) {
   return r;
 #endif
 }
+// Writes v's lanes [first, first + n) to p[0 .. n) (with AVX-512 a masked store at p - first:
+// p - first .. p must lie in the same array; nothing outside p[0 .. n) is written).
+inline void store_lanes(float* p, vfloat v, int first, int n) {
+#if defined(PVKERNELS_SIMD_AVX512)
+  _mm512_mask_storeu_ps(p - first, static_cast<__mmask16>(((1u << n) - 1) << first), (__m512)v);
+#else
+  float x[kLanes];
+  store(x, v);
+  std::memcpy(p, x + first, n * sizeof(float));
+#endif
+}
+
 // Writes lanes [0, n) of v to p; writes nothing past p + n.
 inline void store_partial(float* p, vfloat v, int n) {
 #if defined(PVKERNELS_SIMD_AVX512)
