@@ -191,7 +191,7 @@ struct Rows {
 // read as `zero`): dot products along the rows, D a whole number of vectors (zero past the
 // operand's D), kDotQueries queries x kDotKeys keys at a time, each block's kLanes sums reduced
 // into one vector (simd::sum_each); with AVX-512 4 x 4 (8 loads a step for its 16 FMAs, against 10
-// for 8 queries x 2 keys: Sapphire Rapids VM, 64 items from L3, 1280 channels 1.03-1.07x forward
+// for 8 queries x 2 keys: Sapphire Rapids VM, 64 items from L3, 1280 channels 1.03-1.08x forward
 // and 1.02-1.10x forward + backward, 640 channels 1.02-1.08x and 0.96-1.07x; benchmarks/README.md,
 // "Twenty-second session"); ahead_*: with AVX-512 a step each per step, with AVX2 their share of
 // the lines per block, before its steps. An AVX2 step is half an AVX-512 one, and the streams'
