@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import os
 import shlex
 import shutil
@@ -299,6 +301,24 @@ def triton_interpret() -> bool:
 def is_int(x) -> bool:
     """Whether ``x`` is an integer argument: an int or a numpy int (``__index__``), not a bool."""
     return not isinstance(x, bool) and hasattr(x, "__index__")
+
+
+def check_size(owner: str, name: str, value, minimum: int = 1) -> int:
+    """A module's integer argument (``is_int``) of at least ``minimum``, as an int."""
+    if not is_int(value):
+        raise TypeError(f"{owner}: {name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_real(owner: str, name: str, value, positive: bool = False) -> float:
+    """A module's weight or constant: a finite real number (not a bool), >= 0 (``positive``: > 0), as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a real number, got {value!r}")
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"{owner}: {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

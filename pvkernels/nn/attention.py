@@ -7,12 +7,11 @@ back packed).
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
 
-from .._backend import is_int
+from .._backend import check_real, is_int, requested_backend
 from ..ops.attention import packed_attention
 
 
@@ -55,6 +54,7 @@ class SpatialAttention(torch.nn.Module):
     def __init__(self, dim: int, heads: int, backend: str = "auto"):
         super().__init__()
         self.dim, self.heads, self.head_dim = dim, heads, _check_dims(type(self).__name__, dim, heads)
+        requested_backend(type(self).__name__, backend)
         self.backend = backend
         self.qkv = torch.nn.Linear(dim, 3 * dim)
         self.proj = torch.nn.Linear(dim, dim)
@@ -140,9 +140,7 @@ class SpaceTimeBlock(torch.nn.Module):
                  rel_pos: Optional[str] = "t5", backend: str = "auto"):
         super().__init__()
         _check_dims(type(self).__name__, dim, heads)
-        if not (isinstance(mlp_ratio, numbers.Real) and 0 < mlp_ratio < math.inf):
-            raise ValueError(f"{type(self).__name__}: mlp_ratio must be a positive finite number, got {mlp_ratio!r}")
-        hidden = int(math.ceil(dim * mlp_ratio))
+        hidden = int(math.ceil(dim * check_real(type(self).__name__, "mlp_ratio", mlp_ratio, positive=True)))
         self.dim = dim
         self.norm_space = torch.nn.LayerNorm(dim)
         self.space = SpatialAttention(dim, heads, backend)

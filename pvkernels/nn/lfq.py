@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .._backend import check_real, check_size, requested_backend
 from ..ops.lfq import MAX_BITS, lfq_entropy
 
 
@@ -31,7 +32,8 @@ class LookupFreeQuantizer(nn.Module):
             linear layers when it differs.
         bits: bits per codebook (2^bits codes), 1 to 24.
         num_codebooks: independent codebooks the projected features are split into.
-        entropy_loss_weight: weight of the entropy loss in the returned loss.
+        entropy_loss_weight: weight of the entropy loss in the returned loss. The weights here
+            must be finite numbers >= 0, inv_temperature, codebook_scale and eps > 0.
         diversity_gamma: weight of the codebook (batch) entropy inside the entropy loss.
         commitment_loss_weight: weight of ``||x - sg(q)||^2``.
         inv_temperature: inverse temperature of the code distribution ``softmax(2 t <x, c>)``.
@@ -60,14 +62,19 @@ class LookupFreeQuantizer(nn.Module):
                  diversity_gamma: float = 1.0, commitment_loss_weight: float = 0.25, inv_temperature: float = 100.0,
                  codebook_scale: float = 1.0, spherical: bool = False, eps: float = 1e-5, backend: str = "auto"):
         super().__init__()
-        if not 1 <= bits <= MAX_BITS:
+        owner = "LookupFreeQuantizer"
+        dim, bits = check_size(owner, "dim", dim), check_size(owner, "bits", bits)
+        if bits > MAX_BITS:
             raise ValueError(f"LookupFreeQuantizer: bits must be 1 to {MAX_BITS}, got {bits}")
-        if dim < 1 or num_codebooks < 1:
-            raise ValueError(f"LookupFreeQuantizer: dim and num_codebooks must be >= 1, got {dim}, {num_codebooks}")
+        num_codebooks = check_size(owner, "num_codebooks", num_codebooks)
+        requested_backend(owner, backend)
         self.dim, self.bits, self.num_codebooks = dim, bits, num_codebooks
-        self.entropy_loss_weight, self.diversity_gamma = entropy_loss_weight, diversity_gamma
-        self.commitment_loss_weight, self.inv_temperature = commitment_loss_weight, inv_temperature
-        self.codebook_scale, self.spherical, self.eps, self.backend = codebook_scale, spherical, eps, backend
+        self.entropy_loss_weight = check_real(owner, "entropy_loss_weight", entropy_loss_weight)
+        self.diversity_gamma = check_real(owner, "diversity_gamma", diversity_gamma)
+        self.commitment_loss_weight = check_real(owner, "commitment_loss_weight", commitment_loss_weight)
+        self.inv_temperature = check_real(owner, "inv_temperature", inv_temperature, positive=True)
+        self.codebook_scale = check_real(owner, "codebook_scale", codebook_scale, positive=True)
+        self.spherical, self.eps, self.backend = spherical, check_real(owner, "eps", eps, positive=True), backend
         inner = bits * num_codebooks
         self.project_in = nn.Linear(dim, inner) if dim != inner else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if dim != inner else nn.Identity()

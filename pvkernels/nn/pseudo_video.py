@@ -4,6 +4,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .._backend import requested_backend
 from ..ops.pseudo_video import pseudo_video
 
 
@@ -24,6 +25,7 @@ class PseudoVideo(torch.nn.Module):
         self.blur_sigma = None if blur_sigma is None else [float(v) for v in blur_sigma]
         self.noise_std = None if noise_std is None else [float(v) for v in noise_std]
         self.signal_scale = None if signal_scale is None else [float(v) for v in signal_scale]
+        requested_backend("PseudoVideo", backend)
         self.order, self.truncate, self.backend = order, truncate, backend
         # validate once, at construction, on a tiny input
         pseudo_video(torch.zeros(0, 1, 2, 2), self.blur_sigma, self.noise_std, self.signal_scale, order, seed=0,

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .._backend import check_real, check_size, requested_backend
 from ..ops.vq import METRICS, vq_lookup
 
 
@@ -28,7 +29,8 @@ class VectorQuantizer(nn.Module):
     Args:
         dim: feature size D of the vectors and codes.
         codebook_size: number of codes K.
-        beta: weight of the commitment loss ``||z - sg(zq)||^2``.
+        beta: weight of the commitment loss ``||z - sg(zq)||^2``. The weights and constants
+            here must be finite numbers >= 0 (eps > 0), the sizes ints >= 1.
         decay: EMA decay of the codebook statistics; ``None`` learns the codebook by gradient
             through the codebook loss ``||sg(z) - zq||^2`` instead.
         metric: "l2" or "cosine" (nearest code by angle; the losses stay Euclidean).
@@ -61,15 +63,18 @@ class VectorQuantizer(nn.Module):
                  metric: str = "l2", eps: float = 1e-5, dead_threshold: float = 1e-3, restart_dead: bool = False,
                  backend: str = "auto"):
         super().__init__()
-        if dim < 1 or codebook_size < 1:
-            raise ValueError(f"VectorQuantizer: dim and codebook_size must be >= 1, got {dim}, {codebook_size}")
+        owner = "VectorQuantizer"
+        dim, codebook_size = check_size(owner, "dim", dim), check_size(owner, "codebook_size", codebook_size)
         if decay is not None and not 0.0 <= decay < 1.0:
             raise ValueError(f"VectorQuantizer: decay must be in [0, 1) or None, got {decay}")
         if metric not in METRICS:
             raise ValueError(f"VectorQuantizer: metric must be one of {METRICS}, got {metric!r}")
+        requested_backend(owner, backend)
         self.dim, self.codebook_size = dim, codebook_size
-        self.beta, self.decay, self.metric, self.eps = beta, decay, metric, eps
-        self.dead_threshold, self.restart_dead, self.backend = dead_threshold, restart_dead, backend
+        self.beta, self.decay, self.metric = check_real(owner, "beta", beta), decay, metric
+        self.eps = check_real(owner, "eps", eps, positive=True)
+        self.dead_threshold = check_real(owner, "dead_threshold", dead_threshold)
+        self.restart_dead, self.backend = restart_dead, backend
         if decay is None:
             init = torch.empty(codebook_size, dim).uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
             self.codebook = nn.Parameter(init)
