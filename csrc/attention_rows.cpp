@@ -249,15 +249,20 @@ void dot_scores(Rows A, Rows B, int64_t N, int64_t NP, int64_t D, float scale, c
 // 16 one 64) and compute every padded query lane, where the dots skip blocks of padded queries.
 // Measured (benchmarks/README.md, "dot products or broadcasts"), dots / broadcasts: AVX2 1.0-1.3x
 // at n 16, Dh 40-160; AVX-512 at n <= 24 from Dh 48 0.98-1.18x where n is whole vectors (16),
-// 1.04-1.7x where it is not (8, 12, 20, 24), below Dh 48 0.91-1.19x; at n 32 0.81-1.05x.
-inline bool dot_products(int64_t N, int64_t D) { return kLanes == 8 || (N <= 24 && D >= 48); }
+// 1.04-1.7x where it is not (8, 12, 20, 24), below Dh 48 0.91-1.19x; at n 32 0.81-1.05x. With
+// the 4 x 4 blocks (twenty-second session) also fp32 past n 24 from Dh 129 (f32: T is float): at
+// 25-32 frames, Dh 144 and 160, 1.06-1.28x forward and 1.09-1.19x forward + backward; Dh 192 and
+// 256 0.92-1.11x; bf16 0.90-1.08x, Dh 64-80 0.91-1.18x (not taken).
+inline bool dot_products(int64_t N, int64_t D, bool f32) {
+  return kLanes == 8 || (D >= 48 && (N <= 24 || (f32 && D > 128)));
+}
 
 // A head's scores, St[j][i] = scale * A[j] . B[i] (j < N, all NP lanes i, zero for i >= N), from
 // two operands' rows: as dot products (dot_scores; the fp32 rows read where they lie when D is
 // whole vectors, except with AVX-512 rows a multiple of 4 KB apart, which share L1 sets: staged,
 // 0.97-1.1x broadcasts at Dh 128 and 256 against 0.83-0.93x in place; with AVX2 in place, staged
 // measured 0.86-0.94x) or as broadcasts of A's staged elements against B transposed
-// (broadcast_scores): dots = dot_products(N, D). Scratch: As, Bs NP x kRow each (B transposed:
+// (broadcast_scores): dots = dot_products(N, D, f32). Scratch: As, Bs NP x kRow each (B transposed:
 // [D][NP] in Bs), zero: a zero row. Returns A's fp32 rows (for the products that read them again).
 template <typename T, typename S>
 Rows head_scores(const T* a, int64_t as, const T* b, int64_t bs, int64_t N, int64_t NP, int64_t D, float scale,
@@ -484,7 +489,7 @@ void rows_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const float scale = 1.0f / std::sqrt(static_cast<float>(it.D));
   const int64_t N = it.N, NP = it.NP, D = it.D, H = it.H;
   const bool stream = streamed(out);
-  const bool direct = ItemRows<T>::direct(D, stream), dots = dot_products(N, D);
+  const bool direct = ItemRows<T>::direct(D, stream), dots = dot_products(N, D, std::is_same<T, float>::value);
   const int64_t ahead = heads_ahead(3, it, sizeof(T));  // q, k, v
   // the next item's q, k and v in thirds of each head's part (RunStreams)
   const bool thirds = !dots && N <= 24 && D < 48 && one_run(qv, it) && one_run(kv, it) && one_run(vv, it);
@@ -577,7 +582,8 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
       bwd_operands<T>(grad_out, q, k, v, lse, dq, dk, dv, temporal);
   const float scale = 1.0f / std::sqrt(static_cast<float>(it.D));
   const int64_t N = it.N, NP = it.NP, D = it.D, H = it.H, HD = H * D;
-  const bool stream = streamed(dq), direct = ItemRows<T>::direct(D, stream), dots = dot_products(N, D);
+  const bool stream = streamed(dq), direct = ItemRows<T>::direct(D, stream);
+  const bool dots = dot_products(N, D, std::is_same<T, float>::value);
   const int64_t ahead = heads_ahead(4, it, sizeof(T));  // q, k, v, dO
   // the next item's q, k, v and dO in quarters of each head's part (RunStreams)
   const bool quarters =

@@ -350,15 +350,16 @@ def test_random_cases_match_fp64_oracle(backend, cases):
 # the cpp kernel of unit-stride rows (8 <= n, Dh >= 16; AVX2: n <= 16, Dh >= 32; attention.cpp's family_of):
 # every sequence length of its range, head dims with and without a partial last vector, both ways
 # to the scores (attention_rows.cpp's dot_products: with AVX-512 broadcasts below Dh 48 and past
-# n 24, dot products else; the dots read fp32 rows of whole vectors in place and stage the rest
-# and, with AVX-512, rows a multiple of 4 KB apart: Dh 128 x 8 heads), blocks of padded queries
-# alone (n 8, 24), up to the limit
+# n 24 except fp32 from Dh 129, dot products else; the dots read fp32 rows of whole vectors in
+# place and stage the rest and, with AVX-512, rows a multiple of 4 KB apart: Dh 128 and 256 x 8
+# heads), blocks of padded queries alone (n 8, 24), up to the limit
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("kind, shape", [
     ("temporal_full", (2, 16, 3, 8, 40)), ("temporal_causal", (1, 8, 5, 3, 24)), ("temporal_full", (3, 13, 2, 2, 80)),
     ("temporal_causal", (1, 32, 2, 2, 160)), ("temporal_full", (1, 24, 1, 1, 256)), ("temporal_causal", (2, 17, 3, 2, 33)),
     ("spatial", (2, 3, 16, 4, 40)), ("spatial", (1, 2, 11, 2, 72)), ("temporal_causal", (2, 11, 3, 2, 36)),
-    ("temporal_causal", (2, 8, 3, 2, 64)), ("temporal_full", (1, 12, 1, 8, 128)), ("temporal_full", (1, 30, 2, 2, 64))])
+    ("temporal_causal", (2, 8, 3, 2, 64)), ("temporal_full", (1, 12, 1, 8, 128)), ("temporal_full", (1, 30, 2, 2, 64)),
+    ("temporal_full", (1, 27, 2, 3, 144)), ("temporal_causal", (1, 29, 1, 8, 256))])
 def test_cpp_row_kernel(kind, shape, with_bias):
     check_forward_backward(kind, "cpp", shape, with_bias)
 
