@@ -252,7 +252,7 @@ void dot_scores(Rows A, Rows B, int64_t N, int64_t NP, int64_t D, float scale, c
 // 1.04-1.7x where it is not (8, 12, 20, 24), below Dh 48 0.91-1.19x; at n 32 0.81-1.05x. With
 // the 4 x 4 blocks (twenty-second session) also fp32 past n 24 from Dh 129 (f32: T is float): at
 // 25-32 frames, Dh 144 and 160, 1.06-1.28x forward and 1.09-1.19x forward + backward; Dh 192 and
-// 256 0.92-1.11x; bf16 0.90-1.08x, Dh 64-80 0.91-1.18x (not taken).
+// 256 0.92-1.11x; bf16 0.90-1.08x, Dh 64-128 0.84-1.18x (not taken).
 inline bool dot_products(int64_t N, int64_t D, bool f32) {
   return kLanes == 8 || (D >= 48 && (N <= 24 || (f32 && D > 128)));
 }
