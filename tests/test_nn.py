@@ -65,6 +65,8 @@ NAN, INF = float("nan"), float("inf")
     (lambda: VectorQuantizer(8, 16, beta=NAN), ValueError, "VectorQuantizer: beta must be a finite number >= 0, got nan"),
     (lambda: VectorQuantizer(8, 16, beta="0.25"), TypeError, "VectorQuantizer: beta must be a real number, got '0.25'"),
     (lambda: VectorQuantizer(8, 16, eps=0), ValueError, "VectorQuantizer: eps must be a finite number > 0, got 0"),
+    (lambda: VectorQuantizer(8, 16, decay="0.99"), TypeError, "VectorQuantizer: decay must be a real number, got '0.99'"),
+    (lambda: VectorQuantizer(8, 16, decay=1), ValueError, "VectorQuantizer: decay must be in [0, 1) or None, got 1"),
     (lambda: VectorQuantizer(8, 16, dead_threshold=-1e-3), ValueError,
      "VectorQuantizer: dead_threshold must be a finite number >= 0, got -0.001"),
     (lambda: VectorQuantizer(8, 16, backend="gpu"), ValueError,
@@ -89,8 +91,8 @@ NAN, INF = float("nan"), float("inf")
     (lambda: PseudoVideo(noise_std=[0.1, 0.2], backend=None), ValueError,
      "PseudoVideo: backend must be one of ('auto', 'triton', 'cpp', 'reference'), got None"),
 ], ids=["vq-float-dim", "vq-no-codes", "vq-negative-beta", "vq-nan-beta", "vq-str-beta", "vq-zero-eps",
-        "vq-negative-dead", "vq-backend", "lfq-float-bits", "lfq-float-dim", "lfq-no-codebooks",
-        "lfq-negative-entropy-weight", "lfq-inf-gamma", "lfq-bool-weight", "lfq-zero-temperature",
+        "vq-str-decay", "vq-decay-one", "vq-negative-dead", "vq-backend", "lfq-float-bits", "lfq-float-dim",
+        "lfq-no-codebooks", "lfq-negative-entropy-weight", "lfq-inf-gamma", "lfq-bool-weight", "lfq-zero-temperature",
         "lfq-negative-scale", "lfq-zero-eps", "attention-backend", "pseudo-video-backend"])
 def test_modules_check_their_arguments(make, error, message):
     with pytest.raises(error) as exc:

@@ -65,7 +65,7 @@ class VectorQuantizer(nn.Module):
         super().__init__()
         owner = "VectorQuantizer"
         dim, codebook_size = check_size(owner, "dim", dim), check_size(owner, "codebook_size", codebook_size)
-        if decay is not None and not 0.0 <= decay < 1.0:
+        if decay is not None and check_real(owner, "decay", decay) >= 1.0:
             raise ValueError(f"VectorQuantizer: decay must be in [0, 1) or None, got {decay}")
         if metric not in METRICS:
             raise ValueError(f"VectorQuantizer: metric must be one of {METRICS}, got {metric!r}")
