@@ -4,8 +4,8 @@
 // the softmax over keys is lane-wise, and the products read every operand as rows and the
 // probabilities as broadcast scalars: O[i] = sum_j P^T[j][i] V[j]. The scores come from
 // head_scores: as dot products of K's and Q's rows (no transposes; with AVX2 always, with AVX-512
-// at n <= 24 from Dh 48) or as K's staged elements broadcast against Q transposed. The products write the
-// output rows straight into the outputs (ItemRows). The lanes kernel (attention_lanes.cpp)
+// at n <= 24 from Dh 48 and in fp32 from Dh 129) or as K's staged elements broadcast against Q
+// transposed. The products write the output rows straight into the outputs (ItemRows). The lanes kernel (attention_lanes.cpp)
 // transposes q, k, v and the output where this one transposes q alone or nothing (it serves the
 // strided layouts, the shortest sequences and, with AVX2, n > 16).
 #include <ATen/Parallel.h>
