@@ -71,11 +71,18 @@ def ddpm_noise(frames: int, schedule: str = "linear", order: str = "high", num_s
 
     High order: ``signal_scale = sqrt(abar)``, ``noise_std = sqrt(1 - abar)``. First order: steps
     ``a_t = sqrt(abar_t / abar_{t+1})``, ``b_t = sqrt(1 - abar_t / abar_{t+1})``, whose chain has
-    exactly the same marginals.
+    exactly the same marginals. The linear schedule takes ``num_steps >= frames - 1`` (each frame
+    its own step) and ``0 < beta_start <= beta_end < 1``.
     """
     _check(frames, order)
     if schedule not in ("linear", "cosine"):
         raise ValueError(f"schedules: schedule must be 'linear' or 'cosine', got {schedule!r}")
+    if schedule == "linear":  # (the cosine schedule is continuous: no steps, no betas)
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < max(frames - 1, 1):
+            raise ValueError(f"schedules: num_steps must be an int >= frames - 1 ({max(frames - 1, 1)}: a step "
+                             f"of its own for each frame), got {num_steps!r}")
+        if not 0.0 < beta_start <= beta_end < 1.0:
+            raise ValueError(f"schedules: need 0 < beta_start <= beta_end < 1, got {beta_start!r}, {beta_end!r}")
     T = frames
     abar = [_alpha_bar((T - 1 - t) / (T - 1), schedule, num_steps, beta_start, beta_end) for t in range(T - 1)]
     abar.append(1.0)

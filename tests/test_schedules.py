@@ -73,6 +73,12 @@ def test_first_order_blur_matches_high_order_in_the_interior(make):
     (lambda: schedules.linear_blur(3, 1.0, "second"), "order"),
     (lambda: schedules.geometric_blur(3, 1.0, 2.0), "sigma_min"),
     (lambda: schedules.ddpm_noise(3, "quadratic"), "schedule"),
+    (lambda: schedules.ddpm_noise(8, num_steps=4), r"num_steps must be an int >= frames - 1 \(7"),
+    (lambda: schedules.ddpm_noise(3, num_steps=100.0), "num_steps must be an int"),
+    (lambda: schedules.ddpm_noise(3, beta_end=2.0), r"need 0 < beta_start <= beta_end < 1, got 0.0001, 2.0"),
+    (lambda: schedules.ddpm_noise(3, beta_start=-1e-4), "need 0 < beta_start"),
+    (lambda: schedules.ddpm_noise(3, beta_start=0.03), "need 0 < beta_start"),
+    (lambda: schedules.ddpm_noise(3, beta_end=float("nan")), "need 0 < beta_start"),
     (lambda: schedules.combine(schedules.linear_blur(3, 1.0), schedules.ddpm_noise(4)), "same number"),
 ])
 def test_bad_arguments(call, match):
