@@ -312,6 +312,12 @@ def check_size(owner: str, name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_sizes(owner: str, **sizes) -> None:
+    """``check_size`` of every keyword (a model's widths and counts), each >= 1."""
+    for name, value in sizes.items():
+        check_size(owner, name, value)
+
+
 def check_real(owner: str, name: str, value, positive: bool = False) -> float:
     """A module's weight or constant: a finite real number (not a bool), >= 0 (``positive``: > 0), as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

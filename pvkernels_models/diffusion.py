@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pvkernels
+from pvkernels._backend import check_sizes
 from pvkernels.ops.attention import packed_attention
 
 from .losses import frame_weighted_mean
@@ -152,6 +153,7 @@ class DDPM(_GaussianDiffusion):
 
     def __init__(self, channels: int = 1, image_size: int = 16, width: int = 32, timesteps: int = 200,
                  schedule: str = "linear"):
+        check_sizes(type(self).__name__, channels=channels, image_size=image_size, width=width, timesteps=timesteps)
         super().__init__(timesteps, schedule)
         if image_size % 2:
             raise ValueError(f"image_size must be even, got {image_size}")
@@ -296,8 +298,7 @@ class VideoDiffusion(DDPM):
                  timesteps: int = 200, schedule: str = "linear", other_weight: Optional[float] = None,
                  clip_frames: str = "last", generation: str = "joint", backend: str = "auto"):
         super().__init__(channels, image_size, width, timesteps, schedule)  # first: DDPM's init, draw for draw
-        if frames < 1:
-            raise ValueError(f"frames must be >= 1, got {frames}")
+        check_sizes("VideoDiffusion", frames=frames, heads=heads)
         if other_weight is not None and not other_weight >= 0:
             raise ValueError(f"other_weight must be >= 0 or None, got {other_weight}")
         if clip_frames not in ("last", "all"):

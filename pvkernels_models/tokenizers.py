@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pvkernels
+from pvkernels._backend import check_sizes
 
 from .losses import frame_weighted_mean
 
@@ -34,8 +35,7 @@ class VQVAE(nn.Module):
     def __init__(self, channels: int = 1, width: int = 64, dim: int = 32, codebook_size: int = 128,
                  decay: float | None = 0.99, groups: int = 1, backend: str = "auto"):
         super().__init__()
-        if groups < 1:
-            raise ValueError(f"VQVAE: groups must be >= 1, got {groups}")
+        check_sizes("VQVAE", channels=channels, width=width, dim=dim, codebook_size=codebook_size, groups=groups)
         self.groups, self.dim = groups, dim
         self.encoder = nn.Sequential(
             nn.Conv2d(channels, width, 4, 2, 1), nn.ReLU(), nn.Conv2d(width, width, 4, 2, 1), nn.ReLU(),
@@ -75,8 +75,8 @@ class CViViT(nn.Module):
                  depth: int = 2, heads: int = 4, codebook_size: int = 128, code_dim: int = 16,
                  decay: float | None = 0.95, other_weight: float | None = None, backend: str = "auto"):
         super().__init__()
-        if frames < 1:
-            raise ValueError(f"frames must be >= 1, got {frames}")
+        check_sizes("CViViT", channels=channels, image_size=image_size, frames=frames, patch=patch, dim=dim,
+                     depth=depth, heads=heads, codebook_size=codebook_size, code_dim=code_dim)
         if other_weight is not None and not other_weight >= 0:
             raise ValueError(f"other_weight must be >= 0 or None, got {other_weight}")
         self.other_weight = other_weight if other_weight is not None else 1 / max(frames - 1, 1)

@@ -350,3 +350,22 @@ def test_resume_with_other_model_flags_exits_2_naming_them(tmp_path, capsys):
         assert f"pvkernels-train: error: --resume: {tmp_path / 'checkpoint.pt'} holds a model {named}" in err, err
     assert snapshot(tmp_path) == before
     assert main(["--model", "cvivit", "--frames", "3", "--lr", "1e-4", *run]) == 0  # other flags may change
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: VQVAE(0), ValueError, "VQVAE: channels must be >= 1, got 0"),
+    (lambda: VQVAE(3, width=64.0), TypeError, "VQVAE: width must be an int, got 64.0"),
+    (lambda: VQVAE(3, groups=0), ValueError, "VQVAE: groups must be >= 1, got 0"),
+    (lambda: CViViT(depth=0), ValueError, "CViViT: depth must be >= 1, got 0"),
+    (lambda: CViViT(frames=0), ValueError, "CViViT: frames must be >= 1, got 0"),
+    (lambda: DDPM(width=True), TypeError, "DDPM: width must be an int, got True"),
+    (lambda: DDPM(timesteps=0), ValueError, "DDPM: timesteps must be >= 1, got 0"),
+    (lambda: VideoDiffusion(heads=0), ValueError, "VideoDiffusion: heads must be >= 1, got 0"),
+    (lambda: VideoDiffusion(image_size=16.0), TypeError, "VideoDiffusion: image_size must be an int, got 16.0"),
+], ids=["vqvae-channels", "vqvae-float-width", "vqvae-groups", "cvivit-depth", "cvivit-frames", "ddpm-bool-width",
+        "ddpm-timesteps", "video-diffusion-heads", "video-diffusion-float-size"])
+def test_models_check_their_sizes(make, error, message):
+    # the wrappers' widths and counts are ints >= 1, each error naming the model and the argument
+    with pytest.raises(error) as exc:
+        make()
+    assert str(exc.value) == message
