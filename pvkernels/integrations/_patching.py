@@ -115,6 +115,8 @@ class Patch:
     """
 
     def __init__(self, name: str, strict: bool = False):
+        if not isinstance(strict, bool):
+            raise TypeError(f"pvkernels.integrations[{name}]: strict must be True or False, got {strict!r}")
         self.name, self.strict = name, strict
         self.stats: Dict = {"fast": 0, "fallback": {}}
         self._undo: list = []

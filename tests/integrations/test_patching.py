@@ -56,3 +56,9 @@ def test_one_patch_undone_while_another_stays():
     assert second.stats["fast"] == 1 and first.stats["fast"] == 0
     second.unpatch()
     assert torch.equal(toy(x), x + 1) and vars(Toy)["forward"] is FORWARD and "extra_repr" not in vars(Toy)
+
+
+@pytest.mark.parametrize("strict", ["yes", 1, None])
+def test_strict_must_be_a_bool(strict):
+    with pytest.raises(TypeError, match=r"pvkernels.integrations\[toy\]: strict must be True or False, got "):
+        Patch("toy", strict)
