@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 
+from ._backend import is_int
+
 __all__ = ["linear_blur", "geometric_blur", "ddpm_noise", "combine"]
 
 
 def _check(frames: int, order: str) -> None:
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+    if not is_int(frames) or frames < 1:
         raise ValueError(f"schedules: frames must be an int >= 1, got {frames!r}")
     if order not in ("high", "first"):
         raise ValueError(f"schedules: order must be 'high' or 'first', got {order!r}")
@@ -78,7 +80,7 @@ def ddpm_noise(frames: int, schedule: str = "linear", order: str = "high", num_s
     if schedule not in ("linear", "cosine"):
         raise ValueError(f"schedules: schedule must be 'linear' or 'cosine', got {schedule!r}")
     if schedule == "linear":  # (the cosine schedule is continuous: no steps, no betas)
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < max(frames - 1, 1):
+        if not is_int(num_steps) or num_steps < max(frames - 1, 1):
             raise ValueError(f"schedules: num_steps must be an int >= frames - 1 ({max(frames - 1, 1)}: a step "
                              f"of its own for each frame), got {num_steps!r}")
         if not 0.0 < beta_start <= beta_end < 1.0:
