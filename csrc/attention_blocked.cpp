@@ -404,7 +404,7 @@ void softmax_backward(const Dims& d, const BackwardHead& h, BackwardScratch& s, 
   const vint lanes = iota(q0);
   vfloat lse_c = {};
   for (int64_t i = q0; i < std::min(d.N, (c + 1) * kLanes); ++i) lse_c[i - q0] = h.lse[i * h.lse_stride];
-  vfloat delta = {};
+  vfloat delta = {}, sum = {};
   for (int64_t j = 0; j < jmax; ++j) {
     float* col = Pt + j * BQB;
     vfloat x = load(col);
@@ -414,8 +414,10 @@ void softmax_backward(const Dims& d, const BackwardHead& h, BackwardScratch& s, 
     p = lanes < static_cast<int32_t>(d.N) ? p : vfloat{};  // padded queries
     store(col, p);
     delta += p * load(dSt + j * BQB);
+    sum += p;
   }
   // delta_i = rowsum(P * dP) == dO_i . O_i, lane-wise
+  delta *= softmax_renorm(sum);
   for (int64_t j = 0; j < jmax; ++j) {
     float* dcol = dSt + j * BQB;
     const vfloat ds = load(Pt + j * BQB) * (load(dcol) - delta);

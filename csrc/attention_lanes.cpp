@@ -286,14 +286,16 @@ void lanes_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
         const int64_t jmax = causal ? i + 1 : N;
         vfloat lse_i = {};
         for (int64_t ln = 0; ln < kLanes; ++ln) lse_i[ln] = ll.off[ln] >= 0 ? lp[ll.off[ln] + i * lv.sn] : 0.f;
-        vfloat delta = {};  // rowsum(P * dP) == dO_i . O_i
+        vfloat delta = {}, sum = {};  // rowsum(P * dP) == dO_i . O_i
         for (int64_t j = 0; j < jmax; ++j) {
           vfloat x = load(prow + j * kLanes);
           if (bias_u != nullptr) x += load(bias_u + (i * N + j) * kLanes);
           const vfloat p = simd::exp(x - lse_i);
           store(prow + j * kLanes, p);
           delta += p * load(drow + j * kLanes);
+          sum += p;
         }
+        delta *= softmax_renorm(sum);
         for (int64_t j = 0; j < jmax; ++j) {
           const vfloat ds = load(prow + j * kLanes) * (load(drow + j * kLanes) - delta);
           store(drow + j * kLanes, ds);

@@ -634,7 +634,7 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
         for (int64_t i0 = 0; i0 < NP; i0 += kLanes) {
           vfloat lse_i = {};
           for (int64_t i = i0; i < std::min(N, i0 + kLanes); ++i) lse_i[i - i0] = lp[lb + h * lv.sh + i * lv.sn];
-          vfloat delta = {};  // rowsum(P * dP) == dO_i . O_i
+          vfloat delta = {}, sum = {};  // rowsum(P * dP) == dO_i . O_i
           for (int64_t j = 0; j < N; ++j) {
             vfloat x = load(Pt + j * NP + i0);
             if (bias_h != nullptr) x += load(bias_h + j * NP + i0);
@@ -642,7 +642,9 @@ void rows_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
             if (causal) p = future(j, i0) ? vfloat{} : p;
             store(Pt + j * NP + i0, p);
             delta += p * load(dSt + j * NP + i0);
+            sum += p;
           }
+          delta *= softmax_renorm(sum);
           for (int64_t j = 0; j < N; ++j) {
             const vfloat ds = load(Pt + j * NP + i0) * (load(dSt + j * NP + i0) - delta);
             store(dSt + j * NP + i0, ds);

@@ -137,6 +137,14 @@ if triton is not None:
         valid = mask_m[:, None] & mask_n[None, :] & ((causal == 0) | (offs_n[None, :] <= offs_m[:, None]))
         return tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
 
+    @triton.jit
+    def _renorm(p_sum):
+        """1 / the row sums of P recomputed from lse (1 where a row is all masked: sum 0). They are 1
+        only up to lse's rounding, one relative error per row (an ulp of lse: 8e-6 at lse 100), which
+        delta = rowsum(P * dP) would carry into dS = P * (dP - delta), where dP - delta cancels on a
+        peaked softmax (csrc/attention.h, softmax_renorm)."""
+        return 1.0 / tl.where(p_sum > 0.5, p_sum, 1.0)
+
     @triton.jit(do_not_specialize=_RUNTIME)
     def _attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr,
@@ -308,7 +316,10 @@ if triton is not None:
         p = _probs(q, k, lse, scale, bias_ptr, h, bias_stride_h, bias_stride_m, bias_stride_n, offs_m, offs_n,
                    mask_m, mask_n, causal, HAS_BIAS, PRECISION)
         dp = _mm(do, tl.trans(v), PRECISION)
-        ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+        delta = tl.sum(p * dp, 1)
+        if do_ptr.dtype.element_ty == tl.float32:  # (16-bit operands round far more than lse)
+            delta *= _renorm(tl.sum(p, 1))
+        ds = p * (dp - delta[:, None])
         dv = _mm(tl.trans(p.to(do.dtype)), do, PRECISION)
         dk = _mm(tl.trans(ds.to(q.dtype)), q, PRECISION)
         dq = _mm(ds.to(k.dtype), k, PRECISION)
