@@ -113,8 +113,9 @@ inline vfloat softmax_lse(vfloat m, vfloat l) {  // m + log(l)
 // The backward's P = exp(s - lse) sums to 1 over a query's keys only up to lse's rounding, one
 // relative error for the whole row (an ulp of lse: 8e-6 at lse 100), which delta = rowsum(P * dP)
 // would carry into dS = P * (dP - delta), where dP - delta cancels on a peaked softmax (dQ and dK
-// 10-40x SDPA's error at logits ~100). 1 / the row's sum divides it out; 1 where the row is all
-// masked (lse +inf: the sum ~0) or NaN.
+// up to 55x the error of torch's fp32 softmax backward at scores ~100; test_attention.py). delta
+// times 1 / the row's sum divides it out (in dS and dV it is only a relative error); 1 where the
+// row is all masked (lse +inf: the sum ~0) or NaN.
 inline vfloat softmax_renorm(vfloat sum) { return 1.0f / (sum > 0.5f ? sum : simd::splat(1.0f)); }
 
 // vector-aligned start inside a buffer allocated kLanes floats longer: whole-line vector access
