@@ -317,7 +317,8 @@ if triton is not None:
                    mask_m, mask_n, causal, HAS_BIAS, PRECISION)
         dp = _mm(do, tl.trans(v), PRECISION)
         delta = tl.sum(p * dp, 1)
-        if do_ptr.dtype.element_ty == tl.float32:  # (16-bit operands round far more than lse)
+        # fp32 only: 16-bit operands round far more than lse, and with it two 16-bit variants spilled
+        if do_ptr.dtype.element_ty == tl.float32:
             delta *= _renorm(tl.sum(p, 1))
         ds = p * (dp - delta[:, None])
         dv = _mm(tl.trans(p.to(do.dtype)), do, PRECISION)
