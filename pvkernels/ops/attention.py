@@ -137,14 +137,6 @@ if triton is not None:
         valid = mask_m[:, None] & mask_n[None, :] & ((causal == 0) | (offs_n[None, :] <= offs_m[:, None]))
         return tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
 
-    @triton.jit
-    def _renorm(p_sum):
-        """1 / the row sums of P recomputed from lse (1 where a row is all masked: sum 0). They are 1
-        only up to lse's rounding, one relative error per row (an ulp of lse: 8e-6 at lse 100), which
-        delta = rowsum(P * dP) would carry into dS = P * (dP - delta), where dP - delta cancels on a
-        peaked softmax (csrc/attention.h, softmax_renorm)."""
-        return 1.0 / tl.where(p_sum > 0.5, p_sum, 1.0)
-
     @triton.jit(do_not_specialize=_RUNTIME)
     def _attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, lse_ptr,
@@ -317,9 +309,12 @@ if triton is not None:
                    mask_m, mask_n, causal, HAS_BIAS, PRECISION)
         dp = _mm(do, tl.trans(v), PRECISION)
         delta = tl.sum(p * dp, 1)
-        # fp32 only: 16-bit operands round far more than lse, and with it two 16-bit variants spilled
+        # over the row's sum of P, 1 only up to lse's rounding (csrc/attention.h, softmax_renorm; a
+        # sum ~0: an all-masked row). fp32 only: 16-bit operands round far more than lse, and with
+        # it two 16-bit variants spilled
         if do_ptr.dtype.element_ty == tl.float32:
-            delta *= _renorm(tl.sum(p, 1))
+            p_sum = tl.sum(p, 1)
+            delta *= 1.0 / tl.where(p_sum > 0.5, p_sum, 1.0)
         ds = p * (dp - delta[:, None])
         dv = _mm(tl.trans(p.to(do.dtype)), do, PRECISION)
         dk = _mm(tl.trans(ds.to(q.dtype)), q, PRECISION)
